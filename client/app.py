@@ -1,0 +1,74 @@
+"""The fedtune ClientApp (Flower Message API): local DP-SGD training and evaluation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fedtune.client.node_data import NodeData, load_node_data
+from fedtune.client.round import seed_for, train_round
+from fedtune.common.adapter import arrays_to_record, load_arrays, record_to_arrays
+from fedtune.common.device import pick_device
+from fedtune.common.evaluation import evaluate
+from fedtune.common.model import build_model, load_base
+from fedtune.common.settings import RunSettings
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+log = logging.getLogger("fedtune.client")
+app = ClientApp()
+
+
+def _settings(msg: Message, context: Context) -> RunSettings:
+    """Run settings, with the server's per-round plan (ConfigRecord) over the run config."""
+    merged = dict(context.run_config)
+    config = msg.content.config_records.get("config")
+    if config is not None:
+        merged |= {k: v for k, v in config.items() if k in merged}
+    return RunSettings.from_config(merged)
+
+
+def _node(context: Context, settings: RunSettings) -> tuple[NodeData, Path, int]:
+    """This node's data, state directory and a stable integer key."""
+    cfg = context.node_config
+    data_path = str(cfg["data-path"]) if "data-path" in cfg else None
+    pid = int(cfg["partition-id"]) if "partition-id" in cfg else None
+    nparts = int(cfg["num-partitions"]) if "num-partitions" in cfg else None
+    data = load_node_data(settings, pid, nparts, data_path)
+    if "state-dir" in cfg:
+        state_dir = Path(str(cfg["state-dir"]))
+    else:
+        state_dir = Path(settings.results_dir) / "clients" / f"client-{pid}"
+    return data, state_dir, pid if pid is not None else context.node_id % (2**31)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    settings = _settings(msg, context)
+    data, state_dir, key = _node(context, settings)
+    server_round = int(msg.content["config"].get("server-round", 1))
+    outcome = train_round(
+        settings, data, record_to_arrays(msg.content["arrays"]), server_round=server_round,
+        state_dir=state_dir, seed=seed_for(settings.plan.seed, server_round, key),
+    )
+    metrics = MetricRecord({"partition-id": key, **outcome.metrics})
+    if outcome.arrays is None:
+        log.warning("node %s refused round %s: %s", key, server_round, outcome.reason)
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"arrays": arrays_to_record(outcome.arrays), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    settings = _settings(msg, context)
+    data, _, key = _node(context, settings)
+    device = pick_device()
+    model = build_model(load_base(settings.model.model_path), len(data.label_names), settings.lora, device,
+                        seed=settings.plan.seed)
+    load_arrays(model, record_to_arrays(msg.content["arrays"]))
+    result = evaluate(model, *data.test, device=device)
+    metrics = MetricRecord({
+        "partition-id": key, "num-examples": result.num_examples,
+        "eval-loss": result.loss, "eval-accuracy": result.accuracy,
+    })
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

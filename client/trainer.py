@@ -1,0 +1,97 @@
+"""Local training of the adapter: Opacus DP-SGD, or plain SGD for baselines.
+
+DP-SGD (Abadi et al. 2016): Poisson-sampled batches with rate q, per-example
+gradients clipped to norm C, Gaussian noise N(0, sigma^2 C^2) added to their sum,
+divided by the expected batch size; AdamW then post-processes the private
+gradient (post-processing keeps the guarantee).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from fedtune.common.device import autocast
+from opacus import PrivacyEngine
+from peft import PeftModel
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+@dataclass(frozen=True)
+class DpParams:
+    """Noise multiplier sigma and clipping norm C for one round of DP-SGD."""
+
+    noise_multiplier: float
+    clip_norm: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss over the round's non-empty batches
+    steps: int  # optimizer steps taken (each one charged to the budget under DP)
+    examples: int  # examples drawn across all steps
+
+
+def _batches(loader: DataLoader, steps: int):
+    """Yield exactly ``steps`` batches, cycling the loader (fresh Poisson draws each pass)."""
+    taken = 0
+    while taken < steps:
+        for batch in loader:
+            yield batch
+            taken += 1
+            if taken == steps:
+                return
+
+
+def train(
+    model: PeftModel,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    dp: DpParams | None,
+    device: torch.device,
+    seed: int,
+) -> TrainResult:
+    """Train ``model``'s trainable tensors in place for ``steps`` steps.
+
+    ``data`` is (input_ids [N, T], attention_mask [N, T], labels [N]). Under DP the
+    loader is Poisson-sampled with q = 1 / ceil(N / batch_size).
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=True, generator=generator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    module: nn.Module = model
+    if dp is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus warns about the non-secure RNG; see docs/privacy.md
+            engine = PrivacyEngine(accountant="prv")
+            module, optimizer, loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader,
+                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
+                poisson_sampling=True, grad_sample_mode="hooks",
+            )
+    module.train()
+    losses, examples = [], 0
+    for ids, mask, labels in _batches(loader, steps):
+        optimizer.zero_grad(set_to_none=True)
+        if len(labels) == 0:  # a Poisson draw can be empty; the step is still charged
+            continue
+        width = int(mask.sum(dim=1).max())  # trim padding shared by the whole batch
+        ids, mask, labels = ids[:, :width].to(device), mask[:, :width].to(device), labels.to(device)
+        with autocast(device):
+            logits = module(input_ids=ids, attention_mask=mask).float()
+        loss = nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+        examples += len(labels)
+    if dp is not None:
+        module._close()  # remove Opacus hooks; the PeftModel stays usable
+    return TrainResult(loss=sum(losses) / len(losses) if losses else math.nan, steps=steps, examples=examples)

@@ -1,0 +1,37 @@
+"""The project's exceptions: operator mistakes that CLIs turn into one clear message."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class FedtuneError(Exception):
+    """Base of every error an operator can fix (bad config, bad data, missing files).
+
+    CLI entry points catch this, print the message and exit non-zero; anything else
+    is a bug and keeps its traceback.
+    """
+
+    def __init__(self, problems: str | Iterable[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(f"- {p}" for p in self.problems) if len(self.problems) > 1 else self.problems[0])
+
+
+class ConfigError(FedtuneError):
+    """A setting is missing, malformed or out of range."""
+
+
+class DataError(FedtuneError):
+    """A data file is missing, unreadable or does not match the expected schema."""
+
+
+class ModelError(FedtuneError):
+    """A base model or adapter cannot be loaded."""
+
+
+class PrivacyError(FedtuneError):
+    """A privacy budget or accountant state is invalid or would be exceeded."""
+
+
+class RunError(FedtuneError):
+    """A federated run failed or could not be started."""

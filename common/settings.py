@@ -1,0 +1,239 @@
+"""Typed run settings, parsed once at the edge from Flower's run config or CLI flags.
+
+Every setting has a kebab-case key (``lora-rank``) in ``[tool.flwr.app.config]`` and
+on the CLI; inside the code only these frozen dataclasses are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_type_hints
+
+from fedtune.common.errors import ConfigError
+
+PartitionerName = Literal["iid", "dirichlet", "natural"]
+AccountantName = Literal["prv", "rdp"]
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which base model to fine-tune and how its inputs are shaped."""
+
+    model_path: str = _help("Local Hugging Face model directory; empty = embedded all-MiniLM-L6-v2.", "")
+    max_seq_len: int = _help("Tokens per example after truncation.", 48)
+
+    def problems(self) -> list[str]:
+        return [] if self.max_seq_len >= 4 else [f"max-seq-len must be >= 4, got {self.max_seq_len}"]
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape (PEFT ``LoraConfig``)."""
+
+    lora_rank: int = _help("LoRA rank r (> 0).", 8)
+    lora_alpha: float = _help("LoRA scaling alpha (> 0); the update is scaled by alpha / r.", 16.0)
+    lora_dropout: float = _help("Dropout on the LoRA input, in [0, 1).", 0.0)
+    lora_targets: str = _help("Comma-separated module names that get LoRA factors.", "query,value")
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.lora_rank <= 0:
+            out.append(f"lora-rank must be > 0, got {self.lora_rank}")
+        if self.lora_alpha <= 0:
+            out.append(f"lora-alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            out.append(f"lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.target_modules:
+            out.append("lora-targets must name at least one module, got an empty list")
+        return out
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Sample-level DP-SGD for each client (Opacus)."""
+
+    dp: bool = _help("Train with DP-SGD; false = non-private baseline (epsilon reported as inf).", True)
+    epsilon: float = _help("Each client's total epsilon budget for this run (> 0).", 8.0)
+    delta: float = _help("Each client's delta, in (0, 1); well below 1 / examples.", 1e-5)
+    clip_norm: float = _help("Per-sample gradient clipping norm C (> 0).", 1.0)
+    accountant: AccountantName = _help("Opacus accountant: prv (tight) or rdp.", "prv")
+
+    def problems(self) -> list[str]:
+        out = []
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            out.append(f"epsilon must be > 0 and finite, got {self.epsilon}")
+        if not 0.0 < self.delta < 1.0:
+            out.append(f"delta must be in (0, 1), got {self.delta}")
+        if not self.clip_norm > 0:
+            out.append(f"clip-norm must be > 0, got {self.clip_norm}")
+        return out
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """The federation's plan: rounds, local work and optimiser."""
+
+    num_rounds: int = _help("Federated rounds.", 3)
+    local_epochs: float = _help("Local passes over the client's data per round (expected).", 1.0)
+    batch_size: int = _help("Expected batch size (Poisson sampling under DP).", 128)
+    learning_rate: float = _help("AdamW learning rate.", 5e-3)
+    fraction_train: float = _help("Fraction of clients sampled per round, in (0, 1].", 1.0)
+    min_clients: int = _help("Fewest clients a round needs.", 2)
+    seed: int = _help("Seed for data splits, initial weights and sampling.", 42)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.num_rounds <= 0:
+            out.append(f"num-rounds must be > 0, got {self.num_rounds}")
+        if not self.local_epochs > 0:
+            out.append(f"local-epochs must be > 0, got {self.local_epochs}")
+        if self.batch_size <= 0:
+            out.append(f"batch-size must be > 0, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            out.append(f"learning-rate must be > 0, got {self.learning_rate}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            out.append(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.min_clients <= 0:
+            out.append(f"min-clients must be > 0, got {self.min_clients}")
+        return out
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where examples come from and how they are split between clients."""
+
+    dataset: str = _help("Built-in corpus name (rotten-tomatoes) or a CSV/JSONL/Parquet path.", "rotten-tomatoes")
+    text_column: str = _help("Column holding the input text.", "text")
+    label_column: str = _help("Column holding the class label.", "label")
+    labels: str = _help("Comma-separated label values in class order; empty = sorted values seen.", "")
+    partitioner: PartitionerName = _help("How examples are split: iid, dirichlet (on labels), natural.", "natural")
+    partition_by: str = _help("Column whose values group examples for the natural split.", "movie_name")
+    dirichlet_alpha: float = _help("Dirichlet concentration (> 0); small = very non-IID.", 0.5)
+    test_fraction: float = _help("Fraction held out for server-side evaluation, in (0, 1).", 0.15)
+    max_train_examples: int = _help("Cap on training examples across all clients (0 = no cap).", 6000)
+
+    @property
+    def label_list(self) -> list[str]:
+        return [t.strip() for t in self.labels.split(",") if t.strip()]
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.dataset:
+            out.append("dataset must name a built-in corpus or a file, got an empty value")
+        if not self.dirichlet_alpha > 0:
+            out.append(f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
+        if not 0.0 < self.test_fraction < 1.0:
+            out.append(f"test-fraction must be in (0, 1), got {self.test_fraction}")
+        if self.max_train_examples < 0:
+            out.append(f"max-train-examples must be >= 0, got {self.max_train_examples}")
+        return out
+
+
+SECTIONS = (ModelSettings, LoraSettings, PrivacySettings, TrainPlan, DataSettings)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one federated run needs, grouped by concern."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    plan: TrainPlan = field(default_factory=TrainPlan)
+    data: DataSettings = field(default_factory=DataSettings)
+    results_dir: str = "results/latest"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RunSettings:
+        """Parse a flat kebab-case mapping; report every bad or unknown key at once."""
+        problems: list[str] = []
+        known = {key_of(f.name) for s in SECTIONS for f in dataclasses.fields(s)} | {"results-dir"}
+        problems += [f"unknown setting '{k}' (known: {', '.join(sorted(known))})" for k in config if k not in known]
+        parts = {}
+        for name, section in zip(("model", "lora", "privacy", "plan", "data"), SECTIONS, strict=True):
+            parts[name] = _build(section, config, problems)
+        results_dir = str(config.get("results-dir", cls.results_dir))
+        if problems:
+            raise ConfigError(problems)
+        out = cls(results_dir=results_dir, **parts)
+        if problems := out.problems():
+            raise ConfigError(problems)
+        return out
+
+    def problems(self) -> list[str]:
+        return [p for s in (self.model, self.lora, self.privacy, self.plan, self.data) for p in s.problems()]
+
+    def to_config(self) -> dict[str, bool | int | float | str]:
+        """Flatten back to kebab-case keys (for Flower run config and ConfigRecords)."""
+        out: dict[str, bool | int | float | str] = {}
+        for section in (self.model, self.lora, self.privacy, self.plan, self.data):
+            for f in dataclasses.fields(section):
+                out[key_of(f.name)] = getattr(section, f.name)
+        out["results-dir"] = self.results_dir
+        return out
+
+
+def key_of(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    """Convert a TOML/CLI value to the field's type; raise ValueError with the reason."""
+    if get_args(kind) and all(isinstance(a, str) for a in get_args(kind)):
+        if value not in get_args(kind):
+            raise ValueError(f"{key_of(name)} must be one of {', '.join(get_args(kind))}, got {value!r}")
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{key_of(name)} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{key_of(name)} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key_of(name)} must be an integer, got {value!r}") from None
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key_of(name)} must be a number, got {value!r}") from None
+    return str(value)
+
+
+def _build(section: type, config: Mapping[str, Any], problems: list[str]) -> Any:
+    hints = get_type_hints(section)
+    kwargs = {}
+    for f in dataclasses.fields(section):
+        key = key_of(f.name)
+        if key in config:
+            try:
+                kwargs[f.name] = _coerce(f.name, hints[f.name], config[key])
+            except ValueError as err:
+                problems.append(str(err))
+    return section(**kwargs)
+
+
+def help_table() -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every setting, for CLI help and docs."""
+    return [
+        (key_of(f.name), f.default, f.metadata.get("help", ""))
+        for s in SECTIONS
+        for f in dataclasses.fields(s)
+    ]
