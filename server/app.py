@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from fedtune.common.adapter import load_arrays, record_to_arrays, save_adapter, to_record
+from fedtune.common.adapter import arrays_to_record, load_arrays, record_to_arrays, save_adapter, to_record
 from fedtune.common.data import LabelledData, holdout_split, load_labelled
 from fedtune.common.device import pick_device
 from fedtune.common.evaluation import evaluate
 from fedtune.common.model import build_model, encode, load_base
 from fedtune.common.settings import RunSettings
+from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR, Checkpoint, CheckpointStore, RoundOffset, run_key
 from fedtune.server.results import ADAPTER_DIR, RunRecorder
 from fedtune.server.strategy import AdapterFedAvg
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -48,6 +52,12 @@ def _round_line(server_round: int, strategy: AdapterFedAvg, accuracy: float, los
     }
 
 
+def _restore_metrics(recorder: RunRecorder, lines: list[dict[str, Any]]) -> None:
+    """Continue metrics.jsonl from a checkpoint: the interrupted run's lines, then the new ones."""
+    recorder.rounds = list(lines)
+    recorder.metrics_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_config(context.run_config)
@@ -63,21 +73,45 @@ def main(grid: Grid, context: Context) -> None:
         min_train_nodes=settings.plan.min_clients, min_evaluate_nodes=settings.plan.min_clients,
         min_available_nodes=settings.plan.min_clients,
     )
+    # Checkpoints are a server-side deployment setting (fedtune-server sets the variable), not a run setting.
+    store = CheckpointStore(Path(os.environ[ENV_CHECKPOINT_DIR])) if os.environ.get(ENV_CHECKPOINT_DIR) else None
+    key = run_key(settings.to_config())
+    resume = store.resumable(key, settings.plan.num_rounds) if store else None
+    offset = resume.server_round if resume else 0
+    first_started = resume.first_started if resume else time.time()
+    initial = to_record(model)
+    if resume:
+        log.info("resuming from the checkpoint after round %s of %s", offset, settings.plan.num_rounds)
+        initial = arrays_to_record(resume.arrays)
+        strategy.train_rows.update(resume.train_rows)
+        strategy.eval_rows.update(resume.eval_rows)
+        _restore_metrics(recorder, resume.metrics_lines)
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if resume and server_round == offset:
+            return None  # evaluated and recorded before the interruption
         load_arrays(model, record_to_arrays(arrays))
         result = evaluate(model, *test_tensors, device=device)
         line = recorder.record_round(_round_line(server_round, strategy, result.accuracy, result.loss))
         log.info("round %s: held-out accuracy %.4f, loss %.4f, max epsilon %s", server_round,
                  result.accuracy, result.loss, line["epsilon-max"])
+        if store:
+            store.save(Checkpoint(
+                server_round=server_round, run_key=key, arrays=record_to_arrays(arrays),
+                train_rows=strategy.train_rows, eval_rows=strategy.eval_rows, metrics_lines=recorder.rounds,
+                first_started=first_started,
+            ))
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
 
     plan = {k: v for k, v in settings.to_config().items() if k in PLAN_KEYS}
-    result = strategy.start(
-        grid=grid, initial_arrays=to_record(model), num_rounds=settings.plan.num_rounds,
-        train_config=ConfigRecord(plan), evaluate_config=ConfigRecord(plan), evaluate_fn=evaluate_global,
+    # Lets a node's ledger tell a resumed round apart from a new one (same run-key, same round number).
+    plan |= {"run-key": key, "resumed-after-round": offset}
+    result = RoundOffset(strategy, offset).start(
+        grid=grid, initial_arrays=initial, num_rounds=settings.plan.num_rounds - offset,
+        train_config=ConfigRecord(plan), evaluate_config=ConfigRecord(plan),
+        evaluate_fn=lambda r, arrays: evaluate_global(r + offset, arrays),
     )
-    final = result.arrays if len(result.arrays) else to_record(model)
+    final = result.arrays if len(result.arrays) else initial
     adapter_dir = save_adapter(model, record_to_arrays(final), Path(settings.results_dir) / ADAPTER_DIR,
                                base_path=str(base.path), label_names=test.label_names)
-    recorder.finish({"adapter": str(adapter_dir), "status": "completed"})
+    recorder.finish({"adapter": str(adapter_dir), "status": "completed", "resumed-after-round": offset})

@@ -1,0 +1,141 @@
+"""Everything fedtune-client checks before it connects, with every problem reported at once.
+
+A hospital operator should learn about a wrong CA path, a key with loose
+permissions, a data file missing its label column, a malformed policy and a
+read-only ledger directory from one run, not five.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.client.gate import read_allowlist
+from fedtune.common import tls
+from fedtune.common.data import read_table, validate
+from fedtune.common.errors import ConfigError, FedtuneError
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """How this node connects, what it trains on and where it keeps its state."""
+
+    superlink: str  # host:port of the federation's fleet API (the reverse proxy in production)
+    data: Path  # the node's private examples (CSV / JSONL / Parquet)
+    state_dir: Path  # privacy state and ledger; back this up
+    root_certificates: Path | None = None  # CA that signed the server certificate (TLS)
+    node_key: Path | None = None  # OpenSSH EC private key registered with the server (node authentication)
+    insecure: bool = False  # plaintext transport; only for local tests, never with node authentication
+    policy: Path | None = None  # the node's privacy policy (TOML); it wins over the server's request
+    allowlist: Path | None = None  # sha256 digests of app bundles this node will run
+    allow_any_app: bool = False  # explicit opt-out of app pinning
+    text_column: str = "text"  # the column the federation's runs read text from
+    label_column: str = "label"  # the column holding labels
+    labels: tuple[str, ...] = ()  # allowed label values (empty: any, at least two)
+    log_file: Path | None = None  # default: STATE_DIR/fedtune-client.log
+    runtime_port: int = 9094  # node-local Runtime API port (distinct per node on one host)
+    max_restarts: int = 0  # restarts of a failed SuperNode before giving up (0 = forever)
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_file or self.state_dir / "fedtune-client.log"
+
+    @property
+    def node_config(self) -> str:
+        """``--node-config`` for flower-supernode: the ClientApp's node settings."""
+        pairs = {"data-path": self.data.resolve(), "state-dir": self.state_dir.resolve()}
+        if self.policy is not None:
+            pairs["policy"] = self.policy.resolve()
+        for key, value in pairs.items():
+            if '"' in str(value) or "'" in str(value) or " " in str(value):
+                raise ConfigError(f"{key} path {value} contains quotes or spaces; move it to a plain path")
+        return " ".join(f'{k}="{v}"' for k, v in pairs.items())
+
+
+def _transport_problems(opts: NodeOptions) -> list[str]:
+    if opts.insecure:
+        if opts.node_key is not None:
+            return ["--insecure cannot be combined with --node-key: node authentication requires TLS "
+                    "(drop --insecure and pass --root-certificates)"]
+        return []
+    if opts.root_certificates is None:
+        return ["--root-certificates is required: connections use TLS (pass --insecure explicitly only for a "
+                "plaintext test federation)"]
+    return tls.check_ca_file(opts.root_certificates)
+
+
+def _data_problems(opts: NodeOptions) -> list[str]:
+    try:
+        validate(read_table(opts.data), opts.text_column, opts.label_column, list(opts.labels),
+                 origin=str(opts.data))
+    except FedtuneError as err:
+        return list(err.problems)
+    return []
+
+
+def _policy_problems(policy: Path) -> list[str]:
+    if not policy.is_file():
+        return [f"policy file {policy} does not exist"]
+    try:
+        tomllib.loads(policy.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        return [f"policy file {policy} is not valid TOML: {err}"]
+    try:  # the policy schema belongs to the budget guard; use its own validation when present
+        from fedtune.client import policy as policy_module  # type: ignore[attr-defined]
+    except ImportError:
+        return []
+    loader = getattr(policy_module, "load_policy", None)
+    if loader is None:
+        return []
+    try:
+        loader(policy)
+    except FedtuneError as err:
+        return list(err.problems)
+    return []
+
+
+def _writable_dir(path: Path, what: str) -> list[str]:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return [f"{what} {path} is not writable: {err.strerror}"]
+    return []
+
+
+def problems(opts: NodeOptions) -> list[str]:
+    """Every problem with the node's setup; empty when it may connect."""
+    out = _transport_problems(opts)
+    if opts.node_key is not None:
+        out += tls.check_node_key(opts.node_key)
+    out += _data_problems(opts)
+    if opts.policy is not None:
+        out += _policy_problems(opts.policy)
+    out += _writable_dir(opts.state_dir, "state directory (privacy ledger)")
+    out += _writable_dir(opts.log_path.parent, "log directory")
+    if opts.allowlist is not None:
+        try:
+            read_allowlist(opts.allowlist)
+        except ConfigError as err:
+            out += err.problems
+    elif not opts.allow_any_app:
+        out.append("--app-allowlist FILE is required (sha256 of the app bundles this node may run; the operator "
+                   "publishes it, `fedtune-server --print-app-hash` prints it); or pass --allow-any-app explicitly")
+    if opts.max_restarts < 0:
+        out.append(f"--max-restarts must be >= 0, got {opts.max_restarts}")
+    return out
+
+
+def check(opts: NodeOptions) -> None:
+    if found := problems(opts):
+        raise ConfigError(found)
+
+
+def state_dir_secure(path: Path) -> bool:
+    """Whether the ledger directory is closed to other users (warned about, not enforced)."""
+    return not (os.stat(path).st_mode & 0o077)

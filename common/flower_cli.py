@@ -1,0 +1,211 @@
+"""Driving Flower's own processes and CLI: SuperLink/SuperNode binaries, `flwr` JSON commands.
+
+Shared by the simulation harness and the deployment daemons. Every process we
+start gets its own session (process group), so stopping it also stops what it
+spawned (flower-superexec, flwr-serverapp, flwr-clientapp, Ray workers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tomli_w
+from fedtune.common.errors import RunError
+
+POLL_S = 1.0
+STARTUP_TIMEOUT_S = 60.0
+CONNECTION = "fedtune"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_bin(name: str) -> str:
+    """A console script next to this interpreter (works in venvs not on PATH)."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        raise RunError(f"'{name}' is not installed; install fedtune with its dependencies (pip install -e .)")
+    return found
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for Flower processes: private FLWR_HOME, no telemetry, no runtime `uv sync`."""
+    return os.environ | {
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        # Flower spawns flower-superexec / flwr-serverapp / flwr-clientapp by name.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def write_app_dir(app_dir: Path, defaults: Mapping[str, Any]) -> Path:
+    """A minimal Flower app: pyproject only; the code comes from the installed fedtune package.
+
+    Its content (hence the FAB hash nodes pin) depends only on ``defaults``.
+    """
+    app_dir.mkdir(parents=True, exist_ok=True)
+    pyproject = {
+        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
+        "project": {"name": "fedtune-app", "version": "0.1.0", "dependencies": []},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedtune",
+            "components": {"serverapp": "fedtune.server.app:app", "clientapp": "fedtune.client.app:app"},
+            "config": dict(defaults),
+        }}},
+    }
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    return app_dir
+
+
+def write_connection(home: Path, address: str, *, root_certificates: Path | None = None,
+                     options: Mapping[str, Any] | None = None) -> None:
+    """``$FLWR_HOME/config.toml`` with one connection named :data:`CONNECTION`."""
+    conn: dict[str, Any] = {"address": address}
+    if root_certificates is None:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str(root_certificates.resolve())
+    if options:
+        conn["options"] = dict(options)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
+
+
+def start_group(cmd: list[str], *, env: Mapping[str, str], log_file: Path | None = None,
+                cwd: Path | None = None, new_session: bool = True) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` (in its own session unless told otherwise); stdout/stderr go to ``log_file``.
+
+    Daemons start their Flower processes with ``new_session=False`` so that a service
+    manager (or a test) that kills the daemon's process group stops all of them.
+    """
+    out: Any = subprocess.DEVNULL
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log_file, "ab")  # noqa: SIM115 - handed to the child, closed below
+    try:
+        return subprocess.Popen(cmd, env=dict(env), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                start_new_session=new_session)
+    finally:
+        if log_file is not None:
+            out.close()
+
+
+def stop_group(proc: subprocess.Popen[bytes] | None, term_wait_s: float = 15.0) -> None:
+    """SIGTERM the process group, SIGKILL whatever is left (children included)."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        for sig, wait in ((signal.SIGTERM, term_wait_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # children left in the group
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, term_wait_s: float = 15.0) -> None:
+    """SIGTERM one process (not its group), SIGKILL it if it does not exit in time."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=term_wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5.0)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log_file: Path, *, verify: str | bool = False,
+                 timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    """Poll ``url`` (the SuperLink's /health) until it answers; fail fast if the process died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RunError(f"flower-superlink exited with code {proc.returncode}; see {log_file}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1.0, verify=verify).is_success:
+                return
+        time.sleep(0.3)
+    raise RunError(f"flower-superlink did not become healthy in {timeout_s:.0f}s; see {log_file}")
+
+
+@dataclass(frozen=True)
+class FlwrCli:
+    """The `flwr` CLI against the connection in ``env['FLWR_HOME']``, with JSON replies."""
+
+    env: Mapping[str, str]
+    cwd: Path
+
+    def json(self, *args: str, timeout_s: float = 300) -> dict[str, Any]:
+        proc = subprocess.run([flower_bin("flwr"), *args, "--format", "json"], env=dict(self.env),
+                              capture_output=True, text=True, check=False, cwd=self.cwd, timeout=timeout_s)
+        try:
+            return dict(json.loads(proc.stdout))
+        except json.JSONDecodeError:
+            raise RunError(f"`flwr {args[0]}` failed (exit {proc.returncode}): "
+                           f"{(proc.stdout + proc.stderr).strip()[-800:]}") from None
+
+    def submit(self, app: Path, run_config: Mapping[str, Any], config_file: Path) -> int:
+        """Submit ``app`` (a directory or a .fab) with run-config overrides; return the run id."""
+        config_file.write_text(tomli_w.dumps(dict(run_config)))
+        reply = self.json("run", str(app), CONNECTION, "--run-config", str(config_file))
+        if not reply.get("success") or "run-id" not in reply:
+            raise RunError(f"the run was not accepted: {reply.get('error-message', reply)}")
+        return int(reply["run-id"])
+
+    def register_node(self, public_key: Path) -> int:
+        reply = self.json("supernode", "register", str(public_key), CONNECTION)
+        if not reply.get("success") or "node-id" not in reply:
+            raise RunError(f"could not register node key {public_key}: {reply.get('error-message', reply)}")
+        return int(reply["node-id"])
+
+    def status(self, run_id: int) -> str:
+        runs = self.json("list", CONNECTION, "--run-id", str(run_id)).get("runs", [])
+        return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+    def save_logs(self, run_id: int, path: Path) -> Path:
+        """Fetch the run's own log (ServerApp and ClientApps) into ``path``."""
+        proc = subprocess.run([flower_bin("flwr"), "log", str(run_id), CONNECTION, "--show"], env=dict(self.env),
+                              capture_output=True, text=True, check=False, cwd=self.cwd, timeout=120)
+        path.write_text(proc.stdout + proc.stderr)
+        return path
+
+    def wait(self, run_id: int, proc: subprocess.Popen[bytes], log_file: Path, *,
+             on_poll: Callable[[], None] | None = None, timeout_s: float = 24 * 3600, poll_s: float = POLL_S) -> str:
+        """Block until the run ends; return its final status (e.g. 'finished:completed')."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.status(run_id)
+            if on_poll:
+                on_poll()
+            if status.startswith("finished"):
+                return status
+            if proc.poll() is not None:
+                raise RunError(f"flower-superlink died (exit {proc.returncode}); see {log_file}")
+            time.sleep(poll_s)
+        raise RunError(f"run {run_id} did not finish within {timeout_s:.0f}s")
