@@ -6,13 +6,16 @@ import logging
 from pathlib import Path
 
 from fedtune.client.node_data import NodeData, load_node_data
-from fedtune.client.round import seed_for, train_round
+from fedtune.client.policy import NodePolicy, load_policy, simulation_default
+from fedtune.client.round import NodePrivacy, RunRef, seed_for, train_round
+from fedtune.client.sim_nodes import SimulationNodes
 from fedtune.common.adapter import arrays_to_record, load_arrays, record_to_arrays
 from fedtune.common.device import pick_device
+from fedtune.common.errors import ConfigError
 from fedtune.common.evaluation import evaluate
 from fedtune.common.model import build_model, load_base
 from fedtune.common.settings import RunSettings
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 log = logging.getLogger("fedtune.client")
@@ -37,24 +40,44 @@ def _node(context: Context, settings: RunSettings) -> tuple[NodeData, Path, int]
     data = load_node_data(settings, pid, nparts, data_path)
     if "state-dir" in cfg:
         state_dir = Path(str(cfg["state-dir"]))
-    else:
-        state_dir = Path(settings.results_dir) / "clients" / f"client-{pid}"
+    else:  # simulation: <results-dir>/clients/client-<pid>, or fedtune-sim --state-dir
+        state_dir = SimulationNodes.read(Path(settings.results_dir)).client_state_dir(Path(settings.results_dir), pid)
     return data, state_dir, pid if pid is not None else context.node_id % (2**31)
+
+
+def _policy(context: Context, settings: RunSettings) -> NodePolicy:
+    """The node's own policy file (node config ``policy``); in simulation, fedtune-sim --policy-dir."""
+    cfg = context.node_config
+    if "policy" in cfg:
+        return load_policy(Path(str(cfg["policy"])))
+    if "partition-id" not in cfg:
+        raise ConfigError("this node has no privacy policy: start it with --node-config \"policy=/path/policy.toml "
+                          "...\" (see docs/privacy.md); the server's requested epsilon is never the budget")
+    path = SimulationNodes.read(Path(settings.results_dir)).policy_file(int(cfg["partition-id"]))
+    if path is not None:
+        return load_policy(path)
+    p = settings.privacy
+    return simulation_default(p.epsilon, p.delta, p.accountant, p.dp)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     settings = _settings(msg, context)
     data, state_dir, key = _node(context, settings)
-    server_round = int(msg.content["config"].get("server-round", 1))
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 1))
+    run = RunRef(str(context.run_id), str(config.get("run-key", "")),  # run-key survives a server resume
+                 resumed=int(config.get("resumed-after-round", 0)) > 0)
     outcome = train_round(
-        settings, data, record_to_arrays(msg.content["arrays"]), server_round=server_round,
-        state_dir=state_dir, seed=seed_for(settings.plan.seed, server_round, key),
+        settings, data, record_to_arrays(msg.content["arrays"]), server_round=server_round, run=run,
+        node=NodePrivacy.open(_policy(context, settings), state_dir),
+        seed=seed_for(settings.plan.seed, server_round, key),
     )
     metrics = MetricRecord({"partition-id": key, **outcome.metrics})
     if outcome.arrays is None:
         log.warning("node %s refused round %s: %s", key, server_round, outcome.reason)
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        status = ConfigRecord({"reason": outcome.reason})  # no weights; the server logs why
+        return Message(RecordDict({"metrics": metrics, "status": status}), reply_to=msg)
     return Message(RecordDict({"arrays": arrays_to_record(outcome.arrays), "metrics": metrics}), reply_to=msg)
 
 

@@ -1,105 +1,39 @@
-"""A client's DP-SGD accountant, persisted on its own disk across rounds.
+"""The node's budget guard: plan noise, project epsilon, decide charge or refuse (pure logic).
 
 Mechanism (Abadi et al. 2016, "Deep Learning with Differential Privacy"): each
-step samples every example independently with probability q (Poisson sampling),
-clips per-example gradients to norm C and adds N(0, sigma^2 C^2 I) to their sum.
-Composition over steps and rounds is accounted with Opacus' PRV accountant
-(Gopi et al. 2021) or RDP (Mironov 2017); the same (sigma, q, steps) history
-replayed by an independent accountant must give the same epsilon.
+DP-SGD step samples every example independently with probability q (Poisson
+sampling), clips per-example gradients to norm C and adds N(0, sigma^2 C^2 I) to
+their sum. The dataset's privacy loss is the composition of every step it ever
+took, across rounds, runs and restarts: the charged events of its ledger,
+replayed by Opacus' PRV (Gopi et al. 2021) or RDP (Mironov 2017) accountant.
 
-The state is written *before* a round trains (atomically, fsync'd), so an update
-that may leave the node is always paid for, even if the process dies mid-round.
+Noise is planned once per run, at the node's first round of it, from the
+remaining budget and the run's remaining rounds x local steps; :func:`decide`
+then charges each round only if the projected cumulative epsilon stays within
+the budget. Nothing here touches disk or Flower: ``client/round.py`` wires it to
+the ledger (charge written and fsync'd before training).
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import math
-import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+from fedtune.client.policy import NodePolicy, PlanRequest
+from fedtune.common.accounting import DpEvent, opacus_epsilon
 from fedtune.common.errors import PrivacyError
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
-Event = tuple[float, float, int]  # (noise multiplier sigma, sample rate q, steps)
+History = Sequence[DpEvent | None]  # the dataset's charged rounds; None = a round trained without DP
 
-
-def epsilon_of(history: list[Event], delta: float, accountant: str) -> float:
-    """Cumulative epsilon of a history of Poisson-subsampled Gaussian steps."""
-    if not history:
-        return 0.0
-    acc = create_accountant(accountant)
-    acc.history = [(float(s), float(q), int(t)) for s, q, t in history]
-    return float(acc.get_epsilon(delta=delta))
-
-
-def plan_noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """Smallest noise multiplier (within Opacus' tolerance) with epsilon(steps) <= ``epsilon``."""
-    if epsilon <= 0:
-        raise PrivacyError(f"no privacy budget left to plan noise (remaining epsilon {epsilon:.4g})")
-    return float(get_noise_multiplier(
-        target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-        accountant=accountant, epsilon_tolerance=0.005,
-    ))
-
-
-@dataclass
-class PrivacyState:
-    """What the node must remember between rounds: the planned noise and every charged step."""
-
-    accountant: str
-    delta: float
-    budget: float
-    noise_multiplier: float | None = None
-    history: list[Event] = field(default_factory=list)
-
-    def epsilon(self) -> float:
-        return epsilon_of(self.history, self.delta, self.accountant)
-
-    def projected(self, event: Event) -> float:
-        return epsilon_of([*self.history, event], self.delta, self.accountant)
-
-
-class PrivacyStore:
-    """Loads and atomically saves a client's :class:`PrivacyState` as JSON."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self, accountant: str, delta: float, budget: float) -> PrivacyState:
-        if not self.path.exists():
-            return PrivacyState(accountant=accountant, delta=delta, budget=budget)
-        try:
-            raw = json.loads(self.path.read_text())
-            state = PrivacyState(
-                accountant=raw["accountant"], delta=float(raw["delta"]), budget=float(raw["budget"]),
-                noise_multiplier=raw.get("noise_multiplier"),
-                history=[(float(s), float(q), int(t)) for s, q, t in raw["history"]],
-            )
-        except (ValueError, KeyError, TypeError) as err:
-            raise PrivacyError(f"privacy state {self.path} is unreadable ({err}); restore it from backup") from err
-        if (state.accountant, state.delta) != (accountant, delta):
-            raise PrivacyError(
-                f"privacy state {self.path} was kept with accountant={state.accountant}, delta={state.delta}; "
-                f"this run asks for accountant={accountant}, delta={delta}: use a new state directory"
-            )
-        return state
-
-    def save(self, state: PrivacyState) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(asdict(state), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+# The planner never picks sigma below this: epsilon there is in the tens to hundreds, and the PRV
+# accountant needs GBs of memory (sigma 0.2: 1.7 GB, 27 s; 0.1: killed for memory).
+MIN_PLANNED_SIGMA = 0.5
+MAX_PLANNED_SIGMA = 200.0
+PLAN_TOLERANCE = 0.005  # planned epsilon is within 0.5% of its target, from below
+BRACKET_TOLERANCE = 0.02  # RDP only brackets the search: 2% is enough
+BUDGET_SLACK = 1e-9  # accountant round-off allowed when comparing a projection with the budget
 
 
 def steps_per_round(num_examples: int, batch_size: int, local_epochs: float) -> tuple[float, int]:
@@ -112,3 +46,128 @@ def steps_per_round(num_examples: int, batch_size: int, local_epochs: float) -> 
         raise PrivacyError("a client with no training examples cannot train")
     batches = math.ceil(num_examples / batch_size)
     return 1.0 / batches, max(1, round(local_epochs * batches))
+
+
+def epsilon_of(history: History, delta: float, accountant: str) -> float:
+    """Cumulative epsilon of the history (inf once any round trained without DP)."""
+    if any(e is None for e in history):
+        return math.inf
+    return opacus_epsilon([e for e in history if e is not None], delta, accountant)
+
+
+def _bisect(epsilon_at: Callable[[float], float], target: float, lo: float, hi: float, tolerance: float) -> float:
+    """Smallest sigma in (lo, hi] (to ``tolerance``, relative) with epsilon_at(sigma) <= target.
+
+    Needs epsilon_at(hi) <= target; epsilon falls as sigma grows, so bisection converges.
+    """
+    eps_hi = epsilon_at(hi)
+    while hi - lo > 1e-3 * hi and target - eps_hi > tolerance * target:
+        mid = (lo + hi) / 2
+        eps_mid = epsilon_at(mid)
+        if eps_mid > target:
+            lo = mid
+        else:
+            hi, eps_hi = mid, eps_mid
+    return hi
+
+
+def plan_noise(history: History, target: float, delta: float, event: DpEvent, accountant: str) -> float:
+    """Smallest sigma (>= MIN_PLANNED_SIGMA) with epsilon(history + event at sigma) <= ``target``.
+
+    ``event`` gives q, steps and C (its sigma is ignored). RDP brackets the search first (cheap, and an
+    upper bound on PRV's epsilon), so the PRV accountant is only ever evaluated near the answer.
+    """
+    def at(name: str) -> Callable[[float], float]:
+        @functools.cache
+        def epsilon(sigma: float) -> float:
+            trial = DpEvent(event.sample_rate, sigma, event.steps, event.clip_norm)
+            return epsilon_of([*history, trial], delta, name)
+        return epsilon
+
+    rdp = at("rdp")
+    if rdp(MAX_PLANNED_SIGMA) > target and at(accountant)(MAX_PLANNED_SIGMA) > target:
+        raise PrivacyError(f"no noise multiplier up to {MAX_PLANNED_SIGMA:g} keeps epsilon within {target:.4g}")
+    if rdp(MIN_PLANNED_SIGMA) <= target:
+        return MIN_PLANNED_SIGMA
+    sigma_rdp = _bisect(rdp, target, MIN_PLANNED_SIGMA, MAX_PLANNED_SIGMA,
+                        PLAN_TOLERANCE if accountant == "rdp" else BRACKET_TOLERANCE)
+    if accountant == "rdp":
+        return sigma_rdp
+    tight = at(accountant)
+    lo = max(MIN_PLANNED_SIGMA, 0.8 * sigma_rdp)
+    if tight(lo) <= target:
+        return lo
+    hi = sigma_rdp
+    while tight(hi) > target:  # PRV's own error bound can put it a hair above RDP
+        lo, hi = hi, min(MAX_PLANNED_SIGMA, hi * 1.25)
+    return _bisect(tight, target, lo, hi, PLAN_TOLERANCE)
+
+
+class BudgetExhausted(PrivacyError):
+    """No noise level lets the rest of the run fit the remaining budget."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The guard's verdict for one round: charge ``event`` or refuse with ``reason``."""
+
+    charged: bool
+    reason: str  # why it was refused ("" when charged)
+    event: DpEvent | None  # charged (or, for a budget refusal, the one that would have been); None without DP
+    epsilon_before: float  # cumulative epsilon of the dataset before this round
+    epsilon_after: float  # cumulative after this round (== before when refused; inf without DP)
+    projected: float | None  # cumulative had the round been charged (None when not computed)
+    budget: float
+    exhausted: bool  # no further round like this one fits the budget
+
+
+def _refuse(reason: str, before: float, budget: float, *, event: DpEvent | None = None,
+            projected: float | None = None, exhausted: bool = False) -> Decision:
+    return Decision(False, reason, event, before, before, projected, budget, exhausted)
+
+
+def _plan_run(policy: NodePolicy, request: PlanRequest, history: History) -> float:
+    """Noise for the rest of the run: at least what the server's requested run epsilon implies,
+    and (noise-plan "spread") enough that all remaining rounds fit the remaining budget."""
+    run = DpEvent(request.sample_rate, 1.0, request.steps * request.rounds_left, request.clip_norm)
+    try:
+        sigma = plan_noise([], request.epsilon, request.delta, run, policy.accountant)
+    except PrivacyError as err:
+        raise PrivacyError(f"the requested run epsilon {request.epsilon:g} cannot be met: {err}") from err
+    if policy.noise_plan == "spread":
+        try:
+            sigma = max(sigma, plan_noise(history, policy.max_epsilon, policy.delta, run, policy.accountant))
+        except PrivacyError as err:
+            raise BudgetExhausted(f"budget exhausted: {err} over the run's remaining {request.rounds_left} "
+                               f"round(s) of {request.steps} steps") from err
+    return sigma
+
+
+def decide(policy: NodePolicy, request: PlanRequest, history: History, run_sigma: float | None = None) -> Decision:
+    """Charge or refuse one round. ``history``: the dataset's charged events so far (all runs);
+    ``run_sigma``: the noise this run already charged with (planned at its first round), if any."""
+    budget = policy.max_epsilon
+    before = epsilon_of(history, policy.delta, policy.accountant)
+    if problems := policy.check(request):
+        return _refuse("policy: " + "; ".join(problems), before, budget)
+    if not request.dp:  # the policy allows non-private training (require-dp = false)
+        return Decision(True, "", None, before, math.inf, math.inf, budget, exhausted=False)
+    if math.isinf(before):
+        return _refuse("budget: this dataset was trained without DP before; its epsilon is unbounded", before,
+                       budget, exhausted=True)
+    try:
+        sigma = run_sigma if run_sigma is not None else _plan_run(policy, request, history)
+    except PrivacyError as err:
+        return _refuse(str(err), before, budget, exhausted=isinstance(err, BudgetExhausted))
+    event = DpEvent(request.sample_rate, sigma, request.steps, request.clip_norm)
+    if sigma < policy.min_noise_multiplier:
+        return _refuse(
+            f"policy: the plan (epsilon {request.epsilon:g} over {request.rounds_left} round(s) x {request.steps} "
+            f"steps at q={request.sample_rate:.4g}) needs noise multiplier {sigma:.4g}; the policy's minimum is "
+            f"{policy.min_noise_multiplier:g}", before, budget, event=event)
+    after = epsilon_of([*history, event], policy.delta, policy.accountant)
+    if after > budget + BUDGET_SLACK:
+        return _refuse(f"budget: epsilon would reach {after:.4f} > budget {budget:.4f} (spent {before:.4f})",
+                       before, budget, event=event, projected=after, exhausted=True)
+    next_after = epsilon_of([*history, event, event], policy.delta, policy.accountant)
+    return Decision(True, "", event, before, after, after, budget, exhausted=next_after > budget + BUDGET_SLACK)

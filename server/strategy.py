@@ -3,20 +3,29 @@
 Replies are sorted into trained / refused (budget or policy; no weights) /
 rejected (error, malformed, wrong shapes, NaN/inf). Only trained updates are
 averaged; everything is kept per client for the round's metrics line.
+
+A node that refuses (its policy or budget says no) or reports its budget
+exhausted is excluded from sampling for the rest of the run: its answer would
+not change, since its policy and the run's plan are fixed. When fewer than
+``min_train_nodes`` eligible nodes remain, the strategy stops sending work: the
+remaining rounds are skipped (no messages, global adapter unchanged) and
+``stop_reason`` says why, so the run still ends cleanly.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Iterable
 from typing import Any
 
 from fedtune.common.adapter import Arrays, arrays_to_record, check_arrays, record_to_arrays
 from fedtune.server.aggregation import fedavg
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 log = logging.getLogger("fedtune.server")
 ClientRow = dict[str, Any]
@@ -32,7 +41,9 @@ def _classify(msg: Message, reference: Arrays) -> tuple[ClientRow, Arrays | None
         return row | {"status": "rejected", "reason": "reply has no metrics"}, None
     row |= dict(metrics)
     if "arrays" not in msg.content.array_records:
-        return row | {"status": "refused"}, None
+        status = msg.content.config_records.get("status")
+        reason = status.get("reason", "") if status is not None else ""
+        return row | {"status": "refused", "reason": str(reason)}, None
     arrays = record_to_arrays(msg.content.array_records["arrays"])
     problems = check_arrays(arrays, reference)
     examples = row.get("num-examples", 0)
@@ -57,12 +68,53 @@ class AdapterFedAvg(FedAvg):
         self.train_rows: dict[int, list[ClientRow]] = {}
         self.eval_rows: dict[int, list[ClientRow]] = {}
         self._reference: Arrays = {}
+        self.excluded: dict[int, str] = {}  # node id -> why it gets no more work this run
+        self.stop_reason: str | None = None  # set when too few nodes can still train
+
+    def _eligible(self, server_round: int, grid: Grid) -> list[int] | None:
+        """Connected nodes that may still train; None (and ``stop_reason`` set) when too few remain."""
+        _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits for min_available_nodes
+        eligible = [n for n in connected if n not in self.excluded]
+        if len(eligible) >= max(1, self.min_train_nodes):
+            return eligible
+        why = "; ".join(f"node {n}: {r}" for n, r in sorted(self.excluded.items()))
+        self.stop_reason = (
+            f"stopped before round {server_round}: {len(eligible)} of {len(connected)} clients can still train, "
+            f"the run needs {max(1, self.min_train_nodes)} (excluded: {why or 'none'})")
+        log.warning("%s; the remaining rounds are skipped", self.stop_reason)
+        return None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """Sample only from nodes that still have budget (FedAvg's sampling otherwise)."""
         self._reference = record_to_arrays(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
+        if self.stop_reason is not None or self.fraction_train == 0.0:
+            return []
+        eligible = self._eligible(server_round, grid)
+        if eligible is None:
+            return []
+        size = min(len(eligible), max(int(len(eligible) * self.fraction_train), self.min_train_nodes))
+        node_ids = random.sample(eligible, size)
+        log.info("configure_train: sampled %s of %s eligible nodes (%s excluded)", size, len(eligible),
+                 len(self.excluded))
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.stop_reason is not None:
+            return []
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def _note_exclusions(self, server_round: int, rows: list[ClientRow]) -> None:
+        for row in rows:
+            if row["status"] == "refused":
+                self.excluded[row["node-id"]] = f"refused in round {server_round}: {row.get('reason') or 'no reason'}"
+            elif row["status"] == "trained" and row.get("exhausted") == 1:
+                self.excluded[row["node-id"]] = f"budget exhausted after round {server_round}"
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -77,12 +129,14 @@ class AdapterFedAvg(FedAvg):
                 log.warning("round %s: %s reply from node %s: %s", server_round, row["status"],
                             row["node-id"], row.get("reason", ""))
         self.train_rows[server_round] = rows
+        self._note_exclusions(server_round, rows)
         trained = [r for r in rows if r["status"] == "trained"]
         eps = [float(r["epsilon"]) for r in rows if "epsilon" in r]
         summary = MetricRecord({
             "clients-trained": len(trained),
             "clients-refused": sum(r["status"] == "refused" for r in rows),
             "clients-failed": sum(r["status"] in ("error", "rejected") for r in rows),
+            "clients-excluded": len(self.excluded),
             "train-loss": _weighted(trained, "train-loss"),
             "epsilon-max": max(eps) if eps else math.nan,
             "epsilon-mean": sum(eps) / len(eps) if eps else math.nan,

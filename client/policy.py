@@ -1,0 +1,178 @@
+"""The node's privacy policy: a TOML file on the node's own disk that the server cannot override.
+
+The server's per-run plan (epsilon, delta, rounds, local epochs, batch size, clip
+norm, accountant) is a *request*. :meth:`NodePolicy.check` lists every way a
+request falls outside the policy; the client refuses such a round and records
+the refusal in its ledger. Example (all keys optional except ``max-epsilon``)::
+
+    max-epsilon = 8.0            # lifetime budget of this dataset, across all runs
+    delta = 1e-5                 # delta every epsilon is accounted at
+    min-noise-multiplier = 0.8   # refuse plans that would need less noise
+    max-steps-per-round = 200    # refuse plans with more local DP-SGD steps per round
+    allowed-models = ["embedded", "/models/bert-base-uncased"]
+    accountant = "prv"           # the node's accountant: prv or rdp (the server's choice is ignored)
+    noise-plan = "spread"        # spread | as-requested (see NoisePlan)
+    require-dp = true
+    dataset-id = ""              # keeps one budget when the data file changes (default: its fingerprint)
+    ledger-key = ""              # Ed25519 PKCS#8 PEM (e.g. fedtune-certs' ledger-signing.key)
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from fedtune.common.errors import ConfigError
+
+NoisePlan = Literal["spread", "as-requested"]
+EMBEDDED_MODEL = "embedded"  # names the built-in all-MiniLM-L6-v2 (model-path = "")
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the server asks of this node for one round, as it bears on privacy."""
+
+    model: str  # model-path requested ("" = embedded)
+    dp: bool
+    epsilon: float  # the run's requested per-client epsilon
+    delta: float
+    accountant: str
+    num_rounds: int
+    server_round: int
+    sample_rate: float  # q of this node's Poisson sampler
+    steps: int  # local DP-SGD steps this round
+    clip_norm: float
+
+    @property
+    def rounds_left(self) -> int:
+        """Rounds of this run from this one on (the node assumes it is sampled in each)."""
+        return max(1, self.num_rounds - self.server_round + 1)
+
+
+def _h(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """A node's privacy policy; every field can be set in the TOML file (kebab-case keys)."""
+
+    max_epsilon: float = _h("Lifetime epsilon budget of the dataset, across rounds, runs and restarts.", 8.0)
+    delta: float = _h("Delta all epsilons are accounted at; a request for a larger delta is refused.", 1e-5)
+    min_noise_multiplier: float = _h("Refuse plans that need a smaller noise multiplier (0 = no floor).", 0.0)
+    max_steps_per_round: int = _h("Refuse plans with more local DP-SGD steps per round (0 = no limit).", 0)
+    allowed_models: tuple[str, ...] = _h("Base models this node trains ('embedded' or paths); empty = any.", ())
+    accountant: str = _h("The node's accountant: prv or rdp. The server's request is ignored.", "prv")
+    noise_plan: NoisePlan = _h(
+        "spread: raise the noise so the whole run fits the remaining budget; as-requested: use the noise the "
+        "server's requested epsilon implies and refuse once the budget is spent.", "spread")
+    require_dp: bool = _h("Refuse to train without DP-SGD.", True)
+    dataset_id: str = _h("Budget key; empty = the sha256 fingerprint of the training examples.", "")
+    ledger_key: str = _h("Ed25519 private key (PKCS#8 PEM) signing the ledger; empty = <state-dir>/"
+                         "ledger-signing.key, generated on first use.", "")
+    source: str = _h("Where this policy came from (file path or a description).", "defaults")
+
+    def __post_init__(self) -> None:
+        if problems := self.problems():
+            raise ConfigError([f"{self.source}: {p}" for p in problems])
+
+    def problems(self) -> list[str]:
+        out = []
+        if not (self.max_epsilon > 0 and math.isfinite(self.max_epsilon)):
+            out.append(f"max-epsilon must be > 0 and finite, got {self.max_epsilon!r}")
+        if not 0.0 < self.delta < 1.0:
+            out.append(f"delta must be in (0, 1), got {self.delta!r}")
+        if not (self.min_noise_multiplier >= 0 and math.isfinite(self.min_noise_multiplier)):
+            out.append(f"min-noise-multiplier must be >= 0, got {self.min_noise_multiplier!r}")
+        if self.max_steps_per_round < 0:
+            out.append(f"max-steps-per-round must be >= 0, got {self.max_steps_per_round!r}")
+        if self.accountant not in ("prv", "rdp"):
+            out.append(f"accountant must be prv or rdp, got {self.accountant!r}")
+        if self.noise_plan not in ("spread", "as-requested"):
+            out.append(f"noise-plan must be spread or as-requested, got {self.noise_plan!r}")
+        return out
+
+    def check(self, request: PlanRequest) -> list[str]:
+        """Every way ``request`` falls outside this policy (empty = allowed). Noise is checked after planning."""
+        out = []
+        if self.require_dp and not request.dp:
+            out.append("the plan asks for training without DP; the policy requires DP-SGD")
+        if request.dp and request.delta > self.delta:
+            out.append(f"the plan asks for delta {request.delta:g}; the policy allows at most {self.delta:g}")
+        if self.max_steps_per_round and request.steps > self.max_steps_per_round:
+            out.append(f"the plan needs {request.steps} local steps per round; "
+                       f"the policy allows at most {self.max_steps_per_round}")
+        if self.allowed_models and not self.allows_model(request.model):
+            out.append(f"base model {request.model or EMBEDDED_MODEL!r} is not in the policy's allowed-models "
+                       f"({', '.join(self.allowed_models)})")
+        return out
+
+    def allows_model(self, model: str) -> bool:
+        for allowed in self.allowed_models:
+            if allowed == EMBEDDED_MODEL and not model:
+                return True
+            if model and (allowed == model or Path(allowed).expanduser().resolve() == Path(model).resolve()):
+                return True
+        return False
+
+    def budget_key(self, fingerprint: str) -> str:
+        return self.dataset_id or fingerprint
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """TOML value -> the field's type; raise ValueError naming the key."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{key} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def load_policy(path: Path) -> NodePolicy:
+    """Parse and validate a policy file; report every problem at once, naming the file."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"policy file {path} cannot be read: {err.strerror or err}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"policy file {path} is not valid TOML: {err}") from err
+    defaults = {f.name.replace("_", "-"): f for f in fields(NodePolicy) if f.name != "source"}
+    problems = [f"{path}: unknown key '{k}' (known: {', '.join(sorted(defaults))})" for k in raw if k not in defaults]
+    if "max-epsilon" not in raw:
+        problems.append(f"{path}: max-epsilon is required (the dataset's lifetime budget)")
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in defaults:
+            try:
+                kwargs[defaults[key].name] = _coerce(key, value, defaults[key].default)
+            except ValueError as err:
+                problems.append(f"{path}: {err}")
+    if problems:
+        raise ConfigError(problems)
+    if kwargs.get("ledger_key"):
+        kwargs["ledger_key"] = str((path.parent / Path(kwargs["ledger_key"]).expanduser()).resolve())
+    return NodePolicy(source=str(path), **kwargs)
+
+
+def simulation_default(epsilon: float, delta: float, accountant: str, dp: bool) -> NodePolicy:
+    """Simulation only, with no policy file: the researcher is both server and node, so the run's
+    requested epsilon/delta/accountant become the node's budget. Deployment nodes must have a policy file."""
+    return NodePolicy(max_epsilon=epsilon, delta=delta, accountant=accountant, require_dp=dp,
+                      source="simulation default (no policy file; budget = the run's epsilon)")

@@ -1,0 +1,130 @@
+"""DP events and their epsilon under two independent accountant libraries.
+
+Mechanism (Abadi et al. 2016, "Deep Learning with Differential Privacy"): one
+DP-SGD step samples every example independently with probability q (Poisson
+sampling), clips each per-example gradient to norm C and adds N(0, sigma^2 C^2 I)
+to their sum. Epsilon depends on (q, sigma, steps) and delta only; C sets the
+scale of the noise, not the privacy loss.
+
+A :class:`DpEvent` is an immutable record of ``steps`` such steps (the analogue of
+``dp_accounting.PoissonSampledDpEvent(q, GaussianDpEvent(sigma))`` composed
+``steps`` times). A history of events is replayed by
+
+- Opacus (the node's own accountant): ``prv`` (Gopi et al. 2021, numerical
+  composition of privacy random variables) or ``rdp`` (Mironov 2017; Mironov,
+  Talwar, Zhang 2019 for the subsampled Gaussian);
+- Google ``dp-accounting`` (the independent check): ``pld`` (privacy loss
+  distributions, Koskela et al. 2020 / Doroshenko et al. 2022) or ``rdp``.
+
+Like is compared with like: Opacus PRV with dp-accounting PLD (both numerically
+tight), Opacus RDP with dp-accounting RDP (both upper bounds, ~10-15% looser).
+No privacy math is written here: every number comes from those libraries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Literal
+
+from fedtune.common.errors import PrivacyError
+
+OpacusName = Literal["prv", "rdp"]
+IndependentName = Literal["pld", "rdp"]
+OPACUS_ACCOUNTANTS: tuple[OpacusName, ...] = ("prv", "rdp")
+
+# The independent accountant that computes the same quantity as each Opacus one.
+COUNTERPART: dict[str, IndependentName] = {"prv": "pld", "rdp": "rdp"}
+
+# dp-accounting PLD discretisation. 1e-3 is 10x faster than the library's 1e-4 and,
+# being a pessimistic (upper-bound) discretisation, moved epsilon by < 1e-4 in our checks.
+PLD_DISCRETIZATION = 1e-3
+
+SAMPLING = "poisson"
+RELATION = "add/remove-one"  # neighbouring datasets differ by adding or removing one example
+
+
+@dataclass(frozen=True)
+class DpEvent:
+    """``steps`` DP-SGD steps: Poisson sampling at rate q, Gaussian noise multiplier sigma, clip norm C."""
+
+    sample_rate: float  # q in (0, 1]
+    noise_multiplier: float  # sigma > 0
+    steps: int  # T >= 1
+    clip_norm: float = 1.0  # C > 0 (recorded for replay; does not change epsilon)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (0.0 < self.sample_rate <= 1.0):
+            problems.append(f"sample rate must be in (0, 1], got {self.sample_rate!r}")
+        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+            problems.append(f"noise multiplier must be > 0 and finite, got {self.noise_multiplier!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            problems.append(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            problems.append(f"clip norm must be > 0 and finite, got {self.clip_norm!r}")
+        if problems:
+            raise PrivacyError(problems)
+
+
+def merged(events: Iterable[DpEvent]) -> list[tuple[float, float, int]]:
+    """(sigma, q, steps) with equal (sigma, q) summed: composition commutes, and one
+    entry per mechanism keeps PRV/PLD fast and numerically stable over long ledgers."""
+    steps: dict[tuple[float, float], int] = {}
+    for e in events:
+        key = (float(e.noise_multiplier), float(e.sample_rate))
+        steps[key] = steps.get(key, 0) + e.steps
+    return [(s, q, t) for (s, q), t in steps.items()]
+
+
+def _check_delta(delta: float) -> None:
+    if not 0.0 < delta < 1.0:
+        raise PrivacyError(f"delta must be in (0, 1), got {delta!r}")
+
+
+def opacus_epsilon(events: Sequence[DpEvent], delta: float, accountant: str) -> float:
+    """Epsilon of the composed events under Opacus' ``prv`` or ``rdp`` accountant (0 when empty)."""
+    from opacus.accountants import create_accountant
+
+    if accountant not in OPACUS_ACCOUNTANTS:
+        raise PrivacyError(f"accountant must be one of {', '.join(OPACUS_ACCOUNTANTS)}, got {accountant!r}")
+    _check_delta(delta)
+    if not events:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = merged(events)
+    return float(acc.get_epsilon(delta=delta))
+
+
+def dp_accounting_epsilon(events: Sequence[DpEvent], delta: float, accountant: str) -> float:
+    """Epsilon of the composed events under Google dp-accounting's ``pld`` or ``rdp`` accountant."""
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
+    _check_delta(delta)
+    if not events:
+        return 0.0
+    if accountant == "pld":
+        acc: dp_accounting.PrivacyAccountant = pld.PLDAccountant(
+            dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=PLD_DISCRETIZATION)
+    elif accountant == "rdp":
+        acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    else:
+        raise PrivacyError(f"independent accountant must be pld or rdp, got {accountant!r}")
+    for sigma, q, steps in merged(events):
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    quiet = logging.getLogger()  # dp-accounting RDP logs every non-converging order at WARNING
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return float(acc.get_epsilon(delta))
+    finally:
+        quiet.setLevel(level)
+
+
+def accountant_record(accountant: str) -> dict[str, str]:
+    """Name, library and version of the node's accountant (written into every ledger entry)."""
+    return {"name": accountant, "library": "opacus", "version": version("opacus")}
