@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 @dataclass(frozen=True)
 class DpParams:
-    """Noise multiplier sigma and clipping norm C for one round of DP-SGD."""
+    """Noise multiplier sigma, clipping norm C, and the delta at which Opacus reports epsilon."""
 
     noise_multiplier: float
     clip_norm: float
+    delta: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,30 @@ class TrainResult:
     loss: float  # mean training loss over the round's non-empty batches
     steps: int  # optimizer steps taken (each one charged to the budget under DP)
     examples: int  # examples drawn across all steps
+    opacus_epsilon: float | None = None  # this round alone, by Opacus' own PrivacyEngine accountant
+
+
+@dataclass(frozen=True)
+class Private:
+    """What Opacus' ``make_private`` hands back, under one name."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    engine: PrivacyEngine
+
+
+def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, dp: DpParams) -> Private:
+    """Wrap for DP-SGD: per-sample gradients (hooks), clipping to C, noise sigma*C, Poisson sampling."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about the non-secure RNG; see docs/privacy.md
+        engine = PrivacyEngine(accountant="prv")
+        module, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
+            poisson_sampling=True, grad_sample_mode="hooks",
+        )
+    return Private(module=module, optimizer=optimizer, loader=loader, engine=engine)
 
 
 def _batches(loader: DataLoader, steps: int):
@@ -68,15 +93,10 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     module: nn.Module = model
+    private = None
     if dp is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Opacus warns about the non-secure RNG; see docs/privacy.md
-            engine = PrivacyEngine(accountant="prv")
-            module, optimizer, loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
-                poisson_sampling=True, grad_sample_mode="hooks",
-            )
+        private = privatize(model, optimizer, loader, dp)
+        module, optimizer, loader = private.module, private.optimizer, private.loader
     module.train()
     losses, examples = [], 0
     for ids, mask, labels in _batches(loader, steps):
@@ -90,8 +110,11 @@ def train(
         loss = nn.functional.cross_entropy(logits, labels)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         examples += len(labels)
-    if dp is not None:
+    opacus_eps = None
+    if private is not None:
+        opacus_eps = float(private.engine.get_epsilon(dp.delta)) if private.engine.accountant.history else 0.0
         module._close()  # remove Opacus hooks; the PeftModel stays usable
-    return TrainResult(loss=sum(losses) / len(losses) if losses else math.nan, steps=steps, examples=examples)
+    mean_loss = sum(losses) / len(losses) if losses else math.nan
+    return TrainResult(loss=mean_loss, steps=steps, examples=examples, opacus_epsilon=opacus_eps)

@@ -1,0 +1,99 @@
+"""DP-SGD on LoRA: weights really move, clipping holds, Opacus' accountant agrees with ours."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from opacus.accountants import PRVAccountant
+
+from fedtune.client.privacy import steps_per_round
+from fedtune.client.trainer import DpParams, privatize, train
+from fedtune.common.adapter import to_arrays
+from fedtune.common.model import build_model, encode, load_base
+from fedtune.common.settings import LoraSettings
+from tests.tiny import make_sentiment_frame
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    return load_base(str(tiny_model_dir))
+
+
+def _data(base, n: int = 64):
+    frame = make_sentiment_frame(n, seed=3)
+    ids, mask = encode(base.tokenizer, frame["text"].tolist(), 12)
+    return ids, mask, torch.tensor((frame["label"] == "pos").astype(int).to_numpy())
+
+
+def _model(base):
+    return build_model(base, 2, LoraSettings(lora_rank=4), CPU, seed=0)
+
+
+def test_lora_weights_change_after_one_dp_step(base):
+    """Guards opacus#820: a DP step must change LoRA factors, not only the head."""
+    model = _model(base)
+    with torch.no_grad():  # a non-zero head, so gradients reach the encoder's LoRA factors
+        for name, p in model.named_parameters():
+            if "head" in name and p.requires_grad:
+                p.normal_(0, 0.5)
+    before = to_arrays(model)
+    train(model, _data(base), steps=1, batch_size=32, learning_rate=1e-2,
+          dp=DpParams(noise_multiplier=1.0, clip_norm=1.0), device=CPU, seed=0)
+    after = to_arrays(model)
+    lora_changed = [k for k in before if "lora_" in k and not np.array_equal(before[k], after[k])]
+    assert any("lora_B" in k for k in lora_changed), "no LoRA B factor changed after a DP step"
+    assert any("lora_A" in k for k in lora_changed), "no LoRA A factor changed after a DP step"
+
+
+def test_clipping_bounds_every_per_sample_gradient(base):
+    """Each example's clipped gradient (over all trainable tensors) has norm <= C, and clipping is active."""
+    clip = 0.01
+    model = _model(base)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "head" in name and p.requires_grad:
+                p.normal_(0, 0.5)
+    ids, mask, labels = _data(base, 8)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loader = DataLoader(TensorDataset(ids, mask, labels), batch_size=1)
+    private = privatize(model, torch.optim.SGD(params, lr=0.0), loader, DpParams(0.0, clip))
+    raw_norms, clipped_norms = [], []
+    for i in range(len(labels)):
+        private.optimizer.zero_grad(set_to_none=True)
+        logits = private.module(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1])
+        torch.nn.functional.cross_entropy(logits, labels[i:i + 1]).backward()
+        raw_norms.append(math.sqrt(sum(float(p.grad_sample.pow(2).sum()) for p in params)))
+        private.optimizer.clip_and_accumulate()
+        clipped_norms.append(math.sqrt(sum(float(p.summed_grad.pow(2).sum()) for p in params)))
+        for p in params:
+            p.summed_grad = None
+    assert max(raw_norms) > clip * 10, "test needs gradients well above the clipping norm"
+    assert max(clipped_norms) <= clip * (1 + 1e-4)
+    assert min(clipped_norms) >= clip * 0.99  # large gradients are scaled to C, not zeroed
+
+
+@pytest.mark.parametrize(("n", "batch", "sigma", "steps"), [(64, 16, 1.0, 5), (64, 8, 0.8, 12)])
+def test_epsilon_after_k_steps_matches_opacus_engine(base, n, batch, sigma, steps):
+    delta = 1e-5
+    q, _ = steps_per_round(n, batch, 1.0)
+    result = train(_model(base), _data(base, n), steps=steps, batch_size=batch, learning_rate=1e-3,
+                   dp=DpParams(sigma, 1.0, delta), device=CPU, seed=1)
+    accountant = PRVAccountant()
+    accountant.history = [(sigma, q, steps)]  # what the node charges for this round
+    charged = accountant.get_epsilon(delta)
+    assert result.opacus_epsilon == pytest.approx(charged, rel=1e-6)
+    assert charged > 0
+
+
+def test_non_dp_training_reports_no_opacus_epsilon(base):
+    result = train(_model(base), _data(base), steps=2, batch_size=16, learning_rate=1e-2, dp=None,
+                   device=CPU, seed=0)
+    assert result.opacus_epsilon is None
+    assert result.steps == 2 and math.isfinite(result.loss)

@@ -1,0 +1,47 @@
+"""Settings: one parse at the edge, every problem reported, defaults in sync with pyproject."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedtune.common.errors import ConfigError
+from fedtune.common.settings import RunSettings
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_pyproject_app_config_equals_settings_defaults():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert config == RunSettings().to_config()
+
+
+def test_round_trip_through_flat_config():
+    settings = RunSettings.from_config({"lora-rank": "4", "dp": "false", "epsilon": 2, "partitioner": "iid"})
+    assert settings.lora.lora_rank == 4 and settings.privacy.dp is False and settings.privacy.epsilon == 2.0
+    assert RunSettings.from_config(settings.to_config()) == settings
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("epsilon", 0, "epsilon must be > 0"),
+    ("epsilon", -1.5, "epsilon must be > 0"),
+    ("lora-rank", 0, "lora-rank must be > 0"),
+    ("lora-rank", "two", "lora-rank must be an integer"),
+    ("delta", 1.0, "delta must be in (0, 1)"),
+    ("partitioner", "random", "partitioner must be one of"),
+    ("dp", "maybe", "dp must be true or false"),
+    ("batch-size", 2.5, "batch-size must be an integer"),
+    ("no-such-key", 1, "unknown setting 'no-such-key'"),
+])
+def test_bad_values_name_the_setting(key, value, message):
+    with pytest.raises(ConfigError) as err:
+        RunSettings.from_config({key: value})
+    assert message in str(err.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        RunSettings.from_config({"epsilon": -1, "lora-rank": 0, "test-fraction": 2})
+    assert len(err.value.problems) == 3
