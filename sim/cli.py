@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedtune.client.sim_nodes import SimulationNodes
 from fedtune.common.errors import FedtuneError, RunError
 from fedtune.common.settings import RunSettings, help_table
 from fedtune.server.results import SUMMARY_FILE
@@ -54,6 +55,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, help="LoRA rank")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="results directory (default results/<timestamp>)")
+    p.add_argument("--policy-dir", type=Path, default=None,
+                   help="simulation only: per-client privacy policies client-<id>.toml (or default.toml); "
+                        "clients without one use the run's epsilon as budget (see docs/privacy.md)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="keep client ledgers in STATE_DIR/client-<id>/ (persists budgets across runs; "
+                        "default: OUT/clients/)")
     p.add_argument("--cpus-per-client", type=int, default=None,
                    help="CPU cores per simulated client (default: all cores, one client at a time)")
     return p
@@ -88,6 +95,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[RunSettings, dict[str,
 def _run(settings: RunSettings, overrides: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     out = Path(settings.results_dir)
     out.mkdir(parents=True, exist_ok=True)
+    SimulationNodes(args.policy_dir, args.state_dir).write(out)  # read by each simulated ClientApp
     (out / "config.json").write_text(json.dumps(
         {"num-clients": args.clients, **settings.to_config()}, indent=2) + "\n")
     cpus = args.cpus_per_client or os.cpu_count() or 1
