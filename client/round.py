@@ -136,7 +136,8 @@ def train_round(
                         seed=settings.plan.seed)
     load_arrays(model, global_arrays)
     result = train(model, data.train, steps=steps, batch_size=settings.plan.batch_size,
-                   learning_rate=settings.plan.learning_rate, dp=dp, device=device, seed=seed)
+                   learning_rate=settings.plan.learning_rate, dp=dp, device=device, seed=seed,
+                   optimizer=settings.plan.optimizer, lora_lr_scale=settings.plan.lora_lr_scale)
     update = to_arrays(model)
     if not any(np.any(update[k] != global_arrays[k]) for k in update):
         raise ModelError("training left every adapter tensor unchanged (see opacus#820); refusing to reply")

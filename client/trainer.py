@@ -71,6 +71,23 @@ def _batches(loader: DataLoader, steps: int):
                 return
 
 
+def make_optimizer(
+    model: nn.Module, kind: str, learning_rate: float, lora_lr_scale: float
+) -> torch.optim.Optimizer:
+    """SGD with momentum (default) or AdamW; LoRA factors get ``learning_rate * lora_lr_scale``.
+
+    Under DP-SGD, Adam's per-coordinate normalisation gives every noise-dominated
+    coordinate a full-size step; momentum SGD lets noise average out, and lets the
+    (few, high-signal) head weights move fast while LoRA factors move gently.
+    """
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    groups = [{"params": rest, "lr": learning_rate}, {"params": lora, "lr": learning_rate * lora_lr_scale}]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=0.0)
+    return torch.optim.SGD(groups, lr=learning_rate, momentum=0.9)
+
+
 def train(
     model: PeftModel,
     data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -81,6 +98,8 @@ def train(
     dp: DpParams | None,
     device: torch.device,
     seed: int,
+    optimizer: str = "sgd",
+    lora_lr_scale: float = 1.0,
 ) -> TrainResult:
     """Train ``model``'s trainable tensors in place for ``steps`` steps.
 
@@ -90,17 +109,16 @@ def train(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=True, generator=generator)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    optim = make_optimizer(model, optimizer, learning_rate, lora_lr_scale)
     module: nn.Module = model
     private = None
     if dp is not None:
-        private = privatize(model, optimizer, loader, dp)
-        module, optimizer, loader = private.module, private.optimizer, private.loader
+        private = privatize(model, optim, loader, dp)
+        module, optim, loader = private.module, private.optimizer, private.loader
     module.train()
     losses, examples = [], 0
     for ids, mask, labels in _batches(loader, steps):
-        optimizer.zero_grad(set_to_none=True)
+        optim.zero_grad(set_to_none=True)
         if len(labels) == 0:  # a Poisson draw can be empty; the step is still charged
             continue
         width = int(mask.sum(dim=1).max())  # trim padding shared by the whole batch
@@ -109,7 +127,7 @@ def train(
             logits = module(input_ids=ids, attention_mask=mask).float()
         loss = nn.functional.cross_entropy(logits, labels)
         loss.backward()
-        optimizer.step()
+        optim.step()
         losses.append(float(loss.detach()))
         examples += len(labels)
     opacus_eps = None

@@ -16,6 +16,7 @@ from fedtune.common.errors import ConfigError
 
 PartitionerName = Literal["iid", "dirichlet", "natural"]
 AccountantName = Literal["prv", "rdp"]
+OptimizerName = Literal["sgd", "adamw"]
 
 
 def _help(text: str, default: Any) -> Any:
@@ -87,7 +88,9 @@ class TrainPlan:
     num_rounds: int = _help("Federated rounds.", 3)
     local_epochs: float = _help("Local passes over the client's data per round (expected).", 1.0)
     batch_size: int = _help("Expected batch size (Poisson sampling under DP).", 128)
-    learning_rate: float = _help("AdamW learning rate.", 5e-3)
+    optimizer: OptimizerName = _help("Local optimiser: sgd (momentum 0.9; best under DP) or adamw.", "sgd")
+    learning_rate: float = _help("Learning rate of the classifier head.", 2.0)
+    lora_lr_scale: float = _help("LoRA factors' learning rate = learning-rate x this (> 0).", 0.1)
     fraction_train: float = _help("Fraction of clients sampled per round, in (0, 1].", 1.0)
     min_clients: int = _help("Fewest clients a round needs.", 2)
     seed: int = _help("Seed for data splits, initial weights and sampling.", 42)
@@ -102,6 +105,8 @@ class TrainPlan:
             out.append(f"batch-size must be > 0, got {self.batch_size}")
         if not self.learning_rate > 0:
             out.append(f"learning-rate must be > 0, got {self.learning_rate}")
+        if not self.lora_lr_scale > 0:
+            out.append(f"lora-lr-scale must be > 0, got {self.lora_lr_scale}")
         if not 0.0 < self.fraction_train <= 1.0:
             out.append(f"fraction-train must be in (0, 1], got {self.fraction_train}")
         if self.min_clients <= 0:

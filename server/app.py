@@ -26,8 +26,8 @@ log = logging.getLogger("fedtune.server")
 app = ServerApp()
 
 # Keys of the per-round plan sent to clients: the training plan and the DP request.
-PLAN_KEYS = ("num-rounds", "local-epochs", "batch-size", "learning-rate", "dp", "epsilon", "delta",
-             "clip-norm", "accountant")
+PLAN_KEYS = ("num-rounds", "local-epochs", "batch-size", "optimizer", "learning-rate", "lora-lr-scale", "dp",
+             "epsilon", "delta", "clip-norm", "accountant")
 
 
 def held_out(settings: RunSettings) -> LabelledData:

@@ -100,34 +100,37 @@ def _run(settings: RunSettings, overrides: dict[str, Any], args: argparse.Namesp
         {"num-clients": args.clients, **settings.to_config()}, indent=2) + "\n")
     cpus = args.cpus_per_client or os.cpu_count() or 1
     work = out / "flower"  # FLWR_HOME, the generated app and the SuperLink log stay with the results
-    if True:
-        spec = SimulationSpec(
-            app_dir=write_app_dir(work / "app", RunSettings().to_config()), run_config=settings.to_config(),
-            num_clients=args.clients, cpus_per_client=cpus, work_dir=work,
-        )
-        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
-                   TimeElapsedColumn())
-        with LocalSimulation(spec) as sim, Progress(*columns, console=console) as progress:
-            task = progress.add_task("starting simulation", total=settings.plan.num_rounds)
-            run_id = sim.submit()
-
-            def on_poll() -> None:
-                rounds = read_rounds(out)
-                if rounds:
-                    last = rounds[-1]
-                    acc = last.get("accuracy")
-                    progress.update(task, completed=last["round"], description=(
-                        f"held-out acc {acc:.3f}" if isinstance(acc, float) else "training"))
-
-            status = sim.wait(run_id, on_poll)
-            run_log = sim.save_logs(run_id, work / "run.log")
-            if not status.endswith("completed"):
-                tail = "\n".join(run_log.read_text().splitlines()[-25:])
-                raise RunError(f"run {run_id} ended as '{status}'. Last lines of {run_log}:\n{tail}")
+    spec = SimulationSpec(
+        app_dir=write_app_dir(work / "app", RunSettings().to_config()), run_config=settings.to_config(),
+        num_clients=args.clients, cpus_per_client=cpus, work_dir=work,
+    )
+    _simulate(spec, out, settings.plan.num_rounds)
     summary_path = out / SUMMARY_FILE
     if not summary_path.exists():
         raise RunError(f"run finished but wrote no {summary_path}")
     return json.loads(summary_path.read_text())
+
+
+def _simulate(spec: SimulationSpec, out: Path, num_rounds: int) -> None:
+    """Run on a private SuperLink with a progress bar fed by metrics.jsonl; raise RunError on failure."""
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
+               TimeElapsedColumn())
+    with LocalSimulation(spec) as sim, Progress(*columns, console=console) as progress:
+        task = progress.add_task("starting simulation", total=num_rounds)
+        run_id = sim.submit()
+
+        def on_poll() -> None:
+            rounds = read_rounds(out)
+            if rounds:
+                acc = rounds[-1].get("accuracy")
+                progress.update(task, completed=rounds[-1]["round"], description=(
+                    f"held-out acc {acc:.3f}" if isinstance(acc, float) else "training"))
+
+        status = sim.wait(run_id, on_poll)
+        run_log = sim.save_logs(run_id, spec.work_dir / "run.log")
+        if not status.endswith("completed"):
+            tail = "\n".join(run_log.read_text().splitlines()[-25:])
+            raise RunError(f"run {run_id} ended as '{status}'. Last lines of {run_log}:\n{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
