@@ -34,6 +34,7 @@ from fedtune.common.flower_cli import flower_bin, flower_env, start_group, stop_
 log = logging.getLogger("fedtune.client")
 EXIT_CONNECTION = 305  # flower-supernode: could not initialise the connection (TLS, key, registration)
 BACKOFF_START_S, BACKOFF_MAX_S = 2.0, 60.0
+HEALTHY_SESSION_S = 60.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-port", type=int, default=9094,
                    help="node-local Runtime API port; give each node on one host its own (default 9094)")
     p.add_argument("--max-restarts", type=int, default=0, help="give up after N failed restarts (0: never)")
+    p.add_argument("--connect-retries", type=int, default=8,
+                   help="SuperNode's retries of a failed request before the daemon restarts it (default 8)")
     p.add_argument("--check", action="store_true", help="only run the checks, then exit")
     return p
 
@@ -68,6 +71,7 @@ def options(args: argparse.Namespace) -> NodeOptions:
         text_column=args.text_column, label_column=args.label_column,
         labels=tuple(x.strip() for x in args.labels.split(",") if x.strip()),
         log_file=args.log_file, runtime_port=args.runtime_port, max_restarts=args.max_restarts,
+        connect_retries=args.connect_retries,
     )
 
 
@@ -84,15 +88,14 @@ def reachable(address: str, timeout_s: float = 5.0) -> str | None:
 def explain_305(log_tail: str, opts: NodeOptions) -> str:
     """Turn Flower's connection failure into what the operator has to do."""
     low = log_tail.lower()
-    if "certificate" in low or "ssl" in low or "tls" in low or "wrong version number" in low:
-        return (f"TLS with {opts.superlink} failed: check that --root-certificates is the federation's CA and the "
-                f"server certificate names the host you connect to")
-    if opts.insecure:
-        return f"{opts.superlink} refused a plaintext connection: it requires TLS (use --root-certificates)"
-    if opts.node_key is not None and ("public key" in low or "auth" in low or "registered" in low
-                                      or "permission" in low or "401" in low or "403" in low):
+    if opts.node_key is not None and ("failed to activate" in low or "not registered" in low):
         return (f"the server refused this node's key {opts.node_key}: it is not registered. Send "
                 f"{opts.node_key.with_suffix('.pub')} to the federation operator (fedtune-server --node-keys)")
+    if "certificate_verify_failed" in low or "ssl:" in low or "sslerror" in low:
+        return (f"TLS with {opts.superlink} failed: check that --root-certificates is the federation's CA and the "
+                f"server certificate names the host you connect to")
+    if opts.insecure and "disconnected without sending a response" in low:
+        return f"{opts.superlink} refused a plaintext connection: the server requires TLS (use --root-certificates)"
     return f"the server at {opts.superlink} refused the connection"
 
 
@@ -105,11 +108,12 @@ class Supervisor:
         self.env = flower_env(self.home)
         self.stopping = False
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._log_start = 0
 
     def _supernode_cmd(self, secret_file: Path | None) -> list[str]:
         o = self.opts
         cmd = [flower_bin("flower-supernode"), "--superlink", o.superlink, "--node-config", o.node_config,
-               "--port", str(o.runtime_port)]
+               "--port", str(o.runtime_port), "--max-retries", str(o.connect_retries)]
         cmd += ["--insecure"] if o.insecure else ["--root-certificates", str(o.root_certificates)]
         if o.node_key is not None:
             cmd += ["--auth-supernode-private-key", str(o.node_key)]
@@ -127,8 +131,9 @@ class Supervisor:
         return path
 
     def start_once(self) -> int:
-        """One SuperNode session; returns its exit code."""
+        """One SuperNode session; returns its exit code (305 also when only its log says so)."""
         o = self.opts
+        self._log_start = o.log_path.stat().st_size if o.log_path.exists() else 0
         secret = None if o.allowlist is None else self._secret()
         node = start_group(self._supernode_cmd(secret), env=self.env, log_file=o.log_path, cwd=o.state_dir,
                            new_session=False)
@@ -141,12 +146,17 @@ class Supervisor:
                                           new_session=False))
         log.info("SuperNode started (pid %s) towards %s%s", node.pid, o.superlink,
                  "" if secret is None else f", app gate pid {self.procs[1].pid}")
-        while node.poll() is None:
+        refused = False
+        while node.poll() is None and not refused:
             if len(self.procs) > 1 and self.procs[1].poll() is not None and not self.stopping:
                 log.error("the app gate exited (code %s); restarting the node", self.procs[1].returncode)
                 break
             time.sleep(0.5)
+            # Flower logs the exit code before it tears down its threads, which can take a while.
+            refused = f"Exit Code: {EXIT_CONNECTION}" in self._session_log()
         self.stop_children()
+        if refused or f"Exit Code: {EXIT_CONNECTION}" in self._session_log():
+            return EXIT_CONNECTION
         return node.returncode if node.returncode is not None else 1
 
     def stop_children(self) -> None:
@@ -154,9 +164,12 @@ class Supervisor:
             stop_process(proc, term_wait_s=10.0)
         self.procs = []
 
-    def _log_tail(self, lines: int = 40) -> str:
+    def _session_log(self) -> str:
+        """What the current SuperNode session wrote to the log so far."""
         try:
-            return "\n".join(self.opts.log_path.read_text(errors="replace").splitlines()[-lines:])
+            with open(self.opts.log_path, "rb") as fh:
+                fh.seek(self._log_start)
+                return fh.read().decode(errors="replace")
         except OSError:
             return ""
 
@@ -166,14 +179,18 @@ class Supervisor:
             if (why := reachable(self.opts.superlink)) is not None:
                 log.error("server %s is unreachable (%s); retrying in %.0fs", self.opts.superlink, why, delay)
             else:
+                started = time.monotonic()
                 code = self.start_once()
                 if self.stopping:
                     break
+                if time.monotonic() - started > HEALTHY_SESSION_S:  # it was up and working: reconnect quickly
+                    delay, failures = BACKOFF_START_S, 0
                 if code == EXIT_CONNECTION:  # retried too: the operator may register the key any minute
-                    log.error("%s; retrying in %.0fs", explain_305(self._log_tail(), self.opts), delay)
+                    log.error("%s; retrying in %.0fs", explain_305(self._session_log()[-4000:], self.opts), delay)
                     refused = True
                 else:
-                    log.warning("SuperNode exited with code %s; restarting in %.0fs", code, delay)
+                    log.warning("SuperNode session ended (exit code %s; e.g. the server restarted); reconnecting "
+                                "in %.0fs", code, delay)
             failures += 1
             if self.opts.max_restarts and failures > self.opts.max_restarts:
                 log.error("giving up after %s failed attempts; see %s", failures, self.opts.log_path)

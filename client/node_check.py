@@ -8,12 +8,12 @@ read-only ledger directory from one run, not five.
 from __future__ import annotations
 
 import os
-import tomllib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.client.gate import read_allowlist
+from fedtune.client.policy import load_policy
 from fedtune.common import tls
 from fedtune.common.data import read_table, validate
 from fedtune.common.errors import ConfigError, FedtuneError
@@ -29,7 +29,7 @@ class NodeOptions:
     root_certificates: Path | None = None  # CA that signed the server certificate (TLS)
     node_key: Path | None = None  # OpenSSH EC private key registered with the server (node authentication)
     insecure: bool = False  # plaintext transport; only for local tests, never with node authentication
-    policy: Path | None = None  # the node's privacy policy (TOML); it wins over the server's request
+    policy: Path | None = None  # the node's privacy policy (TOML, required); it wins over the server's request
     allowlist: Path | None = None  # sha256 digests of app bundles this node will run
     allow_any_app: bool = False  # explicit opt-out of app pinning
     text_column: str = "text"  # the column the federation's runs read text from
@@ -38,6 +38,7 @@ class NodeOptions:
     log_file: Path | None = None  # default: STATE_DIR/fedtune-client.log
     runtime_port: int = 9094  # node-local Runtime API port (distinct per node on one host)
     max_restarts: int = 0  # restarts of a failed SuperNode before giving up (0 = forever)
+    connect_retries: int = 8  # SuperNode's own retries per connection attempt before the daemon takes over
 
     @property
     def log_path(self) -> Path:
@@ -80,18 +81,7 @@ def _policy_problems(policy: Path) -> list[str]:
     if not policy.is_file():
         return [f"policy file {policy} does not exist"]
     try:
-        tomllib.loads(policy.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        return [f"policy file {policy} is not valid TOML: {err}"]
-    try:  # the policy schema belongs to the budget guard; use its own validation when present
-        from fedtune.client import policy as policy_module  # type: ignore[attr-defined]
-    except ImportError:
-        return []
-    loader = getattr(policy_module, "load_policy", None)
-    if loader is None:
-        return []
-    try:
-        loader(policy)
+        load_policy(policy)
     except FedtuneError as err:
         return list(err.problems)
     return []
@@ -114,7 +104,10 @@ def problems(opts: NodeOptions) -> list[str]:
     if opts.node_key is not None:
         out += tls.check_node_key(opts.node_key)
     out += _data_problems(opts)
-    if opts.policy is not None:
+    if opts.policy is None:
+        out.append("--policy FILE is required: the node's own privacy policy (max epsilon, delta, ...) decides "
+                   "what it trains; the server's request is never the budget")
+    else:
         out += _policy_problems(opts.policy)
     out += _writable_dir(opts.state_dir, "state directory (privacy ledger)")
     out += _writable_dir(opts.log_path.parent, "log directory")
@@ -128,6 +121,8 @@ def problems(opts: NodeOptions) -> list[str]:
                    "publishes it, `fedtune-server --print-app-hash` prints it); or pass --allow-any-app explicitly")
     if opts.max_restarts < 0:
         out.append(f"--max-restarts must be >= 0, got {opts.max_restarts}")
+    if opts.connect_retries < 1:
+        out.append(f"--connect-retries must be >= 1, got {opts.connect_retries}")
     return out
 
 
