@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fedtune.common.flower_cli import free_port
 
+from fedtune.common.flower_cli import free_port
 from tests.tiny import make_sentiment_frame
 
 BIN = Path(sys.executable).parent
@@ -196,6 +196,7 @@ def test_server_resumes_after_a_crash_and_the_run_completes(scenario: Scenario) 
 
 def test_ledgers_verify_and_every_training_is_charged_once(scenario: Scenario) -> None:
     from cryptography.hazmat.primitives import serialization
+
     from fedtune.common.audit import audit_ledger
     from fedtune.common.ledger_key import key_id
 
