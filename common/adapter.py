@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fedtune.common.errors import ModelError
 from flwr.app import ArrayRecord
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+from fedtune.common.errors import ModelError
 
 Arrays = dict[str, np.ndarray]
 
@@ -76,6 +77,6 @@ def save_adapter(model: PeftModel, arrays: Arrays, out_dir: Path, *, base_path: 
     (out_dir / "fedtune.json").write_text(json.dumps({
         "base_model": base_path,
         "labels": label_names,
-        "head": "masked mean pooling -> L2 normalise -> linear (fedtune.common.model.SentenceClassifier)",
+        "head": "masked mean pooling -> linear (fedtune.common.model.SentenceClassifier)",
     }, indent=2) + "\n")
     return out_dir

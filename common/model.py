@@ -12,17 +12,17 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fedtune.common.errors import ModelError
-from fedtune.common.settings import LoraSettings
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from fedtune.common.errors import ModelError
+from fedtune.common.settings import LoraSettings
 
 HEAD_NAME = "head"
 
@@ -75,7 +75,7 @@ def load_base(model_path: str) -> BaseModel:
 
 
 class SentenceClassifier(nn.Module):
-    """Encoder -> masked mean pooling -> L2 normalisation -> linear head (zero-initialised)."""
+    """Encoder -> masked mean pooling -> linear head (zero-initialised)."""
 
     def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int) -> None:
         super().__init__()
@@ -93,8 +93,6 @@ class SentenceClassifier(nn.Module):
         ).last_hidden_state  # [B, T, H]
         mask = attention_mask.unsqueeze(-1).to(states.dtype)  # [B, T, 1]
         pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [B, H]
-        if os.environ.get('FEDTUNE_NORM','0')=='1':
-            pooled = nn.functional.normalize(pooled, dim=-1)
         return self.head(pooled)
 
 
@@ -105,7 +103,7 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
         lora_dropout=settings.lora_dropout,
         target_modules=settings.target_modules,
         modules_to_save=[HEAD_NAME],
-        layers_to_transform=[int(x) for x in os.environ["FEDTUNE_LAYERS"].split(",")] if os.environ.get("FEDTUNE_LAYERS") else None,
+        layers_to_transform=settings.layers or None,
         bias="none",
     )
 

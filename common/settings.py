@@ -42,10 +42,15 @@ class LoraSettings:
     lora_alpha: float = _help("LoRA scaling alpha (> 0); the update is scaled by alpha / r.", 16.0)
     lora_dropout: float = _help("Dropout on the LoRA input, in [0, 1).", 0.0)
     lora_targets: str = _help("Comma-separated module names that get LoRA factors.", "query,value")
+    lora_layers: str = _help("Comma-separated layer indices that get LoRA; empty = every layer.", "")
 
     @property
     def target_modules(self) -> list[str]:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(t) for t in self.lora_layers.split(",") if t.strip()]
 
     def problems(self) -> list[str]:
         out = []
@@ -57,6 +62,11 @@ class LoraSettings:
             out.append(f"lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.target_modules:
             out.append("lora-targets must name at least one module, got an empty list")
+        try:
+            if any(i < 0 for i in self.layers):
+                out.append(f"lora-layers must be >= 0, got {self.lora_layers!r}")
+        except ValueError:
+            out.append(f"lora-layers must be comma-separated integers, got {self.lora_layers!r}")
         return out
 
 

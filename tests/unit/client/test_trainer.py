@@ -7,9 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
-
 from opacus.accountants import PRVAccountant
+from torch.utils.data import DataLoader, TensorDataset
 
 from fedtune.client.privacy import steps_per_round
 from fedtune.client.trainer import DpParams, privatize, train

@@ -8,7 +8,14 @@ import torch
 from flwr.app import ArrayRecord
 from peft import PeftModel
 
-from fedtune.common.adapter import arrays_to_record, check_arrays, load_arrays, record_to_arrays, save_adapter, to_arrays
+from fedtune.common.adapter import (
+    arrays_to_record,
+    check_arrays,
+    load_arrays,
+    record_to_arrays,
+    save_adapter,
+    to_arrays,
+)
 from fedtune.common.errors import ModelError
 from fedtune.common.model import build_classifier, build_model, load_base
 from fedtune.common.settings import LoraSettings

@@ -1,0 +1,101 @@
+"""fedtune-sim end to end through Flower's real simulation engine (Ray), on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psutil
+import pytest
+import torch
+from peft import PeftModel
+
+from fedtune.common.model import build_classifier, load_base
+from fedtune.sim.cli import main
+
+
+def _flower_processes() -> set[int]:
+    names = ("flower-superlink", "flwr-simulation", "flower-superexec", "raylet", "gcs_server")
+    found = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if any(n in cmdline for n in names):
+            found.add(proc.info["pid"])
+    return found
+
+
+def _common_args(tiny_model_dir, sentiment_csv, out):
+    return ["--clients", "3", "--rounds", "2", "--model", str(tiny_model_dir), "--dataset", str(sentiment_csv),
+            "--set", "partition-by=group", "--set", "max-seq-len=16", "--set", "batch-size=32",
+            "--out", str(out)]
+
+
+def test_three_clients_two_rounds_learn_and_leave_nothing_running(tiny_model_dir, sentiment_csv, tmp_path):
+    before = _flower_processes()
+    out = tmp_path / "run"
+    args = _common_args(tiny_model_dir, sentiment_csv, out)
+    code = main([*args, "--no-dp", "--set", "learning-rate=0.5", "--local-epochs", "3"])
+    assert code == 0
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert max(r["accuracy"] for r in rounds[1:]) > rounds[0]["accuracy"] + 0.1
+    assert all(c["status"] == "trained" and c["epsilon"] == float("inf") for c in rounds[1]["clients"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    assert json.loads((out / "config.json").read_text())["num-clients"] == 3
+    assert (out / "metrics.png").stat().st_size > 0
+    # The final adapter loads with PEFT and gives the server's final accuracy.
+    base = load_base(str(tiny_model_dir))
+    model = PeftModel.from_pretrained(build_classifier(base, 2), str(out / "adapter"))
+    assert sum("lora_" in n for n, _ in model.named_parameters()) > 0
+    assert torch.isfinite(next(p for n, p in model.named_parameters() if "lora_B" in n)).all()
+    assert _flower_processes() <= before, "the simulation left Flower/Ray processes running"
+
+
+def test_dp_run_reports_epsilon_within_budget(tiny_model_dir, sentiment_csv, tmp_path):
+    out = tmp_path / "dp"
+    code = main([*_common_args(tiny_model_dir, sentiment_csv, out), "--epsilon", "3", "--rounds", "2"])
+    assert code == 0
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    eps = [c["epsilon"] for r in rounds[1:] for c in r["clients"]]
+    assert len(eps) == 6 and all(0 < e <= 3.0 for e in eps)
+    assert rounds[2]["epsilon-max"] > rounds[1]["epsilon-max"]  # composition across rounds
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--dataset", "/nonexistent/data.csv"], "does not exist"),
+    (["--set", "label-column=sentiment"], "column 'sentiment' (label-column) is missing"),
+    (["--set", "labels=neg,positive"], "has label 'pos'"),
+    (["--epsilon", "0"], "epsilon must be > 0"),
+    (["--lora-rank", "0"], "lora-rank must be > 0"),
+    (["--set", "epsilon"], "--set expects KEY=VALUE"),
+    (["--model", "/nonexistent/model"], "not a Hugging Face model directory"),
+])
+def test_operator_mistakes_exit_nonzero(tiny_model_dir, sentiment_csv, tmp_path, capsys, extra, message):
+    args = ["--model", str(tiny_model_dir), "--dataset", str(sentiment_csv), "--set", "partition-by=group",
+            "--out", str(tmp_path / "x"), *extra]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split())
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"text,label,group\n", "no examples"),
+    (b"text,label,group\nfine film,pos,g1\ncaf\xe9 bad,neg,g2\n", "not valid UTF-8"),
+])
+def test_bad_data_files_exit_nonzero(tiny_model_dir, tmp_path, capsys, content, message):
+    data = tmp_path / "bad.csv"
+    data.write_bytes(content)
+    assert main(["--model", str(tiny_model_dir), "--dataset", str(data), "--out", str(tmp_path / "x")]) != 0
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_the_console_script_exits_nonzero_with_one_message(tmp_path):
+    """The real process: exit code 2, the message, no traceback."""
+    cmd = [sys.executable, "-m", "fedtune.sim.cli", "--dataset", str(tmp_path / "missing.csv"), "--epsilon", "-1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "epsilon must be > 0" in proc.stderr and "Traceback" not in proc.stderr
