@@ -30,7 +30,7 @@ History = Sequence[DpEvent | None]  # the dataset's charged rounds; None = a rou
 # The planner never picks sigma below this: epsilon there is in the tens to hundreds, and the PRV
 # accountant needs GBs of memory (sigma 0.2: 1.7 GB, 27 s; 0.1: killed for memory).
 MIN_PLANNED_SIGMA = 0.5
-MAX_PLANNED_SIGMA = 200.0
+MAX_PLANNED_SIGMA = 50.0  # more noise than this drowns any update: treat the budget as exhausted
 PLAN_TOLERANCE = 0.005  # planned epsilon is within 0.5% of its target, from below
 BRACKET_TOLERANCE = 0.02  # RDP only brackets the search: 2% is enough
 BUDGET_SLACK = 1e-9  # accountant round-off allowed when comparing a projection with the budget
@@ -58,14 +58,22 @@ def epsilon_of(history: History, delta: float, accountant: str) -> float:
 def _bisect(epsilon_at: Callable[[float], float], target: float, lo: float, hi: float, tolerance: float) -> float:
     """Smallest sigma in (lo, hi] (to ``tolerance``, relative) with epsilon_at(sigma) <= target.
 
-    Needs epsilon_at(hi) <= target; epsilon falls as sigma grows, so bisection converges.
+    Needs epsilon_at(lo) > target >= epsilon_at(hi); epsilon falls as sigma grows. Each step tries the
+    point where the bracket's ends, joined in log-log space (epsilon ~ 1/sigma there), cross the target,
+    kept at least 10% inside the bracket: a safeguarded false position that needs ~5 accountant calls
+    where plain bisection needs ~15.
     """
-    eps_hi = epsilon_at(hi)
+    eps_lo, eps_hi = epsilon_at(lo), epsilon_at(hi)
     while hi - lo > 1e-3 * hi and target - eps_hi > tolerance * target:
-        mid = (lo + hi) / 2
+        if math.isfinite(eps_lo) and eps_lo > 0 and eps_hi > 0:
+            slope = (math.log(eps_hi) - math.log(eps_lo)) / (math.log(hi) - math.log(lo))
+            guess = math.exp(math.log(lo) + (math.log(target) - math.log(eps_lo)) / slope) if slope < 0 else hi
+        else:
+            guess = (lo + hi) / 2
+        mid = min(max(guess, lo + 0.1 * (hi - lo)), hi - 0.1 * (hi - lo))
         eps_mid = epsilon_at(mid)
         if eps_mid > target:
-            lo = mid
+            lo, eps_lo = mid, eps_mid
         else:
             hi, eps_hi = mid, eps_mid
     return hi
@@ -118,7 +126,7 @@ class Decision:
     epsilon_after: float  # cumulative after this round (== before when refused; inf without DP)
     projected: float | None  # cumulative had the round been charged (None when not computed)
     budget: float
-    exhausted: bool  # no further round like this one fits the budget
+    exhausted: bool  # no further round like this one fits the budget (after a charge: an estimate)
 
 
 def _refuse(reason: str, before: float, budget: float, *, event: DpEvent | None = None,
@@ -169,5 +177,5 @@ def decide(policy: NodePolicy, request: PlanRequest, history: History, run_sigma
     if after > budget + BUDGET_SLACK:
         return _refuse(f"budget: epsilon would reach {after:.4f} > budget {budget:.4f} (spent {before:.4f})",
                        before, budget, event=event, projected=after, exhausted=True)
-    next_after = epsilon_of([*history, event, event], policy.delta, policy.accountant)
-    return Decision(True, "", event, before, after, after, budget, exhausted=next_after > budget + BUDGET_SLACK)
+    # Composition is sublinear, so a next round costs at most about this one: an estimate (metrics only).
+    return Decision(True, "", event, before, after, after, budget, exhausted=budget - after < after - before)

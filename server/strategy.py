@@ -4,9 +4,10 @@ Replies are sorted into trained / refused (budget or policy; no weights) /
 rejected (error, malformed, wrong shapes, NaN/inf). Only trained updates are
 averaged; everything is kept per client for the round's metrics line.
 
-A node that refuses (its policy or budget says no) or reports its budget
-exhausted is excluded from sampling for the rest of the run: its answer would
-not change, since its policy and the run's plan are fixed. When fewer than
+A node that refuses (its policy or budget says no) is excluded from sampling
+for the rest of the run: its answer would not change, since its policy and the
+run's plan are fixed. (A node that reports ``exhausted`` after training is
+still asked once more, so that the refusal is its own and sits in its ledger.) When fewer than
 ``min_train_nodes`` eligible nodes remain, the strategy stops sending work: the
 remaining rounds are skipped (no messages, global adapter unchanged) and
 ``stop_reason`` says why, so the run still ends cleanly.
@@ -20,12 +21,13 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-from fedtune.common.adapter import Arrays, arrays_to_record, check_arrays, record_to_arrays
-from fedtune.server.aggregation import fedavg
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from fedtune.common.adapter import Arrays, arrays_to_record, check_arrays, record_to_arrays
+from fedtune.server.aggregation import fedavg
 
 log = logging.getLogger("fedtune.server")
 ClientRow = dict[str, Any]
@@ -110,11 +112,11 @@ class AdapterFedAvg(FedAvg):
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def _note_exclusions(self, server_round: int, rows: list[ClientRow]) -> None:
+        """Exclude nodes that refused. A node reporting ``exhausted`` is asked once more: its refusal
+        is its own decision, and its ledger records it (the server never decides for a node)."""
         for row in rows:
             if row["status"] == "refused":
                 self.excluded[row["node-id"]] = f"refused in round {server_round}: {row.get('reason') or 'no reason'}"
-            elif row["status"] == "trained" and row.get("exhausted") == 1:
-                self.excluded[row["node-id"]] = f"budget exhausted after round {server_round}"
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
