@@ -92,7 +92,10 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxied]:
     block = root / "fedtune-fleet.conf"
     block.write_text(render(TEMPLATE, {"FEDTUNE_PUBLIC_PORT": str(public_port),
                                        "FEDTUNE_SUPERLINK_ADDR": f"127.0.0.1:{link_port}",
-                                       "FEDTUNE_SUPERLINK_NAME": "localhost", "FEDTUNE_TLS_DIR": str(tls_dir)}))
+                                       "FEDTUNE_SUPERLINK_NAME": "localhost",
+                                       "FEDTUNE_TLS_CERT": str(tls_dir / "server.pem"),
+                                       "FEDTUNE_TLS_KEY": str(tls_dir / "server.key"),
+                                       "FEDTUNE_TLS_CA": str(tls_dir / "ca.pem")}))
     nginx = start_group([str(NGINX), "-p", str(root), "-c", str(_nginx_conf(root, block))], env=os.environ,
                         log_file=root / "nginx.out")
     try:
