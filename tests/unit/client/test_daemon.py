@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from fedtune.client import daemon
 from fedtune.client.gate import read_allowlist
 from fedtune.client.node_check import NodeOptions, problems
 from fedtune.common import tls
 from fedtune.common.errors import ConfigError
-
 from tests.tiny import make_sentiment_frame
 
 HASH = "ab" * 32
@@ -124,3 +124,16 @@ def test_unreachable_server_is_named() -> None:
     from fedtune.common.flower_cli import free_port
 
     assert daemon.reachable(f"127.0.0.1:{free_port()}", timeout_s=1.0) is not None
+
+
+def test_shipped_deploy_examples_are_valid() -> None:
+    import tomllib
+
+    from fedtune.client.policy import load_policy
+    from fedtune.common.settings import RunSettings
+
+    examples = Path(__file__).resolve().parents[3] / "deploy" / "examples"
+    for policy in sorted(examples.glob("policy*.toml")):
+        assert load_policy(policy).max_epsilon > 0
+    RunSettings.from_config(tomllib.loads((examples / "run.toml").read_text()))
+    assert read_allowlist(examples / "allowed-apps.txt") == frozenset()
