@@ -13,11 +13,12 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from fedtune.common.device import autocast
 from opacus import PrivacyEngine
 from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from fedtune.common.device import autocast
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ def train(
         private = privatize(model, optim, loader, dp)
         module, optim, loader = private.module, private.optimizer, private.loader
     module.train()
+    # Opacus' hooks fire on modules whose inputs need no grad (frozen embeddings); harmless here.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     losses, examples = [], 0
     for ids, mask, labels in _batches(loader, steps):
         optim.zero_grad(set_to_none=True)
