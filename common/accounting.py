@@ -114,12 +114,12 @@ def dp_accounting_epsilon(events: Sequence[DpEvent], delta: float, accountant: s
         acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
     else:
         raise PrivacyError(f"independent accountant must be pld or rdp, got {accountant!r}")
-    for sigma, q, steps in merged(events):
-        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
-    quiet = logging.getLogger()  # dp-accounting RDP logs every non-converging order at WARNING
+    quiet = logging.getLogger()  # dp-accounting RDP logs every order whose series does not converge
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
+        for sigma, q, steps in merged(events):
+            acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
         return float(acc.get_epsilon(delta))
     finally:
         quiet.setLevel(level)

@@ -20,11 +20,12 @@ import json
 import sys
 from pathlib import Path
 
+from rich.console import Console
+
 from fedtune.common.audit import DEFAULT_TOLERANCE, audit, to_json
 from fedtune.common.errors import ConfigError, FedtuneError
 from fedtune.common.ledger import LEDGER_FILE
 from fedtune.common.ledger_key import key_id, load_public_key
-from rich.console import Console
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
             write_html(report, args.html)
     except FedtuneError as error:
-        err.print(f"[bold red]fedtune-audit: error[/]\n{error}")
+        err.print("[bold red]fedtune-audit: error[/]")
+        err.print(str(error), markup=False, highlight=False, soft_wrap=True)
         return 2
     if args.json:
         print(json.dumps(to_json(report), indent=2))
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and not report.ok:
         for ledger in report.ledgers:
             for problem in ledger.problems:
-                err.print(f"{ledger.path}: {problem}", markup=False, highlight=False)
+                err.print(f"{ledger.path}: {problem}", markup=False, highlight=False, soft_wrap=True)
     return 0 if report.ok else 1
 
 

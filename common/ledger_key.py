@@ -16,6 +16,7 @@ from pathlib import Path
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+
 from fedtune.common.errors import ConfigError
 
 KEY_FILE = "ledger-signing.key"
@@ -91,7 +92,7 @@ def load_public_key(path: Path) -> ed25519.Ed25519PublicKey:
     except OSError as err:
         raise ConfigError(f"public key {path} cannot be read: {err.strerror or err}") from err
     except (ValueError, UnsupportedAlgorithm) as err:
-        raise ConfigError(f"public key {path} is not a PEM public key: {err}") from err
+        raise ConfigError(f"public key {path} is not a PEM public key ({str(err).split('.')[0]})") from err
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise ConfigError(f"public key {path} is a {type(key).__name__}; ledgers are signed with Ed25519")
     return key
