@@ -52,10 +52,18 @@ def _round_line(server_round: int, strategy: AdapterFedAvg, accuracy: float, los
     }
 
 
-def _restore_metrics(recorder: RunRecorder, lines: list[dict[str, Any]]) -> None:
-    """Continue metrics.jsonl from a checkpoint: the interrupted run's lines, then the new ones."""
-    recorder.rounds = list(lines)
-    recorder.metrics_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+def _resume(store: CheckpointStore | None, key: str, num_rounds: int, strategy: AdapterFedAvg,
+            recorder: RunRecorder) -> Checkpoint | None:
+    """The checkpoint to continue from (if any), with the strategy's history and metrics.jsonl restored."""
+    resume = store.resumable(key, num_rounds) if store else None
+    if resume is None:
+        return None
+    log.info("resuming from the checkpoint after round %s of %s", resume.server_round, num_rounds)
+    strategy.train_rows.update(resume.train_rows)
+    strategy.eval_rows.update(resume.eval_rows)
+    recorder.rounds = list(resume.metrics_lines)  # the interrupted run's lines, then the new ones
+    recorder.metrics_path.write_text("".join(json.dumps(line) + "\n" for line in resume.metrics_lines))
+    return resume
 
 
 @app.main()
@@ -76,16 +84,10 @@ def main(grid: Grid, context: Context) -> None:
     # Checkpoints are a server-side deployment setting (fedtune-server sets the variable), not a run setting.
     store = CheckpointStore(Path(os.environ[ENV_CHECKPOINT_DIR])) if os.environ.get(ENV_CHECKPOINT_DIR) else None
     key = run_key(settings.to_config())
-    resume = store.resumable(key, settings.plan.num_rounds) if store else None
+    resume = _resume(store, key, settings.plan.num_rounds, strategy, recorder)
     offset = resume.server_round if resume else 0
     first_started = resume.first_started if resume else time.time()
-    initial = to_record(model)
-    if resume:
-        log.info("resuming from the checkpoint after round %s of %s", offset, settings.plan.num_rounds)
-        initial = arrays_to_record(resume.arrays)
-        strategy.train_rows.update(resume.train_rows)
-        strategy.eval_rows.update(resume.eval_rows)
-        _restore_metrics(recorder, resume.metrics_lines)
+    initial = arrays_to_record(resume.arrays) if resume else to_record(model)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if resume and server_round == offset:
