@@ -34,8 +34,6 @@ from pathlib import Path
 from types import FrameType
 
 import httpx
-from fedtune.common.errors import ConfigError, FedtuneError
-from fedtune.common.flower_cli import flower_bin
 from flwr.app import Message
 from flwr.app.error import Error
 from flwr.common.constant import ErrorCode, SubStatus
@@ -50,6 +48,9 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from fedtune.common.errors import ConfigError, FedtuneError
+from fedtune.common.flower_cli import flower_bin
 
 log = logging.getLogger("fedtune.gate")
 HASH = re.compile(r"^[0-9a-f]{64}$")

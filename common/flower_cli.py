@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import tomli_w
+
 from fedtune.common.errors import RunError
 
 POLL_S = 1.0

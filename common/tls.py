@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from fedtune.common.errors import ConfigError
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"

@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedtune.common.adapter import Arrays
-from fedtune.common.errors import ConfigError
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from fedtune.common.adapter import Arrays
+from fedtune.common.errors import ConfigError
 
 ENV_CHECKPOINT_DIR = "FEDTUNE_CHECKPOINT_DIR"  # set by fedtune-server on the SuperLink (server side only)
 LATEST = "LATEST"

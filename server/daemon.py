@@ -183,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if status != "finished:completed":
         log.error("the run ended as %s; see %s", status, opts.work_dir / "logs")
         return EXIT_FAILED_RUN
+    if fed.trained_updates() == 0:
+        log.error("the run completed but no node trained in any round; each node's reason (refused app, "
+                  "budget, error) is in %s", Path(str(opts.run_config["results-dir"])) / "metrics.jsonl")
+        return EXIT_FAILED_RUN
     log.info("the run completed; results in %s", opts.run_config["results-dir"])
     return 0
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+
 from fedtune.common.errors import RunError
 from fedtune.common.flower_cli import (
     FlwrCli,
@@ -146,6 +147,15 @@ class Federation:
         run_log = self.cli.save_logs(run_id, self.logs / f"run-{run_id}.log")
         log.info("run %s ended as %s; its log is %s", run_id, status, run_log)
         return status
+
+    def trained_updates(self) -> int:
+        """How many node updates the run aggregated, over all rounds (0: nothing was learned)."""
+        metrics = Path(str(self.opts.run_config["results-dir"])) / METRICS_FILE
+        try:
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        except (OSError, json.JSONDecodeError):
+            return 0
+        return sum(c.get("status") == "trained" for row in rows for c in row.get("clients", []))
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -10,6 +10,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
 from fedtune.common import tls
 from fedtune.common.certs_cli import main
 from fedtune.common.errors import ConfigError

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
 from fedtune.common.adapter import arrays_to_record, record_to_arrays
 from fedtune.common.errors import ConfigError
 from fedtune.server.checkpoint import LATEST, Checkpoint, CheckpointStore, RoundOffset, run_key
 from fedtune.server.strategy import AdapterFedAvg
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 ARRAYS = {"lora_A": np.arange(6, dtype=np.float32).reshape(2, 3), "lora_B": np.zeros((3, 2), dtype=np.float32)}
 

@@ -84,3 +84,20 @@ def test_app_hash_is_the_sha256_of_the_bundle_flwr_builds(tmp_path: Path) -> Non
                    capture_output=True)
     (fab,) = tmp_path.glob("*.fab")
     assert hashlib.sha256(fab.read_bytes()).hexdigest() == first
+
+
+def test_a_run_where_no_node_trained_is_not_a_success(tmp_path: Path) -> None:
+    from fedtune.server.federation import ServerOptions
+
+    results = tmp_path / "results"
+    results.mkdir()
+    fed = Federation(ServerOptions(work_dir=tmp_path, host="127.0.0.1", port=1, control_host="127.0.0.1",
+                                   insecure=True, ca=None, cert=None, key=None, node_keys=(),
+                                   run_config={"results-dir": str(results)}))
+    assert fed.trained_updates() == 0
+    (results / "metrics.jsonl").write_text('{"round": 0, "clients": []}\n'
+                                           '{"round": 1, "clients": [{"status": "error"}, {"status": "refused"}]}\n')
+    assert fed.trained_updates() == 0
+    with open(results / "metrics.jsonl", "a") as fh:
+        fh.write('{"round": 2, "clients": [{"status": "trained"}, {"status": "trained"}]}\n')
+    assert fed.trained_updates() == 2
