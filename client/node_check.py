@@ -12,6 +12,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
 from fedtune.client.gate import read_allowlist
 from fedtune.client.policy import load_policy
 from fedtune.common import tls
@@ -81,10 +84,25 @@ def _policy_problems(policy: Path) -> list[str]:
     if not policy.is_file():
         return [f"policy file {policy} does not exist"]
     try:
-        load_policy(policy)
+        loaded = load_policy(policy)
     except FedtuneError as err:
         return list(err.problems)
-    return []
+    return _ledger_key_problems(Path(loaded.ledger_key), policy) if loaded.ledger_key else []
+
+
+def _ledger_key_problems(key: Path, policy: Path) -> list[str]:
+    """A ledger key named by the policy must exist: the node must not mint a new identity on its own."""
+    if not key.is_file():
+        return [f"ledger-key {key} (set in {policy}) does not exist; create it with `fedtune-certs node`"]
+    try:
+        loaded = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except (ValueError, TypeError, OSError) as err:
+        return [f"ledger-key {key} (set in {policy}) is not an unencrypted PEM private key: {err}"]
+    out = [] if isinstance(loaded, ed25519.Ed25519PrivateKey) else [
+        f"ledger-key {key} (set in {policy}) must be an Ed25519 key, got {type(loaded).__name__}"]
+    if key.stat().st_mode & 0o077:
+        out.append(f"ledger-key {key} is readable by other users; run chmod 600 {key}")
+    return out
 
 
 def _writable_dir(path: Path, what: str) -> list[str]:

@@ -137,3 +137,14 @@ def test_shipped_deploy_examples_are_valid() -> None:
         assert load_policy(policy).max_epsilon > 0
     RunSettings.from_config(tomllib.loads((examples / "run.toml").read_text()))
     assert read_allowlist(examples / "allowed-apps.txt") == frozenset()
+
+
+def test_ledger_key_named_by_the_policy_must_exist_and_be_private(node: dict[str, Path], tmp_path: Path) -> None:
+    opts = NodeOptions(superlink="h:1", data=node["data"], state_dir=node["state"], policy=node["policy"],
+                       root_certificates=node["ca"], allowlist=node["allow"])
+    node["policy"].write_text(f'max-epsilon = 4.0\nledger-key = "{tmp_path / "missing.key"}"\n')
+    assert any("missing.key" in p and "fedtune-certs node" in p for p in problems(opts))
+    node["policy"].write_text(f'max-epsilon = 4.0\nledger-key = "{tmp_path / "keys/ledger-signing.key"}"\n')
+    assert problems(opts) == []
+    node["policy"].write_text(f'max-epsilon = 4.0\nledger-key = "{tmp_path / "ca/ca.key"}"\n')
+    assert any("must be an Ed25519 key" in p for p in problems(opts))
