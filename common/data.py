@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pandas as pd
+
 from fedtune.common.corpus import BUILTIN
 from fedtune.common.errors import DataError
 from fedtune.common.settings import DataSettings

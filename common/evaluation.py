@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from fedtune.common.device import autocast
 from torch import nn
+
+from fedtune.common.device import autocast
 
 
 @dataclass(frozen=True)

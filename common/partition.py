@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import datasets
-from fedtune.common.errors import ConfigError
-from fedtune.common.settings import DataSettings
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     GroupedNaturalIdPartitioner,
     IidPartitioner,
     Partitioner,
 )
+
+from fedtune.common.errors import ConfigError
+from fedtune.common.settings import DataSettings
 
 
 def make_partitioner(

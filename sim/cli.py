@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
 from fedtune.client.sim_nodes import SimulationNodes
 from fedtune.common.errors import FedtuneError, RunError
 from fedtune.common.settings import RunSettings, help_table
@@ -21,8 +24,6 @@ from fedtune.server.results import SUMMARY_FILE
 from fedtune.sim.preflight import preflight
 from fedtune.sim.report import plot, read_rounds, round_table
 from fedtune.sim.runner import LocalSimulation, SimulationSpec, write_app_dir
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True)
 

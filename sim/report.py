@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedtune.server.results import METRICS_FILE
 from rich.table import Table
+
+from fedtune.server.results import METRICS_FILE
 
 
 def read_rounds(results_dir: Path) -> list[dict[str, Any]]:
