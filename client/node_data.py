@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+
 from fedtune.common.data import LabelledData, cap, holdout_split, load_labelled
 from fedtune.common.errors import ConfigError
 from fedtune.common.model import encode, load_base
