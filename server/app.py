@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
 from fedtune.common.adapter import arrays_to_record, load_arrays, record_to_arrays, save_adapter, to_record
 from fedtune.common.data import LabelledData, holdout_split, load_labelled
 from fedtune.common.device import pick_device
@@ -19,8 +22,6 @@ from fedtune.common.settings import RunSettings
 from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR, Checkpoint, CheckpointStore, RoundOffset, run_key
 from fedtune.server.results import ADAPTER_DIR, RunRecorder
 from fedtune.server.strategy import AdapterFedAvg
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
-from flwr.serverapp import Grid, ServerApp
 
 log = logging.getLogger("fedtune.server")
 app = ServerApp()
