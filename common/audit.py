@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
+
 from fedtune.common.accounting import COUNTERPART, DpEvent, dp_accounting_epsilon, opacus_epsilon
 from fedtune.common.errors import PrivacyError
 from fedtune.common.ledger import Entry, Problem, event_from_json, read, shape_problems, verify
@@ -133,6 +134,8 @@ def _audit_entry(number: int, entry: Entry, history: list[DpEvent | None], toler
     """Recompute one entry's cumulative epsilon from ``history`` (charged events up to and including it)."""
     accountant = str(entry["accountant"].get("name", ""))
     delta = float(entry["delta"])
+    opacus: float | None
+    independent: float | None
     if any(e is None for e in history):
         opacus, independent = math.inf, math.inf
     else:

@@ -44,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _ledger_paths(args: list[Path]) -> list[Path]:
-    paths, problems = [], []
+    paths: list[Path] = []
+    problems: list[Path] = []
     for arg in args:
         path = arg / LEDGER_FILE if arg.is_dir() else arg
         (paths if path.is_file() else problems).append(path)
