@@ -11,7 +11,8 @@ build) on the same port as the fleet API, so nodes must reach it through the
 reverse proxy in ``deploy/nginx`` that forwards only ``/v1/fleet/``.
 
 After every round the ServerApp checkpoints into ``--checkpoint-dir``; starting
-fedtune-server again with the same settings resumes from the last checkpoint.
+fedtune-server again with the same settings resumes from the last checkpoint
+(``--fresh`` moves old checkpoints aside and starts a new run).
 
     fedtune-server --ssl-ca-certfile ca.pem --ssl-certfile server.pem --ssl-keyfile server.key \\
         --node-keys /etc/fedtune/nodes/ --run-config run.toml --work-dir /var/lib/fedtune-server
@@ -23,6 +24,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=Path("fedtune-server"),
                    help="SuperLink home, logs, app bundle, results (default ./fedtune-server)")
     p.add_argument("--checkpoint-dir", type=Path, help="per-round checkpoints (default WORK_DIR/checkpoints)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start a new run: move old checkpoints aside (CHECKPOINT_DIR.old-TIME) instead of resuming")
     p.add_argument("--host", default="127.0.0.1",
                    help="address the SuperLink binds (default 127.0.0.1: nodes come in through the proxy)")
     p.add_argument("--port", type=int, default=9092, help="SuperLink port (default 9092)")
@@ -168,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedtuneError as err:
         _report(err.problems)
         return EXIT_BAD_SETUP
+    if args.fresh and opts.checkpoint_dir.exists():
+        aside = opts.checkpoint_dir.with_name(f"{opts.checkpoint_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        opts.checkpoint_dir.rename(aside)
+        log.info("--fresh: moved the previous checkpoints to %s", aside)
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
