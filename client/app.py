@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
 from fedtune.client.node_data import NodeData, load_node_data
 from fedtune.client.policy import NodePolicy, load_policy, simulation_default
 from fedtune.client.round import NodePrivacy, RunRef, seed_for, train_round
@@ -15,8 +18,6 @@ from fedtune.common.errors import ConfigError
 from fedtune.common.evaluation import evaluate
 from fedtune.common.model import build_model, load_base
 from fedtune.common.settings import RunSettings
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 log = logging.getLogger("fedtune.client")
 app = ClientApp()

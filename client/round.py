@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fedtune.client.node_data import NodeData
 from fedtune.client.policy import NodePolicy, PlanRequest
 from fedtune.client.privacy import Decision, decide, steps_per_round

@@ -9,11 +9,12 @@ import io
 import math
 from pathlib import Path
 
-from fedtune.common.accounting import COUNTERPART
-from fedtune.common.audit import AuditReport, EntryAudit, LedgerAudit
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
+
+from fedtune.common.accounting import COUNTERPART
+from fedtune.common.audit import AuditReport, EntryAudit, LedgerAudit
 
 
 def _num(x: float | None) -> str:

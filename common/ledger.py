@@ -30,6 +30,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
+
 from fedtune.common.accounting import RELATION, SAMPLING, DpEvent
 from fedtune.common.errors import PrivacyError
 from fedtune.common.ledger_key import key_id
