@@ -149,7 +149,7 @@ class AdapterFedAvg(FedAvg):
         return arrays_to_record(fedavg(updates)), summary
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        rows = []
+        rows: list[ClientRow] = []
         for msg in replies:
             if msg.has_error() or "metrics" not in msg.content.metric_records:
                 continue
