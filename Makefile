@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/fedtune-sim $(ARGS)
 
-## The test suite (lint + pytest, slow tests excluded).
+## The test suite (lint + pytest, slow tests excluded). nginx is for the proxy tests (they skip without it).
 test: $(STAMP)
+	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light >/dev/null) \
+		|| echo "nginx not installed: the reverse-proxy tests will be skipped"
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
