@@ -43,7 +43,8 @@ def _node(context: Context, settings: RunSettings) -> tuple[NodeData, Path, int]
         state_dir = Path(str(cfg["state-dir"]))
     else:  # simulation: <results-dir>/clients/client-<pid>, or fedtune-sim --state-dir
         state_dir = SimulationNodes.read(Path(settings.results_dir)).client_state_dir(Path(settings.results_dir), pid)
-    return data, state_dir, pid if pid is not None else context.node_id % (2**31)
+    # The key seeds local training: from the data, not the node id, so a resumed run trains identically.
+    return data, state_dir, pid if pid is not None else int(data.fingerprint[:7], 16)
 
 
 def _policy(context: Context, settings: RunSettings) -> NodePolicy:

@@ -117,4 +117,7 @@ def main(grid: Grid, context: Context) -> None:
     final = result.arrays if len(result.arrays) else initial
     adapter_dir = save_adapter(model, record_to_arrays(final), Path(settings.results_dir) / ADAPTER_DIR,
                                base_path=str(base.path), label_names=test.label_names)
-    recorder.finish({"adapter": str(adapter_dir), "status": "completed", "resumed-after-round": offset})
+    outcome = {"status": "stopped-early", "stop-reason": strategy.stop_reason} if strategy.stop_reason else {
+        "status": "completed"}
+    recorder.finish({"adapter": str(adapter_dir), **outcome, "resumed-after-round": offset,
+                     "excluded-nodes": {str(k): v for k, v in strategy.excluded.items()}})

@@ -28,9 +28,8 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def round_table(rounds: list[dict[str, Any]]) -> Table:
-    table = Table(title="fedtune: per-round results")
-    for col in ("round", "held-out acc", "held-out loss", "train loss", "client acc", "max eps", "mean eps",
-                "trained/refused/failed"):
+    table = Table(title="fedtune: per-round results (acc, loss: server's held-out set)")
+    for col in ("round", "acc", "loss", "train loss", "client acc", "max eps", "mean eps", "ok/refused/failed"):
         table.add_column(col, justify="right")
     for r in rounds:
         clients = r.get("clients", [])
@@ -70,6 +69,10 @@ def plot(rounds: list[dict[str, Any]], out: Path, budget: float | None) -> Path:
     ax_eps.set(xlabel="round", ylabel="cumulative epsilon", title="Privacy spent per client")
     if per_client:
         ax_eps.legend(fontsize="small")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_acc, ax_eps):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

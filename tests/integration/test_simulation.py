@@ -71,6 +71,7 @@ def test_dp_run_reports_epsilon_within_budget(tiny_model_dir, sentiment_csv, tmp
     (["--lora-rank", "0"], "lora-rank must be > 0"),
     (["--set", "epsilon"], "--set expects KEY=VALUE"),
     (["--model", "/nonexistent/model"], "not a Hugging Face model directory"),
+    (["--set", "lora-targets=attention_nope"], "check lora-targets"),
 ])
 def test_operator_mistakes_exit_nonzero(tiny_model_dir, sentiment_csv, tmp_path, capsys, extra, message):
     args = ["--model", str(tiny_model_dir), "--dataset", str(sentiment_csv), "--set", "partition-by=group",
@@ -91,6 +92,16 @@ def test_bad_data_files_exit_nonzero(tiny_model_dir, tmp_path, capsys, content, 
     assert main(["--model", str(tiny_model_dir), "--dataset", str(data), "--out", str(tmp_path / "x")]) != 0
     err = capsys.readouterr().err
     assert message in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_a_run_that_fails_inside_flower_exits_nonzero(tiny_model_dir, sentiment_csv, tmp_path, capsys, monkeypatch):
+    """`flwr run --stream` would exit 0 here; fedtune-sim checks the run's real status."""
+    monkeypatch.setenv("FEDTUNE_DEVICE", "no-such-device")  # inherited by the ServerApp: it fails at start
+    out = tmp_path / "failed"
+    assert main([*_common_args(tiny_model_dir, sentiment_csv, out), "--rounds", "1"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "finished:failed" in err and "no-such-device" in err
+    assert not (out / "summary.json").exists()
 
 
 def test_the_console_script_exits_nonzero_with_one_message(tmp_path):
