@@ -2,7 +2,7 @@
 
 DP-SGD (Abadi et al. 2016): Poisson-sampled batches with rate q, per-example
 gradients clipped to norm C, Gaussian noise N(0, sigma^2 C^2) added to their sum,
-divided by the expected batch size; AdamW then post-processes the private
+divided by the expected batch size; the optimiser then post-processes the private
 gradient (post-processing keeps the guarantee).
 """
 
