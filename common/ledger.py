@@ -32,6 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedtune.common.accounting import RELATION, SAMPLING, DpEvent
+from fedtune.common.durable import fsync_dir
 from fedtune.common.errors import PrivacyError
 from fedtune.common.ledger_key import key_id
 
@@ -185,14 +186,6 @@ def _utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LedgerSession:
     """The verified ledger under an exclusive lock; :meth:`append` signs, writes and fsyncs one entry."""
 
@@ -215,7 +208,7 @@ class LedgerSession:
             written += os.write(self._fd, line[written:])
         os.fsync(self._fd)
         if not self.entries:
-            _fsync_dir(self.path.parent)  # the file itself is new: make its directory entry durable
+            fsync_dir(self.path.parent)  # the file itself is new: make its directory entry durable
         self.entries.append(entry)
         return entry
 

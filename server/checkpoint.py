@@ -35,6 +35,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune.common.adapter import Arrays
+from fedtune.common.durable import fsync_dir
 from fedtune.common.errors import ConfigError
 
 ENV_CHECKPOINT_DIR = "FEDTUNE_CHECKPOINT_DIR"  # set by fedtune-server on the SuperLink (server side only)
@@ -62,14 +63,6 @@ class Checkpoint:
     eval_rows: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     metrics_lines: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl so far
     first_started: float = 0.0  # wall-clock time the run was first started (for the ledger/audit trail)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rows(raw: Mapping[str, Any]) -> dict[int, list[dict[str, Any]]]:
@@ -107,7 +100,7 @@ class CheckpointStore:
         latest_tmp = self.root / f".{LATEST}.tmp"
         latest_tmp.write_text(name + "\n")
         os.replace(latest_tmp, self.root / LATEST)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._prune(keep=name)
         return final
 

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedtune.common.durable import write_atomically
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 ADAPTER_DIR = "adapter"
@@ -23,9 +25,7 @@ def _finite_or_none(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
 class RunRecorder:
