@@ -17,11 +17,11 @@ from fedtune.common.adapter import arrays_to_record, load_arrays, record_to_arra
 from fedtune.common.data import LabelledData, holdout_split, load_labelled
 from fedtune.common.device import pick_device
 from fedtune.common.evaluation import evaluate
-from fedtune.common.model import build_model, encode, load_base
+from fedtune.common.model import BaseModel, build_model, encode, load_base
 from fedtune.common.settings import RunSettings
 from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR, Checkpoint, CheckpointStore, RoundOffset, run_key
 from fedtune.server.results import ADAPTER_DIR, RunRecorder
-from fedtune.server.strategy import AdapterFedAvg
+from fedtune.server.strategy import AdapterFedAvg, weighted_mean
 
 log = logging.getLogger("fedtune.server")
 app = ServerApp()
@@ -36,19 +36,21 @@ def held_out(settings: RunSettings) -> LabelledData:
     return holdout_split(load_labelled(settings.data), settings.data.test_fraction, settings.plan.seed)[1]
 
 
+def _encoded(data: LabelledData, base: BaseModel, max_len: int) -> tuple[torch.Tensor, ...]:
+    ids, mask = encode(base.tokenizer, data.dataset["text"], max_len)
+    return ids, mask, torch.tensor(list(data.dataset["label"]), dtype=torch.long)
+
+
 def _round_line(server_round: int, strategy: AdapterFedAvg, accuracy: float, loss: float) -> dict[str, Any]:
+    """One metrics.jsonl line: held-out result, clients' aggregates, and every client's row."""
     rows = strategy.train_rows.get(server_round, [])
     eps = [float(r["epsilon"]) for r in rows if "epsilon" in r]
-    evals = strategy.eval_rows.get(server_round, [])
-    n_eval = sum(r.get("num-examples", 0) for r in evals)
     return {
         "round": server_round, "accuracy": accuracy, "loss": loss,
-        "train-loss": (sum(r["train-loss"] * r["num-examples"] for r in rows if r["status"] == "trained")
-                       / max(1, sum(r["num-examples"] for r in rows if r["status"] == "trained")))
-        if any(r["status"] == "trained" for r in rows) else None,
+        "train-loss": weighted_mean([r for r in rows if r["status"] == "trained"], "train-loss"),
         "epsilon-max": max(eps) if eps else None,
         "epsilon-mean": sum(eps) / len(eps) if eps else None,
-        "client-accuracy": sum(r["eval-accuracy"] * r["num-examples"] for r in evals) / n_eval if n_eval else None,
+        "client-accuracy": weighted_mean(strategy.eval_rows.get(server_round, []), "eval-accuracy"),
         "clients": rows,
     }
 
@@ -73,8 +75,7 @@ def main(grid: Grid, context: Context) -> None:
     device = pick_device()
     base = load_base(settings.model.model_path)
     test = held_out(settings)
-    test_tensors = (*encode(base.tokenizer, test.dataset["text"], settings.model.max_seq_len),
-                    torch.tensor(list(test.dataset["label"]), dtype=torch.long))
+    test_tensors = _encoded(test, base, settings.model.max_seq_len)
     model = build_model(base, len(test.label_names), settings.lora, device, seed=settings.plan.seed)
     recorder = RunRecorder(Path(settings.results_dir))
     strategy = AdapterFedAvg(

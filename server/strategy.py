@@ -56,7 +56,7 @@ def _classify(msg: Message, reference: Arrays) -> tuple[ClientRow, Arrays | None
     return row | {"status": "trained"}, arrays
 
 
-def _weighted(rows: list[ClientRow], key: str) -> float:
+def weighted_mean(rows: list[ClientRow], key: str) -> float:
     pairs = [(r[key], r["num-examples"]) for r in rows if key in r and r.get("num-examples", 0) > 0]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else math.nan
@@ -139,7 +139,7 @@ class AdapterFedAvg(FedAvg):
             "clients-refused": sum(r["status"] == "refused" for r in rows),
             "clients-failed": sum(r["status"] in ("error", "rejected") for r in rows),
             "clients-excluded": len(self.excluded),
-            "train-loss": _weighted(trained, "train-loss"),
+            "train-loss": weighted_mean(trained, "train-loss"),
             "epsilon-max": max(eps) if eps else math.nan,
             "epsilon-mean": sum(eps) / len(eps) if eps else math.nan,
         })
@@ -158,5 +158,5 @@ class AdapterFedAvg(FedAvg):
         if not any(r.get("num-examples", 0) > 0 for r in rows):
             return None
         return MetricRecord({
-            "eval-loss": _weighted(rows, "eval-loss"), "eval-accuracy": _weighted(rows, "eval-accuracy"),
+            "eval-loss": weighted_mean(rows, "eval-loss"), "eval-accuracy": weighted_mean(rows, "eval-accuracy"),
         })
