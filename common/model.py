@@ -120,13 +120,21 @@ def build_model(
 
     The model is moved to ``device`` *before* PEFT wraps it (opacus#820: moving a
     wrapped model afterwards silently corrupts LoRA updates under Opacus).
+    With ``lora-variant = "ffa"`` (FFA-LoRA, Sun et al. 2024) the A factors keep
+    their seeded initialisation on every node and only B (and the head) train, so
+    averaging B across clients averages the adapters' products exactly.
     """
     torch.manual_seed(seed)  # LoRA A init; identical on every node that uses the same seed
     model = build_classifier(base, num_labels).to(device)
     try:
-        return get_peft_model(model, lora_config(lora))
+        peft_model = get_peft_model(model, lora_config(lora))
     except ValueError as err:
         raise ModelError(f"cannot attach LoRA to {base.path}: {err}; check lora-targets") from err
+    if lora.lora_variant == "ffa":
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    return peft_model
 
 
 def encode(

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args, get_type_hints
 from fedtune.common.errors import ConfigError
 
 PartitionerName = Literal["iid", "dirichlet", "natural"]
+LoraVariant = Literal["lora", "ffa"]
 AccountantName = Literal["prv", "rdp"]
 OptimizerName = Literal["sgd", "adamw"]
 
@@ -43,6 +44,9 @@ class LoraSettings:
     lora_dropout: float = _help("Dropout on the LoRA input, in [0, 1).", 0.0)
     lora_targets: str = _help("Comma-separated module names that get LoRA factors.", "query,value")
     lora_layers: str = _help("Comma-separated layer indices that get LoRA; empty = every layer.", "")
+    lora_variant: LoraVariant = _help(
+        "lora: train A and B; ffa: FFA-LoRA, A stays at its shared seeded init and only B trains "
+        "(FedAvg of B is then exact, and DP noise covers half the dimensions).", "lora")
 
     @property
     def target_modules(self) -> list[str]:

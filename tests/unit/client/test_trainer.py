@@ -96,3 +96,21 @@ def test_non_dp_training_reports_no_opacus_epsilon(base):
                    device=CPU, seed=0)
     assert result.opacus_epsilon is None
     assert result.steps == 2 and math.isfinite(result.loss)
+
+
+def test_ffa_lora_trains_only_b_and_keeps_a_at_its_shared_init(base):
+    ffa = LoraSettings(lora_rank=4, lora_variant="ffa")
+    model = build_model(base, 2, ffa, CPU, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "head" in name and p.requires_grad:
+                p.normal_(0, 0.5)
+    before = to_arrays(model)
+    train(model, _data(base), steps=2, batch_size=32, learning_rate=1e-2,
+          dp=DpParams(noise_multiplier=1.0, clip_norm=1.0), device=CPU, seed=0)
+    after = to_arrays(model)
+    a_keys = [k for k in before if "lora_A" in k]
+    assert a_keys and all(np.array_equal(before[k], after[k]) for k in a_keys)
+    assert any(not np.array_equal(before[k], after[k]) for k in before if "lora_B" in k)
+    other_node = to_arrays(build_model(base, 2, ffa, CPU, seed=0))
+    assert all(np.array_equal(other_node[k], after[k]) for k in a_keys)  # every node shares A
