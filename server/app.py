@@ -69,6 +69,12 @@ def _resume(store: CheckpointStore | None, key: str, num_rounds: int, strategy: 
     return resume
 
 
+def _strategy(settings: RunSettings) -> AdapterFedAvg:
+    n = settings.plan.min_clients
+    return AdapterFedAvg(fraction_train=settings.plan.fraction_train, fraction_evaluate=1.0,
+                         min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_config(context.run_config)
@@ -78,11 +84,7 @@ def main(grid: Grid, context: Context) -> None:
     test_tensors = _encoded(test, base, settings.model.max_seq_len)
     model = build_model(base, len(test.label_names), settings.lora, device, seed=settings.plan.seed)
     recorder = RunRecorder(Path(settings.results_dir))
-    strategy = AdapterFedAvg(
-        fraction_train=settings.plan.fraction_train, fraction_evaluate=1.0,
-        min_train_nodes=settings.plan.min_clients, min_evaluate_nodes=settings.plan.min_clients,
-        min_available_nodes=settings.plan.min_clients,
-    )
+    strategy = _strategy(settings)
     # Checkpoints are a server-side deployment setting (fedtune-server sets the variable), not a run setting.
     store = CheckpointStore(Path(os.environ[ENV_CHECKPOINT_DIR])) if os.environ.get(ENV_CHECKPOINT_DIR) else None
     key = run_key(settings.to_config())

@@ -31,6 +31,14 @@ def _data(base, n: int = 64):
     return ids, mask, torch.tensor((frame["label"] == "pos").astype(int).to_numpy())
 
 
+def _randomise_head(model) -> None:
+    """A non-zero head, so gradients reach the encoder's LoRA factors (a zero head blocks them)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "head" in name and p.requires_grad:
+                p.normal_(0, 0.5)
+
+
 def _model(base):
     return build_model(base, 2, LoraSettings(lora_rank=4), CPU, seed=0)
 
@@ -38,10 +46,7 @@ def _model(base):
 def test_lora_weights_change_after_one_dp_step(base):
     """Guards opacus#820: a DP step must change LoRA factors, not only the head."""
     model = _model(base)
-    with torch.no_grad():  # a non-zero head, so gradients reach the encoder's LoRA factors
-        for name, p in model.named_parameters():
-            if "head" in name and p.requires_grad:
-                p.normal_(0, 0.5)
+    _randomise_head(model)
     before = to_arrays(model)
     train(model, _data(base), steps=1, batch_size=32, learning_rate=1e-2,
           dp=DpParams(noise_multiplier=1.0, clip_norm=1.0), device=CPU, seed=0)
@@ -55,10 +60,7 @@ def test_clipping_bounds_every_per_sample_gradient(base):
     """Each example's clipped gradient (over all trainable tensors) has norm <= C, and clipping is active."""
     clip = 0.01
     model = _model(base)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "head" in name and p.requires_grad:
-                p.normal_(0, 0.5)
+    _randomise_head(model)
     ids, mask, labels = _data(base, 8)
     params = [p for p in model.parameters() if p.requires_grad]
     loader = DataLoader(TensorDataset(ids, mask, labels), batch_size=1)
@@ -101,10 +103,7 @@ def test_non_dp_training_reports_no_opacus_epsilon(base):
 def test_ffa_lora_trains_only_b_and_keeps_a_at_its_shared_init(base):
     ffa = LoraSettings(lora_rank=4, lora_variant="ffa")
     model = build_model(base, 2, ffa, CPU, seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "head" in name and p.requires_grad:
-                p.normal_(0, 0.5)
+    _randomise_head(model)
     before = to_arrays(model)
     train(model, _data(base), steps=2, batch_size=32, learning_rate=1e-2,
           dp=DpParams(noise_multiplier=1.0, clip_norm=1.0), device=CPU, seed=0)
