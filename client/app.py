@@ -1,99 +1,88 @@
-"""The fedtune ClientApp (Flower Message API): local DP-SGD training and evaluation."""
+"""The fedtune ClientApp (Flower Message API): local DP-SGD training and, if the policy allows, evaluation.
+
+Every handler parses the server's request through the wire contract and answers only with a wire
+type. Any failure is logged here in full (the node's own log) and answered with a code: no exception
+text, row, column name or path ever reaches the server (Flower would forward ``str(exception)``).
+"""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from collections.abc import Callable
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.client.node_data import NodeData, load_node_data
-from fedtune.client.policy import NodePolicy, load_policy, simulation_default
-from fedtune.client.round import NodePrivacy, RunRef, seed_for, train_round
-from fedtune.client.sim_nodes import SimulationNodes
+from fedtune.client.node_config import NodeConfig, node_config
+from fedtune.client.node_data import load_rows, tensors
+from fedtune.client.policy import NodePolicy, load_policy
+from fedtune.client.round import NodePrivacy, train_round
 from fedtune.common.adapter import arrays_to_record, load_arrays, record_to_arrays
 from fedtune.common.device import pick_device
-from fedtune.common.errors import ConfigError
+from fedtune.common.errors import FedtuneError
 from fedtune.common.evaluation import evaluate
 from fedtune.common.model import build_model, load_base
-from fedtune.common.settings import RunSettings
+from fedtune.common.wire import ARRAYS, REQUEST, ErrorReply, EvalReply, RoundRequest, WireError
 
 log = logging.getLogger("fedtune.client")
 app = ClientApp()
 
 
-def _settings(msg: Message, context: Context) -> RunSettings:
-    """Run settings, with the server's per-round plan (ConfigRecord) over the run config."""
-    merged = dict(context.run_config)
-    config = msg.content.config_records.get("config")
-    if config is not None:
-        merged |= {k: v for k, v in config.items() if k in merged}
-    return RunSettings.from_config(merged)
+def _answer(msg: Message, handler: Callable[[], RecordDict]) -> Message:
+    """Run ``handler``; on any failure, log the detail locally and reply with a code only."""
+    try:
+        content = handler()
+    except FedtuneError as err:
+        log.error("round failed (code %s): %s", err.code, err)
+        content = ErrorReply(err.code).to_content()
+    except Exception:  # noqa: BLE001 - the privacy boundary: nothing of an unexpected error may leave the node
+        log.exception("round failed with an unexpected error (code INTERNAL)")
+        content = ErrorReply("INTERNAL").to_content()
+    return Message(content, reply_to=msg)
 
 
-def _node(context: Context, settings: RunSettings) -> tuple[NodeData, Path, int]:
-    """This node's data, state directory and a stable integer key."""
-    cfg = context.node_config
-    data_path = str(cfg["data-path"]) if "data-path" in cfg else None
-    pid = int(cfg["partition-id"]) if "partition-id" in cfg else None
-    nparts = int(cfg["num-partitions"]) if "num-partitions" in cfg else None
-    data = load_node_data(settings, pid, nparts, data_path)
-    if "state-dir" in cfg:
-        state_dir = Path(str(cfg["state-dir"]))
-    else:  # simulation: <results-dir>/clients/client-<pid>, or fedtune-sim --state-dir
-        state_dir = SimulationNodes.read(Path(settings.results_dir)).client_state_dir(Path(settings.results_dir), pid)
-    # The key seeds local training: from the data, not the node id, so a resumed run trains identically.
-    return data, state_dir, pid if pid is not None else int(data.fingerprint[:7], 16)
+def _request(msg: Message) -> RoundRequest:
+    record = msg.content.config_records.get(REQUEST)
+    if record is None or ARRAYS not in msg.content.array_records:
+        raise WireError("the message has no request or no adapter")
+    return RoundRequest.from_record(record)
 
 
-def _policy(context: Context, settings: RunSettings) -> NodePolicy:
-    """The node's own policy file (node config ``policy``); in simulation, fedtune-sim --policy-dir."""
-    cfg = context.node_config
-    if "policy" in cfg:
-        return load_policy(Path(str(cfg["policy"])))
-    if "partition-id" not in cfg:
-        raise ConfigError("this node has no privacy policy: start it with --node-config \"policy=/path/policy.toml "
-                          "...\" (see docs/privacy.md); the server's requested epsilon is never the budget")
-    path = SimulationNodes.read(Path(settings.results_dir)).policy_file(int(cfg["partition-id"]))
-    if path is not None:
-        return load_policy(path)
-    p = settings.privacy
-    return simulation_default(p.epsilon, p.delta, p.accountant, p.dp)
+def _node(context: Context) -> tuple[NodeConfig, NodePolicy]:
+    config = node_config(context.node_config)
+    return config, load_policy(config.policy)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    settings = _settings(msg, context)
-    data, state_dir, key = _node(context, settings)
-    config = msg.content["config"]
-    server_round = int(config.get("server-round", 1))
-    run = RunRef(str(context.run_id), str(config.get("run-key", "")),  # run-key survives a server resume
-                 resumed=int(config.get("resumed-after-round", 0)) > 0)
-    outcome = train_round(
-        settings, data, record_to_arrays(msg.content["arrays"]), server_round=server_round, run=run,
-        node=NodePrivacy.open(_policy(context, settings), state_dir),
-        seed=seed_for(settings.plan.seed, server_round, key),
-    )
-    metrics = MetricRecord({"partition-id": key, **outcome.metrics})
-    if outcome.arrays is None:
-        log.warning("node %s refused round %s: %s", key, server_round, outcome.reason)
-        status = ConfigRecord({"reason": outcome.reason})  # no weights; the server logs why
-        return Message(RecordDict({"metrics": metrics, "status": status}), reply_to=msg)
-    return Message(RecordDict({"arrays": arrays_to_record(outcome.arrays), "metrics": metrics}), reply_to=msg)
+    def handle() -> RecordDict:
+        request = _request(msg)
+        config, policy = _node(context)
+        reply, update = train_round(request, record_to_arrays(msg.content[ARRAYS]), config=config,
+                                    node=NodePrivacy.open(policy, config.state_dir), run_id=str(context.run_id))
+        if update is None:
+            log.warning("refused round %s: code %s", request.server_round, reply.code)
+        return reply.to_content(None if update is None else arrays_to_record(update))
+
+    return _answer(msg, handle)
 
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
-    settings = _settings(msg, context)
-    data, _, key = _node(context, settings)
-    device = pick_device()
-    model = build_model(load_base(settings.model.model_path), len(data.label_names), settings.lora, device,
-                        seed=settings.plan.seed)
-    load_arrays(model, record_to_arrays(msg.content["arrays"]))
-    result = evaluate(model, *data.test, device=device)
-    metrics = MetricRecord({
-        "partition-id": key, "num-examples": result.num_examples,
-        "eval-loss": result.loss, "eval-accuracy": result.accuracy,
-    })
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    def handle() -> RecordDict:
+        request = _request(msg)
+        config, policy = _node(context)
+        if not policy.release_local_eval or (policy.allowed_models
+                                             and not policy.allows_model(request.model.model_path)):
+            return EvalReply("declined").to_content()
+        rows = load_rows(config, request.labels, local_eval=True)
+        if len(rows.test.dataset) == 0:
+            return EvalReply("declined").to_content()
+        device = pick_device()
+        model = build_model(load_base(request.model.model_path), len(request.labels), request.lora, device)
+        load_arrays(model, record_to_arrays(msg.content[ARRAYS]))
+        result = evaluate(model, *tensors(rows, "test", request.model.model_path, request.model.max_seq_len),
+                          device=device)
+        return EvalReply("evaluated", result.num_examples, result.loss, result.accuracy).to_content()
+
+    return _answer(msg, handle)

@@ -1,44 +1,47 @@
-"""A node's local examples, loaded, validated, split and tokenised once per process.
+"""A node's own examples: read from its data file, checked, split and tokenised, cached per process.
 
-In simulation a node's data is its partition (``partition-id`` of
-``num-partitions``) of the run's dataset, after the server's held-out split; in
-deployment it is the file named by the node config's ``data-path``.
+Everything here is decided by the node: the file and its columns come from the node's configuration,
+the local test split (only when the policy releases local evaluation) from a seed the node draws once
+with ``secrets`` and keeps in its state directory. The only server input is the run's class names,
+which the node's labels must match (a mismatch is reported to the server as ``DATA_LABELS``, never
+with the rows).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import torch
 
-from fedtune.common.data import LabelledData, cap, holdout_split, load_labelled
-from fedtune.common.errors import ConfigError
+from fedtune.client.node_config import NodeConfig
+from fedtune.common.data import LabelledData, holdout_split, read_table, validate
+from fedtune.common.errors import DataError
 from fedtune.common.model import encode, load_base
-from fedtune.common.partition import load_partition
-from fedtune.common.settings import RunSettings
 
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids [N, T], mask [N, T], labels [N]
 
 LOCAL_TEST_FRACTION = 0.1
+SPLIT_SEED_FILE = "local-split.seed"
 
 
 @dataclass(frozen=True)
-class NodeData:
-    train: Tensors
-    test: Tensors
-    label_names: list[str]
-    fingerprint: str  # sha256 over the node's training texts and labels: keys its privacy budget
+class NodeRows:
+    """The node's validated examples (labels as indices into the run's class names)."""
+
+    train: LabelledData
+    test: LabelledData  # empty unless the policy releases local evaluation
+    fingerprint: str  # sha256 over the training texts and labels; stays on the node (ledger)
+    _tensors: dict[tuple[str, str, int], Tensors] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_train(self) -> int:
-        return len(self.train[2])
-
-
-def _tensors(data: LabelledData, model_path: str, max_len: int) -> Tensors:
-    ids, mask = encode(load_base(model_path).tokenizer, data.dataset["text"], max_len)
-    return ids, mask, torch.tensor(list(data.dataset["label"]), dtype=torch.long)
+        return len(self.train.dataset)
 
 
 def _fingerprint(data: LabelledData) -> str:
@@ -48,36 +51,50 @@ def _fingerprint(data: LabelledData) -> str:
     return digest.hexdigest()
 
 
-def federation_split(settings: RunSettings) -> tuple[LabelledData, LabelledData]:
-    """(train pool, server held-out test) for a simulated federation; identical on every node."""
-    train, test = holdout_split(load_labelled(settings.data), settings.data.test_fraction, settings.plan.seed)
-    return cap(train, settings.data.max_train_examples, settings.plan.seed), test
+def split_seed(state_dir: Path) -> int:
+    """The node's secret seed for its local test split: drawn once, kept (0600) so the split is stable."""
+    path = state_dir / SPLIT_SEED_FILE
+    if not path.is_file():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{secrets.randbits(63)}\n")
+    return int(path.read_text().strip())
 
 
 @functools.lru_cache(maxsize=8)
-def _federation_split_cached(settings: RunSettings) -> tuple[LabelledData, LabelledData]:
-    return federation_split(settings)
-
-
-@functools.lru_cache(maxsize=16)
-def load_node_data(
-    settings: RunSettings, partition_id: int | None, num_partitions: int | None, data_path: str | None
-) -> NodeData:
-    """The node's train/local-test tensors (cached per process: simulation actors are reused)."""
-    if data_path:
-        mine = load_labelled(settings.data, path_override=data_path)
-    else:
-        if partition_id is None or num_partitions is None:
-            raise ConfigError("node config needs data-path (deployment) or partition-id and num-partitions")
-        pool, _ = _federation_split_cached(settings)
-        part = load_partition(pool.dataset, settings.data, num_partitions, partition_id, settings.plan.seed)
-        mine = LabelledData(part, pool.label_names)
-    if len(mine.dataset) < 10:  # too few to hold any out: evaluate on nothing rather than fail
+def _rows(path: str, stamp: tuple[float, int], text_column: str, label_column: str, labels: tuple[str, ...],
+          seed: int | None) -> NodeRows:
+    mine = validate(read_table(Path(path)), text_column, label_column, list(labels), origin=path)
+    if seed is None or len(mine.dataset) < 10:
         train, test = mine, LabelledData(mine.dataset.select([]), mine.label_names)
     else:
-        train, test = holdout_split(mine, LOCAL_TEST_FRACTION, settings.plan.seed)
-    path, max_len = settings.model.model_path, settings.model.max_seq_len
-    return NodeData(
-        train=_tensors(train, path, max_len), test=_tensors(test, path, max_len),
-        label_names=mine.label_names, fingerprint=_fingerprint(train),
-    )
+        train, test = holdout_split(mine, LOCAL_TEST_FRACTION, seed)
+    return NodeRows(train, test, _fingerprint(train))
+
+
+def load_rows(config: NodeConfig, labels: tuple[str, ...], *, local_eval: bool) -> NodeRows:
+    """The node's examples, labels mapped onto the run's class names (cached while the file is unchanged)."""
+    try:
+        info = config.data_path.stat()
+    except OSError as err:
+        raise DataError(f"data file {config.data_path}: {err.strerror or err}", code="DATA_MISSING") from err
+    seed = None
+    if local_eval:  # a simulation run with a reproducible seed also repeats its local split
+        seed = split_seed(config.state_dir) if config.insecure_seed is None else hash(
+            (config.insecure_seed, config.node)) % (2**63)
+    rows = _rows(str(config.data_path), (info.st_mtime, info.st_size), config.text_column, config.label_column,
+                 labels, seed)
+    if rows.num_train < 1:
+        raise DataError(f"{config.data_path}: no training examples", code="DATA_EMPTY")
+    return rows
+
+
+def tensors(rows: NodeRows, part: Literal["train", "test"], model_path: str, max_len: int) -> Tensors:
+    """Token tensors of the train or test part for the base model (tokenised once per process and model)."""
+    key = (part, model_path, max_len)
+    if key not in rows._tensors:
+        data = rows.train if part == "train" else rows.test
+        ids, mask = encode(load_base(model_path).tokenizer, data.dataset["text"], max_len)
+        rows._tensors[key] = (ids, mask, torch.tensor(list(data.dataset["label"]), dtype=torch.long))
+    return rows._tensors[key]

@@ -8,12 +8,15 @@ the refusal in its ledger. Example (all keys optional except ``max-epsilon``)::
     max-epsilon = 8.0            # lifetime budget of this dataset, across all runs
     delta = 1e-5                 # delta every epsilon is accounted at
     min-noise-multiplier = 0.8   # refuse plans that would need less noise
+    max-noise-multiplier = 10.0  # refuse when the remaining budget only allows more noise (no utility left)
     max-steps-per-round = 200    # refuse plans with more local DP-SGD steps per round
     allowed-models = ["embedded", "/models/bert-base-uncased"]
     accountant = "prv"           # the node's accountant: prv or rdp (the server's choice is ignored)
     noise-plan = "spread"        # spread | as-requested (see NoisePlan)
     require-dp = true
-    dataset-id = ""              # keeps one budget when the data file changes (default: its fingerprint)
+    dataset-id = "oncology-notes-2026"  # required: the budget key (the server can neither set nor change it)
+    release-train-loss = false   # send the round's training loss to the server (a disclosed leak)
+    release-local-eval = false   # answer local-evaluation requests (a disclosed leak)
     ledger-key = ""              # Ed25519 PKCS#8 PEM (e.g. fedtune-certs' ledger-signing.key)
 """
 
@@ -63,6 +66,9 @@ class NodePolicy:
     max_epsilon: float = _h("Lifetime epsilon budget of the dataset, across rounds, runs and restarts.", 8.0)
     delta: float = _h("Delta all epsilons are accounted at; a request for a larger delta is refused.", 1e-5)
     min_noise_multiplier: float = _h("Refuse plans that need a smaller noise multiplier (0 = no floor).", 0.0)
+    max_noise_multiplier: float = _h(
+        "Refuse a round when the remaining budget only allows a larger noise multiplier: the update would be "
+        "noise with no utility, and the budget is better kept.", 10.0)
     max_steps_per_round: int = _h("Refuse plans with more local DP-SGD steps per round (0 = no limit).", 0)
     allowed_models: tuple[str, ...] = _h("Base models this node trains ('embedded' or paths); empty = any.", ())
     accountant: str = _h("The node's accountant: prv or rdp. The server's request is ignored.", "prv")
@@ -70,7 +76,14 @@ class NodePolicy:
         "spread: raise the noise so the whole run fits the remaining budget; as-requested: use the noise the "
         "server's requested epsilon implies and refuse once the budget is spent.", "spread")
     require_dp: bool = _h("Refuse to train without DP-SGD.", True)
-    dataset_id: str = _h("Budget key; empty = the sha256 fingerprint of the training examples.", "")
+    dataset_id: str = _h(
+        "The budget key: names this node's dataset. Required for a deployed node (fedtune-client); nothing the "
+        "server sends can change it. Keep it when rows are added or edited, so the old rows keep their budget.", "")
+    release_train_loss: bool = _h("Send each round's mean training loss to the server (computed on private "
+                                  "data without noise: a disclosed leak, recorded in every ledger entry).", False)
+    release_local_eval: bool = _h("Hold out a local test split (node-secret seed) and answer the server's "
+                                  "local-evaluation requests with loss and accuracy on it (a disclosed leak: an "
+                                  "unaccounted query on weights the server chooses).", False)
     ledger_key: str = _h("Ed25519 private key (PKCS#8 PEM) signing the ledger; empty = <state-dir>/"
                          "ledger-signing.key, generated on first use.", "")
     source: str = _h("Where this policy came from (file path or a description).", "defaults")
@@ -87,6 +100,9 @@ class NodePolicy:
             out.append(f"delta must be in (0, 1), got {self.delta!r}")
         if not (self.min_noise_multiplier >= 0 and math.isfinite(self.min_noise_multiplier)):
             out.append(f"min-noise-multiplier must be >= 0, got {self.min_noise_multiplier!r}")
+        if not (self.max_noise_multiplier > self.min_noise_multiplier and math.isfinite(self.max_noise_multiplier)):
+            out.append(f"max-noise-multiplier must be finite and above min-noise-multiplier, "
+                       f"got {self.max_noise_multiplier!r}")
         if self.max_steps_per_round < 0:
             out.append(f"max-steps-per-round must be >= 0, got {self.max_steps_per_round!r}")
         if self.accountant not in ("prv", "rdp"):
@@ -95,20 +111,29 @@ class NodePolicy:
             out.append(f"noise-plan must be spread or as-requested, got {self.noise_plan!r}")
         return out
 
-    def check(self, request: PlanRequest) -> list[str]:
-        """Every way ``request`` falls outside this policy (empty = allowed). Noise is checked after planning."""
+    def check(self, request: PlanRequest) -> list[tuple[str, str]]:
+        """Every way ``request`` falls outside this policy, as (refusal code, detail); empty = allowed.
+
+        Noise is checked after planning (see ``client/privacy.py``)."""
         out = []
         if self.require_dp and not request.dp:
-            out.append("the plan asks for training without DP; the policy requires DP-SGD")
+            out.append(("POLICY_DP_REQUIRED", "the plan asks for training without DP; the policy requires DP-SGD"))
         if request.dp and request.delta > self.delta:
-            out.append(f"the plan asks for delta {request.delta:g}; the policy allows at most {self.delta:g}")
+            out.append(("POLICY_DELTA", f"the plan asks for delta {request.delta:g}; the policy allows at most "
+                                        f"{self.delta:g}"))
         if self.max_steps_per_round and request.steps > self.max_steps_per_round:
-            out.append(f"the plan needs {request.steps} local steps per round; "
-                       f"the policy allows at most {self.max_steps_per_round}")
+            out.append(("POLICY_STEPS", f"the plan needs {request.steps} local steps per round; "
+                                        f"the policy allows at most {self.max_steps_per_round}"))
         if self.allowed_models and not self.allows_model(request.model):
-            out.append(f"base model {request.model or EMBEDDED_MODEL!r} is not in the policy's allowed-models "
-                       f"({', '.join(self.allowed_models)})")
+            out.append(("POLICY_MODEL", f"base model {request.model or EMBEDDED_MODEL!r} is not in the policy's "
+                                        f"allowed-models ({', '.join(self.allowed_models)})"))
         return out
+
+    @property
+    def released(self) -> tuple[str, ...]:
+        """Metrics this policy releases in plain text (recorded in every ledger entry)."""
+        return tuple(name for name, on in (("train-loss", self.release_train_loss),
+                                           ("local-eval", self.release_local_eval)) if on)
 
     def allows_model(self, model: str) -> bool:
         for allowed in self.allowed_models:
@@ -118,8 +143,6 @@ class NodePolicy:
                 return True
         return False
 
-    def budget_key(self, fingerprint: str) -> str:
-        return self.dataset_id or fingerprint
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -155,8 +178,10 @@ def load_policy(path: Path) -> NodePolicy:
         raise ConfigError(f"policy file {path} is not valid TOML: {err}") from err
     defaults = {f.name.replace("_", "-"): f for f in fields(NodePolicy) if f.name != "source"}
     problems = [f"{path}: unknown key '{k}' (known: {', '.join(sorted(defaults))})" for k in raw if k not in defaults]
-    if "max-epsilon" not in raw:
-        problems.append(f"{path}: max-epsilon is required (the dataset's lifetime budget)")
+    for key, why in (("max-epsilon", "the dataset's lifetime budget"),
+                     ("dataset-id", "the budget key, e.g. dataset-id = \"clinic-notes-2026\"")):
+        if key not in raw:
+            problems.append(f"{path}: {key} is required ({why})")
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key in defaults:
@@ -164,6 +189,10 @@ def load_policy(path: Path) -> NodePolicy:
                 kwargs[defaults[key].name] = _coerce(key, value, defaults[key].default)
             except ValueError as err:
                 problems.append(f"{path}: {err}")
+    try:  # the values' own checks too, so that one run reports everything
+        NodePolicy(source=str(path), **kwargs)
+    except ConfigError as err:
+        problems += err.problems
     if problems:
         raise ConfigError(problems)
     if kwargs.get("ledger_key"):
@@ -171,8 +200,9 @@ def load_policy(path: Path) -> NodePolicy:
     return NodePolicy(source=str(path), **kwargs)
 
 
-def simulation_default(epsilon: float, delta: float, accountant: str, dp: bool) -> NodePolicy:
-    """Simulation only, with no policy file: the researcher is both server and node, so the run's
-    requested epsilon/delta/accountant become the node's budget. Deployment nodes must have a policy file."""
-    return NodePolicy(max_epsilon=epsilon, delta=delta, accountant=accountant, require_dp=dp,
-                      source="simulation default (no policy file; budget = the run's epsilon)")
+def policy_toml(policy: NodePolicy) -> str:
+    """The TOML text of ``policy`` (fedtune-sim writes each simulated node's policy file with it)."""
+    import tomli_w
+
+    values = {f.name.replace("_", "-"): getattr(policy, f.name) for f in fields(NodePolicy) if f.name != "source"}
+    return tomli_w.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})

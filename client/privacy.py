@@ -120,7 +120,8 @@ class Decision:
     """The guard's verdict for one round: charge ``event`` or refuse with ``reason``."""
 
     charged: bool
-    reason: str  # why it was refused ("" when charged)
+    reason: str  # why it was refused ("" when charged); stays on the node (ledger, log)
+    code: str  # refusal code sent to the server (fedtune.common.wire.REFUSAL_CODES; "" when charged)
     event: DpEvent | None  # charged (or, for a budget refusal, the one that would have been); None without DP
     epsilon_before: float  # cumulative epsilon of the dataset before this round
     epsilon_after: float  # cumulative after this round (== before when refused; inf without DP)
@@ -129,9 +130,13 @@ class Decision:
     exhausted: bool  # no further round like this one fits the budget (after a charge: an estimate)
 
 
-def _refuse(reason: str, before: float, budget: float, *, event: DpEvent | None = None,
+def _refuse(code: str, reason: str, before: float, budget: float, *, event: DpEvent | None = None,
             projected: float | None = None, exhausted: bool = False) -> Decision:
-    return Decision(False, reason, event, before, before, projected, budget, exhausted)
+    return Decision(False, reason, code, event, before, before, projected, budget, exhausted)
+
+
+class PlanInfeasible(PrivacyError):
+    """The server's requested epsilon cannot be met by any noise level."""
 
 
 def _plan_run(policy: NodePolicy, request: PlanRequest, history: History) -> float:
@@ -141,7 +146,7 @@ def _plan_run(policy: NodePolicy, request: PlanRequest, history: History) -> flo
     try:
         sigma = plan_noise([], request.epsilon, request.delta, run, policy.accountant)
     except PrivacyError as err:
-        raise PrivacyError(f"the requested run epsilon {request.epsilon:g} cannot be met: {err}") from err
+        raise PlanInfeasible(f"the requested run epsilon {request.epsilon:g} cannot be met: {err}") from err
     if policy.noise_plan == "spread":
         try:
             sigma = max(sigma, plan_noise(history, policy.max_epsilon, policy.delta, run, policy.accountant))
@@ -157,25 +162,31 @@ def decide(policy: NodePolicy, request: PlanRequest, history: History, run_sigma
     budget = policy.max_epsilon
     before = epsilon_of(history, policy.delta, policy.accountant)
     if problems := policy.check(request):
-        return _refuse("policy: " + "; ".join(problems), before, budget)
+        return _refuse(problems[0][0], "policy: " + "; ".join(p for _, p in problems), before, budget)
     if not request.dp:  # the policy allows non-private training (require-dp = false)
-        return Decision(True, "", None, before, math.inf, math.inf, budget, exhausted=False)
+        return Decision(True, "", "", None, before, math.inf, math.inf, budget, exhausted=False)
     if math.isinf(before):
-        return _refuse("budget: this dataset was trained without DP before; its epsilon is unbounded", before,
-                       budget, exhausted=True)
+        return _refuse("BUDGET_UNBOUNDED", "budget: this dataset was trained without DP before; its epsilon is "
+                       "unbounded", before, budget, exhausted=True)
     try:
         sigma = run_sigma if run_sigma is not None else _plan_run(policy, request, history)
-    except PrivacyError as err:
-        return _refuse(str(err), before, budget, exhausted=isinstance(err, BudgetExhausted))
+    except BudgetExhausted as err:
+        return _refuse("BUDGET_EXHAUSTED", str(err), before, budget, exhausted=True)
+    except PlanInfeasible as err:
+        return _refuse("PLAN_INFEASIBLE", str(err), before, budget)
     event = DpEvent(request.sample_rate, sigma, request.steps, request.clip_norm)
+    plan = (f"the plan (epsilon {request.epsilon:g} over {request.rounds_left} round(s) x {request.steps} steps at "
+            f"q={request.sample_rate:.4g}) needs noise multiplier {sigma:.4g}")
     if sigma < policy.min_noise_multiplier:
-        return _refuse(
-            f"policy: the plan (epsilon {request.epsilon:g} over {request.rounds_left} round(s) x {request.steps} "
-            f"steps at q={request.sample_rate:.4g}) needs noise multiplier {sigma:.4g}; the policy's minimum is "
-            f"{policy.min_noise_multiplier:g}", before, budget, event=event)
+        return _refuse("POLICY_MIN_NOISE", f"policy: {plan}; the policy's minimum is {policy.min_noise_multiplier:g}",
+                       before, budget, event=event)
+    if sigma > policy.max_noise_multiplier:
+        return _refuse("POLICY_MAX_NOISE", f"policy: {plan} to fit the remaining budget "
+                       f"{budget - before:.4g}; the policy's maximum is {policy.max_noise_multiplier:g} (an update "
+                       "that noisy has no utility; the budget is kept)", before, budget, event=event, exhausted=True)
     after = epsilon_of([*history, event], policy.delta, policy.accountant)
     if after > budget + BUDGET_SLACK:
-        return _refuse(f"budget: epsilon would reach {after:.4f} > budget {budget:.4f} (spent {before:.4f})",
-                       before, budget, event=event, projected=after, exhausted=True)
+        return _refuse("BUDGET_EXHAUSTED", f"budget: epsilon would reach {after:.4f} > budget {budget:.4f} "
+                       f"(spent {before:.4f})", before, budget, event=event, projected=after, exhausted=True)
     # Composition is sublinear, so a next round costs at most about this one: an estimate (metrics only).
-    return Decision(True, "", event, before, after, after, budget, exhausted=budget - after < after - before)
+    return Decision(True, "", "", event, before, after, after, budget, exhausted=budget - after < after - before)

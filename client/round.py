@@ -1,11 +1,13 @@
-"""One local training round: policy check, budget check, signed charge, DP-SGD, adapter out.
+"""One local training round: policy check, budget check, signed charge, DP-SGD, the typed reply.
 
 The order is the privacy contract: under the ledger's lock, check the server's
 plan against the node's policy, plan noise (first round of a run), project the
 dataset's cumulative epsilon after this round, and append a signed entry —
 ``refused`` with the reason, or ``charged`` — fsync'd *before* any gradient is
 computed. A crash after the charge wastes budget but never releases an unpaid
-update.
+update. The budget key is the policy's ``dataset-id``; the randomness is the
+node's own (``client/randomness.py``); the reply is a ``fedtune.common.wire``
+type, so only its fields leave the node.
 """
 
 from __future__ import annotations
@@ -16,27 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtune.client.node_data import NodeData
+from fedtune.client.node_config import NodeConfig
+from fedtune.client.node_data import load_rows, tensors
 from fedtune.client.policy import NodePolicy, PlanRequest
 from fedtune.client.privacy import Decision, decide, steps_per_round
+from fedtune.client.randomness import RoundSeeds
 from fedtune.client.trainer import DpParams, train
 from fedtune.common.accounting import accountant_record
 from fedtune.common.adapter import Arrays, load_arrays, to_arrays
 from fedtune.common.device import pick_device
-from fedtune.common.errors import ModelError
+from fedtune.common.errors import ConfigError, ModelError
 from fedtune.common.ledger import LEDGER_FILE, Entry, Ledger, event_from_json, event_to_json
 from fedtune.common.ledger_key import KEY_FILE, load_or_create_key
 from fedtune.common.model import build_model, load_base
-from fedtune.common.settings import RunSettings
-
-
-@dataclass(frozen=True)
-class RoundOutcome:
-    """What a node replies after a training request."""
-
-    arrays: Arrays | None  # None when the node refused to train
-    metrics: dict[str, float]
-    reason: str = ""
+from fedtune.common.wire import RoundRequest, TrainReply
 
 
 @dataclass(frozen=True)
@@ -62,6 +57,8 @@ class NodePrivacy:
     @classmethod
     def open(cls, policy: NodePolicy, state_dir: Path) -> NodePrivacy:
         """Ledger at ``state_dir/ledger.jsonl``; key from the policy or ``state_dir``, created on first use."""
+        if not policy.dataset_id:
+            raise ConfigError(f"{policy.source}: dataset-id is required (the budget key; the server cannot set it)")
         key_path = Path(policy.ledger_key) if policy.ledger_key else state_dir / KEY_FILE
         return cls(policy, Ledger(state_dir / LEDGER_FILE, load_or_create_key(key_path)))
 
@@ -71,10 +68,10 @@ def _finite(x: float | None) -> float | None:
 
 
 def _ledger_fields(decision: Decision, request: PlanRequest, policy: NodePolicy, *, run: RunRef,
-                   fingerprint: str) -> dict[str, object]:
+                   fingerprint: str, rng: str) -> dict[str, object]:
     return {
         "run": run.run_id, "run_key": run.run_key, "round": request.server_round,
-        "dataset": policy.budget_key(fingerprint), "fingerprint": fingerprint,
+        "dataset": policy.dataset_id, "fingerprint": fingerprint, "rng": rng, "released": list(policy.released),
         "decision": "charged" if decision.charged else "refused", "reason": decision.reason,
         "event": event_to_json(decision.event), "delta": policy.delta,
         "accountant": accountant_record(policy.accountant), "epsilon": _finite(decision.epsilon_after),
@@ -87,9 +84,10 @@ def _ledger_fields(decision: Decision, request: PlanRequest, policy: NodePolicy,
     }
 
 
-def charge_round(node: NodePrivacy, request: PlanRequest, *, run: RunRef, fingerprint: str) -> tuple[Decision, Entry]:
+def charge_round(node: NodePrivacy, request: PlanRequest, *, run: RunRef, fingerprint: str,
+                 rng: str = "secrets") -> tuple[Decision, Entry]:
     """Decide and record one round atomically (under the ledger's lock); the entry is on disk on return."""
-    key = node.policy.budget_key(fingerprint)
+    key = node.policy.dataset_id
     with node.ledger.session() as session:
         mine = [e for e in session.entries if e["dataset"] == key]
         charged = [e for e in mine if e["decision"] == "charged"]
@@ -97,54 +95,64 @@ def charge_round(node: NodePrivacy, request: PlanRequest, *, run: RunRef, finger
         run_sigma = next((float(e["event"]["noise_multiplier"]) for e in reversed(charged)
                           if run.owns(e) and e["event"] is not None), None)
         decision = decide(node.policy, request, history, run_sigma)
-        entry = session.append(_ledger_fields(decision, request, node.policy, run=run, fingerprint=fingerprint))
+        entry = session.append(_ledger_fields(decision, request, node.policy, run=run, fingerprint=fingerprint,
+                                              rng=rng))
     return decision, entry
 
 
-def _metrics(decision: Decision, entry: Entry) -> dict[str, float]:
+def _reply(decision: Decision, entry: Entry, num_examples: int, train_loss: float | None = None) -> TrainReply:
     event = decision.event
-    return {
-        "refused": 0 if decision.charged else 1, "exhausted": int(decision.exhausted),
-        "epsilon": decision.epsilon_after, "epsilon-before": decision.epsilon_before,
-        "epsilon-round": decision.epsilon_after - decision.epsilon_before if decision.charged else 0.0,
-        "epsilon-budget": decision.budget, "epsilon-remaining": decision.budget - decision.epsilon_after,
-        "noise-multiplier": event.noise_multiplier if event is not None else 0.0,
-        "ledger-seq": int(entry["seq"]),
-    }
+    return TrainReply(
+        status="trained" if decision.charged else "refused", code=decision.code, num_examples=num_examples,
+        epsilon=decision.epsilon_after,
+        epsilon_round=decision.epsilon_after - decision.epsilon_before if decision.charged else 0.0,
+        epsilon_budget=decision.budget, noise_multiplier=event.noise_multiplier if event is not None else 0.0,
+        exhausted=decision.exhausted, ledger_key=str(entry["key"]), ledger_seq=int(entry["seq"]),
+        ledger_head=str(entry["hash"]), train_loss=train_loss)
 
 
-def train_round(
-    settings: RunSettings, data: NodeData, global_arrays: Arrays, *, server_round: int, run: RunRef,
-    node: NodePrivacy, seed: int,
-) -> RoundOutcome:
+def plan_request(request: RoundRequest, num_examples: int) -> PlanRequest:
+    """The privacy-relevant part of the server's request, with this node's sampling rate and steps."""
+    q, steps = steps_per_round(num_examples, request.plan.batch_size, request.plan.local_epochs)
+    p = request.privacy
+    return PlanRequest(
+        model=request.model.model_path, dp=p.dp, epsilon=p.epsilon, delta=p.delta, accountant=p.accountant,
+        num_rounds=request.plan.num_rounds, server_round=request.server_round, sample_rate=q, steps=steps,
+        clip_norm=p.clip_norm)
+
+
+def round_seeds(config: NodeConfig, server_round: int) -> RoundSeeds:
+    if config.insecure_seed is not None and config.simulated:
+        return RoundSeeds.insecure(config.insecure_seed, server_round, config.node)
+    return RoundSeeds.secret()
+
+
+def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeConfig, node: NodePrivacy,
+                run_id: str) -> tuple[TrainReply, Arrays | None]:
     """Run one round of local training under the node's policy and privacy budget."""
-    q, steps = steps_per_round(data.num_train, settings.plan.batch_size, settings.plan.local_epochs)
-    p = settings.privacy
-    request = PlanRequest(
-        model=settings.model.model_path, dp=p.dp, epsilon=p.epsilon, delta=p.delta, accountant=p.accountant,
-        num_rounds=settings.plan.num_rounds, server_round=server_round, sample_rate=q, steps=steps,
-        clip_norm=p.clip_norm,
-    )
-    decision, entry = charge_round(node, request, run=run, fingerprint=data.fingerprint)
-    metrics: dict[str, float] = {"num-examples": data.num_train, "steps": steps, "sample-rate": q,
-                                 **_metrics(decision, entry)}
+    rows = load_rows(config, request.labels, local_eval=node.policy.release_local_eval)
+    plan = plan_request(request, rows.num_train)
+    seeds = round_seeds(config, request.server_round)
+    run = RunRef(run_id, request.run_key, resumed=request.resumed_after_round > 0)
+    decision, entry = charge_round(node, plan, run=run, fingerprint=rows.fingerprint, rng=seeds.kind)
     if not decision.charged:
-        return RoundOutcome(None, metrics, decision.reason)
+        return _reply(decision, entry, rows.num_train), None
     dp = None if decision.event is None else DpParams(decision.event.noise_multiplier, decision.event.clip_norm)
 
     device = pick_device()
-    model = build_model(load_base(settings.model.model_path), len(data.label_names), settings.lora, device,
-                        seed=settings.plan.seed)
+    model_path = request.model.model_path
+    model = build_model(load_base(model_path), len(request.labels), request.lora, device)
     load_arrays(model, global_arrays)
-    result = train(model, data.train, steps=steps, batch_size=settings.plan.batch_size,
-                   learning_rate=settings.plan.learning_rate, dp=dp, device=device, seed=seed,
-                   optimizer=settings.plan.optimizer, lora_lr_scale=settings.plan.lora_lr_scale)
+    result = train(model, tensors(rows, "train", model_path, request.model.max_seq_len), steps=plan.steps,
+                   batch_size=request.plan.batch_size, learning_rate=request.plan.learning_rate, dp=dp,
+                   device=device, seeds=seeds, optimizer=request.plan.optimizer,
+                   lora_lr_scale=request.plan.lora_lr_scale)
     update = to_arrays(model)
+    if not all(np.all(np.isfinite(v)) for v in update.values()):
+        raise ModelError("training diverged: the update holds NaN or inf (lower the learning rate); the round "
+                         "stays charged in the ledger", code="TRAIN")
     if not any(np.any(update[k] != global_arrays[k]) for k in update):
-        raise ModelError("training left every adapter tensor unchanged (see opacus#820); refusing to reply")
-    return RoundOutcome(update, metrics | {"train-loss": result.loss})
-
-
-def seed_for(base_seed: int, server_round: int, node_key: int) -> int:
-    """Distinct, reproducible seed per (run seed, round, node); int tuple hashes are not salted."""
-    return hash((base_seed, server_round, node_key)) % (2**31 - 1)
+        raise ModelError("training left every adapter tensor unchanged (see opacus#820); refusing to reply",
+                         code="TRAIN")
+    loss = result.loss if node.policy.release_train_loss and math.isfinite(result.loss) else None
+    return _reply(decision, entry, rows.num_train, loss), update

@@ -18,6 +18,7 @@ from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedtune.client.randomness import RoundSeeds
 from fedtune.common.device import autocast
 
 
@@ -48,17 +49,35 @@ class Private:
     engine: PrivacyEngine
 
 
-def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, dp: DpParams) -> Private:
-    """Wrap for DP-SGD: per-sample gradients (hooks), clipping to C, noise sigma*C, Poisson sampling."""
+def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, dp: DpParams,
+              noise: torch.Generator) -> Private:
+    """Wrap for DP-SGD: per-sample gradients (hooks), clipping to C, noise sigma*C, Poisson sampling.
+
+    The Poisson sampler keeps ``loader``'s generator and the noise comes from ``noise``: both seeded by
+    the node alone (``client/randomness.py``). The optimiser's ``secure_mode`` switches on Opacus'
+    floating-point-attack mitigation for the Gaussian draws (Holohan & Braghin 2021).
+    """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns about the non-secure RNG; see docs/privacy.md
+        warnings.simplefilter("ignore")  # Opacus warns that torchcsprng is absent; see client/randomness.py
         engine = PrivacyEngine(accountant="prv")
         module, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
-            poisson_sampling=True, grad_sample_mode="hooks",
+            poisson_sampling=True, grad_sample_mode="hooks", noise_generator=noise,
         )
+    optimizer.secure_mode = True
     return Private(module=module, optimizer=optimizer, loader=loader, engine=engine)
+
+
+def noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+    """One DP-SGD step on an empty Poisson batch: the released update is noise alone.
+
+    The accountant charges every step, empty or not (Poisson sampling can draw no example); skipping
+    the step would release something other than the mechanism it models.
+    """
+    for p in optimizer.params:  # type: ignore[attr-defined]  # DPOptimizer
+        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+    optimizer.step()
 
 
 def _batches(loader: DataLoader, steps: int):
@@ -98,23 +117,22 @@ def train(
     learning_rate: float,
     dp: DpParams | None,
     device: torch.device,
-    seed: int,
+    seeds: RoundSeeds,
     optimizer: str = "sgd",
     lora_lr_scale: float = 1.0,
 ) -> TrainResult:
     """Train ``model``'s trainable tensors in place for ``steps`` steps.
 
     ``data`` is (input_ids [N, T], attention_mask [N, T], labels [N]). Under DP the
-    loader is Poisson-sampled with q = 1 / ceil(N / batch_size).
+    loader is Poisson-sampled with q = 1 / ceil(N / batch_size). ``seeds`` drive sampling, noise and dropout.
     """
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=True, generator=generator)
+    sampler, noise = seeds.generators(device)
+    loader = DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=True, generator=sampler)
     optim = make_optimizer(model, optimizer, learning_rate, lora_lr_scale)
     module: nn.Module = model
     private = None
     if dp is not None:
-        private = privatize(model, optim, loader, dp)
+        private = privatize(model, optim, loader, dp, noise)
         module, optim, loader = private.module, private.optimizer, private.loader
     module.train()
     # Opacus' hooks fire on modules whose inputs need no grad (frozen embeddings); harmless here.
@@ -122,7 +140,8 @@ def train(
     losses, examples = [], 0
     for ids, mask, labels in _batches(loader, steps):
         optim.zero_grad(set_to_none=True)
-        if len(labels) == 0:  # a Poisson draw can be empty; the step is still charged
+        if len(labels) == 0:  # a Poisson draw can be empty: the step is charged, and its noise released
+            noise_only_step(optim)
             continue
         width = int(mask.sum(dim=1).max())  # trim padding shared by the whole batch
         ids, mask, labels = ids[:, :width].to(device), mask[:, :width].to(device), labels.to(device)

@@ -51,9 +51,10 @@ def _first_bad_utf8_line(path: Path) -> int | None:
 def read_table(path: Path) -> pd.DataFrame:
     """Read a CSV/TSV/JSONL/Parquet file, turning every failure into a DataError."""
     if not path.exists():
-        raise DataError(f"data file {path} does not exist; pass an existing CSV, JSONL or Parquet file")
+        raise DataError(f"data file {path} does not exist; pass an existing CSV, JSONL or Parquet file",
+                        code="DATA_MISSING")
     if not path.is_file():
-        raise DataError(f"data path {path} is not a file")
+        raise DataError(f"data path {path} is not a file", code="DATA_MISSING")
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"data file {path} has suffix '{path.suffix}'; use one of {', '.join(_READERS)}")
@@ -79,38 +80,51 @@ def load_labelled(settings: DataSettings, path_override: str | None = None) -> L
     )
 
 
+def _quote(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def validate(
     frame: pd.DataFrame, text_column: str, label_column: str, labels: list[str], *, origin: str
 ) -> LabelledData:
-    """Check columns, emptiness, text values and labels; map labels to class indices."""
+    """Check columns, emptiness, text values and labels; map labels to class indices.
+
+    The DataError's ``code`` says which check failed first (a node sends only that code to the server).
+    """
     problems = [
-        f"{origin}: column '{col}' ({what}) is missing; columns are: {', '.join(map(str, frame.columns))}"
+        f"{origin}: column {_quote(col)} ({what}) is missing; columns are: "
+        f"{', '.join(_quote(c, 40) for c in list(frame.columns)[:20])}"
         for col, what in ((text_column, "text-column"), (label_column, "label-column"))
         if col not in frame.columns
     ]
     if problems:
-        raise DataError(problems)
+        raise DataError(problems, code="DATA_SCHEMA")
     if len(frame) == 0:
-        raise DataError(f"{origin}: no examples (the file has a header but no rows)")
+        raise DataError(f"{origin}: no examples (the file has a header but no rows)", code="DATA_EMPTY")
     texts = frame[text_column]
     bad_text = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     problems += [f"{origin}: row {i + 2} has an empty or non-text '{text_column}'" for i in bad_text[:5]]
     if len(bad_text) > 5:
         problems.append(f"{origin}: {len(bad_text) - 5} more rows with empty text")
+    code = "DATA_SCHEMA" if problems else "DATA_LABELS"
     raw_labels = frame[label_column].map(lambda v: str(v).strip())
     names = labels or sorted(set(raw_labels))
     index = {name: i for i, name in enumerate(names)}
     unknown = [(i, v) for i, v in enumerate(raw_labels) if v not in index]
     problems += [
-        f"{origin}: row {i + 2} has label {v!r}, not one of {names}; fix the row or the labels setting"
+        f"{origin}: row {i + 2} has label {_quote(v)}, not one of {_quote(names, 120)}; fix the row or the labels"
         for i, v in unknown[:5]
     ]
     if len(unknown) > 5:
         problems.append(f"{origin}: {len(unknown) - 5} more rows with unknown labels")
     if len(names) < 2 and not problems:
-        problems.append(f"{origin}: column '{label_column}' has only one label ({names}); need at least 2")
+        problems.append(f"{origin}: column '{label_column}' has only one label ({_quote(names)}); need at least 2")
+    elif not labels and len(names) > max(2, len(frame) // 2) and not problems:
+        problems.append(f"{origin}: column '{label_column}' has {len(names)} distinct values in {len(frame)} rows; "
+                        "it does not look like a label column (set labels to the class names to accept it)")
     if problems:
-        raise DataError(problems)
+        raise DataError(problems, code=code)
     out = frame.rename(columns={text_column: "text"}).drop(columns=[label_column])
     out["label"] = np.array([index[v] for v in raw_labels], dtype=np.int64)
     out = out.reset_index(drop=True)
@@ -132,3 +146,15 @@ def cap(data: LabelledData, max_examples: int, seed: int) -> LabelledData:
     if max_examples <= 0 or len(data.dataset) <= max_examples:
         return data
     return LabelledData(data.dataset.shuffle(seed=seed).select(range(max_examples)), data.label_names)
+
+
+def federation_split(data: LabelledData, test_fraction: float, seed: int,
+                     max_train: int = 0) -> tuple[LabelledData, LabelledData]:
+    """(training pool, server's held-out test set): the one split every part of fedtune uses.
+
+    The server evaluates on the test part; in simulation the training pool (capped at ``max_train``
+    examples, 0 = all) is what fedtune-sim partitions between the simulated nodes, so no held-out row
+    is ever in a node's training data.
+    """
+    train, test = holdout_split(data, test_fraction, seed)
+    return cap(train, max_train, seed), test

@@ -60,7 +60,7 @@ class LoraSettings:
         out = []
         if self.lora_rank <= 0:
             out.append(f"lora-rank must be > 0, got {self.lora_rank}")
-        if self.lora_alpha <= 0:
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
             out.append(f"lora-alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             out.append(f"lora-dropout must be in [0, 1), got {self.lora_dropout}")
@@ -90,14 +90,14 @@ class PrivacySettings:
             out.append(f"epsilon must be > 0 and finite, got {self.epsilon}")
         if not 0.0 < self.delta < 1.0:
             out.append(f"delta must be in (0, 1), got {self.delta}")
-        if not self.clip_norm > 0:
+        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
             out.append(f"clip-norm must be > 0, got {self.clip_norm}")
         return out
 
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """The federation's plan: rounds, local work and optimiser."""
+    """Each round's local work and optimiser: sent to the nodes as part of the round's request."""
 
     num_rounds: int = _help("Federated rounds.", 3)
     local_epochs: float = _help("Local passes over the client's data per round (expected).", 1.0)
@@ -105,26 +105,49 @@ class TrainPlan:
     optimizer: OptimizerName = _help("Local optimiser: sgd (momentum 0.9; best under DP) or adamw.", "sgd")
     learning_rate: float = _help("Learning rate of the classifier head.", 2.0)
     lora_lr_scale: float = _help("LoRA factors' learning rate = learning-rate x this (> 0).", 0.1)
-    fraction_train: float = _help("Fraction of clients sampled per round, in (0, 1].", 1.0)
-    min_clients: int = _help("Fewest clients a round needs.", 2)
-    seed: int = _help("Seed for data splits, initial weights and sampling.", 42)
 
     def problems(self) -> list[str]:
         out = []
         if self.num_rounds <= 0:
             out.append(f"num-rounds must be > 0, got {self.num_rounds}")
-        if not self.local_epochs > 0:
+        if not (self.local_epochs > 0 and math.isfinite(self.local_epochs)):
             out.append(f"local-epochs must be > 0, got {self.local_epochs}")
         if self.batch_size <= 0:
             out.append(f"batch-size must be > 0, got {self.batch_size}")
-        if not self.learning_rate > 0:
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             out.append(f"learning-rate must be > 0, got {self.learning_rate}")
-        if not self.lora_lr_scale > 0:
+        if not (self.lora_lr_scale > 0 and math.isfinite(self.lora_lr_scale)):
             out.append(f"lora-lr-scale must be > 0, got {self.lora_lr_scale}")
+        return out
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """How the server runs the federation: sampling, deadlines, its own seed. Never sent to nodes."""
+
+    fraction_train: float = _help("Fraction of clients sampled per round, in (0, 1].", 1.0)
+    fraction_evaluate: float = _help(
+        "Fraction of clients asked to evaluate the global adapter on their local test split, in [0, 1] "
+        "(a node answers only if its policy releases local evaluation).", 1.0)
+    min_clients: int = _help("Fewest clients a round needs.", 2)
+    seed: int = _help("Server-side seed: initial adapter, held-out split, client sampling, simulation split. "
+                      "Nodes never use it.", 42)
+    node_wait_timeout: float = _help("Seconds to wait for min-clients nodes to connect before a round; "
+                                     "then the run stops early (resumable).", 600.0)
+    round_timeout: float = _help("Seconds a round waits for replies; nodes that have not answered by then "
+                                 "are left out of that round.", 600.0)
+
+    def problems(self) -> list[str]:
+        out = []
         if not 0.0 < self.fraction_train <= 1.0:
             out.append(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            out.append(f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}")
         if self.min_clients <= 0:
             out.append(f"min-clients must be > 0, got {self.min_clients}")
+        for name, value in (("node-wait-timeout", self.node_wait_timeout), ("round-timeout", self.round_timeout)):
+            if not (value > 0 and math.isfinite(value)):
+                out.append(f"{name} must be > 0 seconds, got {value}")
         return out
 
 
@@ -159,7 +182,8 @@ class DataSettings:
         return out
 
 
-SECTIONS = (ModelSettings, LoraSettings, PrivacySettings, TrainPlan, DataSettings)
+SECTIONS = (ModelSettings, LoraSettings, PrivacySettings, TrainPlan, FederationSettings, DataSettings)
+SECTION_NAMES = ("model", "lora", "privacy", "plan", "federation", "data")
 
 
 @dataclass(frozen=True)
@@ -170,6 +194,7 @@ class RunSettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     plan: TrainPlan = field(default_factory=TrainPlan)
+    federation: FederationSettings = field(default_factory=FederationSettings)
     data: DataSettings = field(default_factory=DataSettings)
     results_dir: str = "results/latest"
 
@@ -180,7 +205,7 @@ class RunSettings:
         known = {key_of(f.name) for s in SECTIONS for f in dataclasses.fields(s)} | {"results-dir"}
         problems += [f"unknown setting '{k}' (known: {', '.join(sorted(known))})" for k in config if k not in known]
         parts = {}
-        for name, section in zip(("model", "lora", "privacy", "plan", "data"), SECTIONS, strict=True):
+        for name, section in zip(SECTION_NAMES, SECTIONS, strict=True):
             parts[name] = _build(section, config, problems)
         results_dir = str(config.get("results-dir", cls.results_dir))
         if problems:
@@ -191,12 +216,15 @@ class RunSettings:
         return out
 
     def problems(self) -> list[str]:
-        return [p for s in (self.model, self.lora, self.privacy, self.plan, self.data) for p in s.problems()]
+        return [p for s in self.sections() for p in s.problems()]
+
+    def sections(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in SECTION_NAMES)
 
     def to_config(self) -> dict[str, bool | int | float | str]:
         """Flatten back to kebab-case keys (for Flower run config and ConfigRecords)."""
         out: dict[str, bool | int | float | str] = {}
-        for section in (self.model, self.lora, self.privacy, self.plan, self.data):
+        for section in self.sections():
             for f in dataclasses.fields(section):
                 out[key_of(f.name)] = getattr(section, f.name)
         out["results-dir"] = self.results_dir

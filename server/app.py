@@ -1,4 +1,8 @@
-"""The fedtune ServerApp: FedAvg over LoRA adapters, held-out evaluation, results on disk."""
+"""The fedtune ServerApp: FedAvg over LoRA adapters, held-out evaluation, results on disk.
+
+Settings are parsed once here; what reaches the nodes is one typed request per round
+(:class:`fedtune.common.wire.RoundRequest`): no seed, no data columns, nothing that keys a budget.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.common.adapter import arrays_to_record, load_arrays, record_to_arrays, save_adapter, to_record
-from fedtune.common.data import LabelledData, holdout_split, load_labelled
+from fedtune.common.data import LabelledData, federation_split, load_labelled
 from fedtune.common.device import pick_device
 from fedtune.common.evaluation import evaluate
 from fedtune.common.model import BaseModel, build_model, encode, load_base
 from fedtune.common.settings import RunSettings
+from fedtune.common.wire import RoundRequest
 from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR, Checkpoint, CheckpointStore, RoundOffset, run_key
 from fedtune.server.results import ADAPTER_DIR, RunRecorder
 from fedtune.server.strategy import AdapterFedAvg, weighted_mean
@@ -26,14 +31,11 @@ from fedtune.server.strategy import AdapterFedAvg, weighted_mean
 log = logging.getLogger("fedtune.server")
 app = ServerApp()
 
-# Keys of the per-round plan sent to clients: the training plan and the DP request.
-PLAN_KEYS = ("num-rounds", "local-epochs", "batch-size", "optimizer", "learning-rate", "lora-lr-scale", "dp",
-             "epsilon", "delta", "clip-norm", "accountant")
-
 
 def held_out(settings: RunSettings) -> LabelledData:
-    """The server's evaluation set: the run dataset's held-out split (never trained on)."""
-    return holdout_split(load_labelled(settings.data), settings.data.test_fraction, settings.plan.seed)[1]
+    """The server's evaluation set: the run dataset's held-out split (never in a simulated node's data)."""
+    d = settings.data
+    return federation_split(load_labelled(d), d.test_fraction, settings.federation.seed, d.max_train_examples)[1]
 
 
 def _encoded(data: LabelledData, base: BaseModel, max_len: int) -> tuple[torch.Tensor, ...]:
@@ -48,6 +50,7 @@ def _round_line(server_round: int, strategy: AdapterFedAvg, accuracy: float, los
     return {
         "round": server_round, "accuracy": accuracy, "loss": loss,
         "train-loss": weighted_mean([r for r in rows if r["status"] == "trained"], "train-loss"),
+        "bytes-received": sum(int(r.get("bytes", 0)) for r in rows),
         "epsilon-max": max(eps) if eps else None,
         "epsilon-mean": sum(eps) / len(eps) if eps else None,
         "client-accuracy": weighted_mean(strategy.eval_rows.get(server_round, []), "eval-accuracy"),
@@ -55,24 +58,22 @@ def _round_line(server_round: int, strategy: AdapterFedAvg, accuracy: float, los
     }
 
 
-def _resume(store: CheckpointStore | None, key: str, num_rounds: int, strategy: AdapterFedAvg,
-            recorder: RunRecorder) -> Checkpoint | None:
-    """The checkpoint to continue from (if any), with the strategy's history and metrics.jsonl restored."""
-    resume = store.resumable(key, num_rounds) if store else None
+def _restore(resume: Checkpoint | None, strategy: AdapterFedAvg, recorder: RunRecorder) -> None:
+    """The strategy's history and metrics.jsonl as they were at the checkpoint."""
     if resume is None:
-        return None
-    log.info("resuming from the checkpoint after round %s of %s", resume.server_round, num_rounds)
+        return
+    log.info("resuming from the checkpoint after round %s", resume.server_round)
     strategy.train_rows.update(resume.train_rows)
     strategy.eval_rows.update(resume.eval_rows)
     recorder.rounds = list(resume.metrics_lines)  # the interrupted run's lines, then the new ones
     recorder.metrics_path.write_text("".join(json.dumps(line) + "\n" for line in resume.metrics_lines))
-    return resume
 
 
-def _strategy(settings: RunSettings) -> AdapterFedAvg:
-    n = settings.plan.min_clients
-    return AdapterFedAvg(fraction_train=settings.plan.fraction_train, fraction_evaluate=1.0,
-                         min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
+def _strategy(settings: RunSettings, request: RoundRequest) -> AdapterFedAvg:
+    f = settings.federation
+    return AdapterFedAvg(request, node_wait_timeout=f.node_wait_timeout, fraction_train=f.fraction_train,
+                         fraction_evaluate=f.fraction_evaluate, min_train_nodes=f.min_clients,
+                         min_evaluate_nodes=1, min_available_nodes=f.min_clients)
 
 
 @app.main()
@@ -82,14 +83,18 @@ def main(grid: Grid, context: Context) -> None:
     base = load_base(settings.model.model_path)
     test = held_out(settings)
     test_tensors = _encoded(test, base, settings.model.max_seq_len)
-    model = build_model(base, len(test.label_names), settings.lora, device, seed=settings.plan.seed)
+    model = build_model(base, len(test.label_names), settings.lora, device, seed=settings.federation.seed)
     recorder = RunRecorder(Path(settings.results_dir))
-    strategy = _strategy(settings)
     # Checkpoints are a server-side deployment setting (fedtune-server sets the variable), not a run setting.
     store = CheckpointStore(Path(os.environ[ENV_CHECKPOINT_DIR])) if os.environ.get(ENV_CHECKPOINT_DIR) else None
     key = run_key(settings.to_config())
-    resume = _resume(store, key, settings.plan.num_rounds, strategy, recorder)
+    resume = store.resumable(key, settings.plan.num_rounds) if store else None
     offset = resume.server_round if resume else 0
+    # The node reuses its noise plan across a resume: same run-key, and resumed-after-round > 0.
+    request = RoundRequest(server_round=1, run_key=key, resumed_after_round=offset, labels=tuple(test.label_names),
+                           model=settings.model, lora=settings.lora, plan=settings.plan, privacy=settings.privacy)
+    strategy = _strategy(settings, request)
+    _restore(resume, strategy, recorder)
     first_started = resume.first_started if resume else time.time()
     initial = arrays_to_record(resume.arrays) if resume else to_record(model)
 
@@ -109,18 +114,14 @@ def main(grid: Grid, context: Context) -> None:
             ))
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
 
-    plan = {k: v for k, v in settings.to_config().items() if k in PLAN_KEYS}
-    # Lets a node's ledger tell a resumed round apart from a new one (same run-key, same round number).
-    plan |= {"run-key": key, "resumed-after-round": offset}
     result = RoundOffset(strategy, offset).start(
         grid=grid, initial_arrays=initial, num_rounds=settings.plan.num_rounds - offset,
-        train_config=ConfigRecord(plan), evaluate_config=ConfigRecord(plan),
-        evaluate_fn=lambda r, arrays: evaluate_global(r + offset, arrays),
+        timeout=settings.federation.round_timeout, evaluate_fn=lambda r, arrays: evaluate_global(r + offset, arrays),
     )
     final = result.arrays if len(result.arrays) else initial
     adapter_dir = save_adapter(model, record_to_arrays(final), Path(settings.results_dir) / ADAPTER_DIR,
                                base_path=str(base.path), label_names=test.label_names)
-    outcome = {"status": "stopped-early", "stop-reason": strategy.stop_reason} if strategy.stop_reason else {
-        "status": "completed"}
+    outcome = {"status": "stopped-early", "stop-code": strategy.stop_code, "stop-reason": strategy.stop_reason} \
+        if strategy.stop_code else {"status": "completed"}
     recorder.finish({"adapter": str(adapter_dir), **outcome, "resumed-after-round": offset,
                      "excluded-nodes": {str(k): v for k, v in strategy.excluded.items()}})

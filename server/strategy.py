@@ -1,16 +1,17 @@
-"""FedAvg over LoRA adapters that tolerates refusing and misbehaving clients.
+"""FedAvg over LoRA adapters that speaks the wire contract and tolerates refusing and misbehaving nodes.
 
-Replies are sorted into trained / refused (budget or policy; no weights) /
-rejected (error, malformed, wrong shapes, NaN/inf). Only trained updates are
-averaged; everything is kept per client for the round's metrics line.
+Every round's request is a typed :class:`~fedtune.common.wire.RoundRequest` (the same for every node,
+with the round number set here). Replies are parsed with :func:`~fedtune.common.wire.parse_reply`
+and sorted into trained / refused (policy or budget; no weights) / error (a code from the node) /
+rejected (malformed, wrong shapes, NaN/inf). Only trained updates are averaged; every reply becomes
+one row of the round's metrics line, holding the reply's fields (never free text from a node).
 
-A node that refuses (its policy or budget says no) is excluded from sampling
-for the rest of the run: its answer would not change, since its policy and the
-run's plan are fixed. (A node that reports ``exhausted`` after training is
+A node that refuses is excluded from sampling for the rest of the run: its answer would not change,
+since its policy and the run's plan are fixed. (A node that reports ``exhausted`` after training is
 still asked once more, so that the refusal is its own and sits in its ledger.) When fewer than
-``min_train_nodes`` eligible nodes remain, the strategy stops sending work: the
-remaining rounds are skipped (no messages, global adapter unchanged) and
-``stop_reason`` says why, so the run still ends cleanly.
+``min_train_nodes`` eligible nodes remain, or not enough nodes connect before ``node_wait_timeout``,
+the strategy stops sending work: the remaining rounds are skipped and ``stop_code`` / ``stop_reason``
+say why, so the run still ends cleanly.
 """
 
 from __future__ import annotations
@@ -18,42 +19,74 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedtune.common.adapter import Arrays, arrays_to_record, check_arrays, record_to_arrays
+from fedtune.common.wire import ARRAYS, REQUEST, ErrorReply, EvalReply, RoundRequest, TrainReply, WireError, parse_reply
 from fedtune.server.aggregation import fedavg
 
 log = logging.getLogger("fedtune.server")
 ClientRow = dict[str, Any]
+POLL_S = 1.0
+_FLOWER_CODES = {v: k for k, v in vars(ErrorCode).items() if isinstance(v, int) and not k.startswith("_")}
 
 
-def _classify(msg: Message, reference: Arrays) -> tuple[ClientRow, Arrays | None]:
-    """One reply -> (row for the metrics log, arrays to aggregate or None)."""
+def flower_code(code: int) -> str:
+    """A Flower error as a code (e.g. FLOWER_INVALID_FAB: the node's app gate refused the app)."""
+    return f"FLOWER_{_FLOWER_CODES.get(code, code)}"
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout_s: float) -> list[int] | None:
+    """Connected node ids once at least ``needed`` are connected; None after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while len(nodes := list(grid.get_node_ids())) < needed:
+        if time.monotonic() >= deadline:
+            return None
+        log.info("waiting for nodes to connect: %d connected, %d needed", len(nodes), needed)
+        time.sleep(POLL_S)
+    return nodes
+
+
+def reply_bytes(record: ArrayRecord) -> int:
+    return sum(len(array.data) for array in record.values())
+
+
+def _train_row(msg: Message, reference: Arrays) -> tuple[ClientRow, Arrays | None]:
+    """One training reply -> (row for the metrics log, arrays to aggregate or None)."""
     row: ClientRow = {"node-id": msg.metadata.src_node_id}
-    if msg.has_error():
-        return row | {"status": "error", "reason": msg.error.reason}, None
-    metrics = msg.content.metric_records.get("metrics")
-    if metrics is None:
-        return row | {"status": "rejected", "reason": "reply has no metrics"}, None
-    row |= dict(metrics)
-    if "arrays" not in msg.content.array_records:
-        status = msg.content.config_records.get("status")
-        reason = status.get("reason", "") if status is not None else ""
-        return row | {"status": "refused", "reason": str(reason)}, None
-    arrays = record_to_arrays(msg.content.array_records["arrays"])
-    problems = check_arrays(arrays, reference)
-    examples = row.get("num-examples", 0)
-    if not (isinstance(examples, int | float) and math.isfinite(examples) and examples > 0):
-        problems.append(f"num-examples must be > 0, got {examples!r}")
-    if problems:
-        return row | {"status": "rejected", "reason": "; ".join(problems)}, None
-    return row | {"status": "trained"}, arrays
+    if msg.has_error():  # Flower itself failed (app refused by the node's gate, process died, timeout)
+        return row | {"status": "error", "code": flower_code(msg.error.code)}, None
+    try:
+        reply = parse_reply(msg.content)
+    except WireError as err:
+        return row | {"status": "rejected", "code": err.code}, None
+    if isinstance(reply, ErrorReply):
+        return row | {"status": "error", "code": reply.code}, None
+    if not isinstance(reply, TrainReply):
+        return row | {"status": "rejected", "code": "MALFORMED"}, None
+    row |= {
+        "status": reply.status, "code": reply.code, "num-examples": reply.num_examples, "epsilon": reply.epsilon,
+        "epsilon-round": reply.epsilon_round, "epsilon-budget": reply.epsilon_budget,
+        "epsilon-remaining": reply.epsilon_budget - reply.epsilon, "noise-multiplier": reply.noise_multiplier,
+        "exhausted": reply.exhausted, "ledger-key": reply.ledger_key, "ledger-seq": reply.ledger_seq,
+        "ledger-head": reply.ledger_head,
+    }
+    if reply.train_loss is not None:
+        row["train-loss"] = reply.train_loss
+    if reply.status != "trained":
+        return row, None
+    record = msg.content.array_records[ARRAYS]
+    arrays = record_to_arrays(record)
+    if check_arrays(arrays, reference):
+        return row | {"status": "rejected", "code": "BAD_UPDATE"}, None
+    return row | {"bytes": reply_bytes(record)}, arrays
 
 
 def weighted_mean(rows: list[ClientRow], key: str) -> float:
@@ -63,75 +96,83 @@ def weighted_mean(rows: list[ClientRow], key: str) -> float:
 
 
 class AdapterFedAvg(FedAvg):
-    """Flower FedAvg whose aggregation validates each update and logs every client."""
+    """Flower FedAvg whose rounds carry a typed request and whose aggregation validates every reply."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, request: RoundRequest, *, node_wait_timeout: float = 600.0, **kwargs: Any) -> None:
         super().__init__(weighted_by_key="num-examples", **kwargs)
+        self.request = request
+        self.node_wait_timeout = node_wait_timeout
         self.train_rows: dict[int, list[ClientRow]] = {}
         self.eval_rows: dict[int, list[ClientRow]] = {}
         self._reference: Arrays = {}
         self.excluded: dict[int, str] = {}  # node id -> why it gets no more work this run
-        self.stop_reason: str | None = None  # set when too few nodes can still train
+        self.stop_code: str | None = None  # "budget" (nodes refused) or "nodes" (too few connected in time)
+        self.stop_reason: str | None = None
+
+    def _stop(self, code: str, reason: str) -> None:
+        self.stop_code, self.stop_reason = code, reason
+        log.warning("%s; the remaining rounds are skipped", reason)
 
     def _eligible(self, server_round: int, grid: Grid) -> list[int] | None:
-        """Connected nodes that may still train; None (and ``stop_reason`` set) when too few remain."""
-        _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits for min_available_nodes
+        """Connected nodes that may still train; None (and the stop set) when too few remain."""
+        needed = max(1, self.min_available_nodes)
+        connected = wait_for_nodes(grid, needed, self.node_wait_timeout)
+        if connected is None:
+            self._stop("nodes", f"stopped before round {server_round}: fewer than {needed} nodes connected within "
+                                f"{self.node_wait_timeout:g}s")
+            return None
         eligible = [n for n in connected if n not in self.excluded]
         if len(eligible) >= max(1, self.min_train_nodes):
             return eligible
         why = "; ".join(f"node {n}: {r}" for n, r in sorted(self.excluded.items()))
-        self.stop_reason = (
-            f"stopped before round {server_round}: {len(eligible)} of {len(connected)} clients can still train, "
-            f"the run needs {max(1, self.min_train_nodes)} (excluded: {why or 'none'})")
-        log.warning("%s; the remaining rounds are skipped", self.stop_reason)
+        self._stop("budget", f"stopped before round {server_round}: {len(eligible)} of {len(connected)} nodes can "
+                             f"still train, the run needs {max(1, self.min_train_nodes)} (excluded: {why or 'none'})")
         return None
+
+    def _messages(self, server_round: int, arrays: ArrayRecord, node_ids: list[int], kind: str) -> list[Message]:
+        record = RecordDict({ARRAYS: arrays, REQUEST: self.request.for_round(server_round).to_record()})
+        return list(self._construct_messages(record, node_ids, kind))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample only from nodes that still have budget (FedAvg's sampling otherwise)."""
+        """Sample only from nodes that may still train (FedAvg's sampling otherwise)."""
         self._reference = record_to_arrays(arrays)
-        if self.stop_reason is not None or self.fraction_train == 0.0:
+        if self.stop_code is not None or self.fraction_train == 0.0:
             return []
         eligible = self._eligible(server_round, grid)
         if eligible is None:
             return []
         size = min(len(eligible), max(int(len(eligible) * self.fraction_train), self.min_train_nodes))
         node_ids = random.sample(eligible, size)
-        log.info("configure_train: sampled %s of %s eligible nodes (%s excluded)", size, len(eligible),
+        log.info("round %s: sampled %s of %s eligible nodes (%s excluded)", server_round, size, len(eligible),
                  len(self.excluded))
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, node_ids, MessageType.TRAIN)
+        return self._messages(server_round, arrays, node_ids, MessageType.TRAIN)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.stop_reason is not None:
+        if self.stop_code is not None or self.fraction_evaluate == 0.0:
             return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
-
-    def _note_exclusions(self, server_round: int, rows: list[ClientRow]) -> None:
-        """Exclude nodes that refused. A node reporting ``exhausted`` is asked once more: its refusal
-        is its own decision, and its ledger records it (the server never decides for a node)."""
-        for row in rows:
-            if row["status"] == "refused":
-                self.excluded[row["node-id"]] = f"refused in round {server_round}: {row.get('reason') or 'no reason'}"
+        nodes = [n for n in grid.get_node_ids() if n not in self.excluded]
+        size = min(len(nodes), max(1, int(len(nodes) * self.fraction_evaluate)))
+        return self._messages(server_round, arrays, random.sample(nodes, size), MessageType.EVALUATE)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rows, updates = [], []
         for msg in replies:
-            row, arrays = _classify(msg, self._reference)
+            row, arrays = _train_row(msg, self._reference)
             rows.append(row)
             if arrays is not None:
                 updates.append((arrays, float(row["num-examples"])))
-            elif row["status"] != "refused":
-                log.warning("round %s: %s reply from node %s: %s", server_round, row["status"],
-                            row["node-id"], row.get("reason", ""))
+            elif row["status"] == "refused":
+                self.excluded[row["node-id"]] = f"refused in round {server_round} ({row['code']})"
+            else:
+                log.warning("round %s: %s reply from node %s (code %s)", server_round, row["status"],
+                            row["node-id"], row["code"])
         self.train_rows[server_round] = rows
-        self._note_exclusions(server_round, rows)
         trained = [r for r in rows if r["status"] == "trained"]
         eps = [float(r["epsilon"]) for r in rows if "epsilon" in r]
         summary = MetricRecord({
@@ -139,9 +180,7 @@ class AdapterFedAvg(FedAvg):
             "clients-refused": sum(r["status"] == "refused" for r in rows),
             "clients-failed": sum(r["status"] in ("error", "rejected") for r in rows),
             "clients-excluded": len(self.excluded),
-            "train-loss": weighted_mean(trained, "train-loss"),
             "epsilon-max": max(eps) if eps else math.nan,
-            "epsilon-mean": sum(eps) / len(eps) if eps else math.nan,
         })
         if not updates:
             log.warning("round %s: no usable update; the global adapter is unchanged", server_round)
@@ -151,11 +190,17 @@ class AdapterFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rows: list[ClientRow] = []
         for msg in replies:
-            if msg.has_error() or "metrics" not in msg.content.metric_records:
+            if msg.has_error():
                 continue
-            rows.append({"node-id": msg.metadata.src_node_id, **dict(msg.content.metric_records["metrics"])})
+            try:
+                reply = parse_reply(msg.content, evaluation=True)
+            except WireError:
+                continue
+            if isinstance(reply, EvalReply) and reply.status == "evaluated":
+                rows.append({"node-id": msg.metadata.src_node_id, "num-examples": reply.num_examples,
+                             "eval-loss": reply.loss, "eval-accuracy": reply.accuracy})
         self.eval_rows[server_round] = rows
-        if not any(r.get("num-examples", 0) > 0 for r in rows):
+        if not rows:
             return None
         return MetricRecord({
             "eval-loss": weighted_mean(rows, "eval-loss"), "eval-accuracy": weighted_mean(rows, "eval-accuracy"),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fedtune.client.randomness import RoundSeeds
 from fedtune.client.trainer import DpParams, train
 from fedtune.common.device import pick_device
 from fedtune.common.model import build_model, load_base
@@ -30,7 +31,7 @@ def _time(model_path: str, dp: DpParams | None, *, batch: int, seq: int, steps: 
     vocab = int(base.encoder.config.vocab_size)
     data = (torch.randint(5, vocab, (n, seq), generator=gen), torch.ones(n, seq, dtype=torch.long),
             torch.randint(0, 2, (n,), generator=gen))
-    kwargs = dict(batch_size=batch, learning_rate=1e-3, dp=dp, device=device, seed=0)
+    kwargs = dict(batch_size=batch, learning_rate=1e-3, dp=dp, device=device, seeds=RoundSeeds.secret())
     train(build_model(base, 2, LoraSettings(), device), data, steps=1, **kwargs)  # warm-up
     model = build_model(base, 2, LoraSettings(), device)
     start = time.perf_counter()

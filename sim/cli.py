@@ -10,17 +10,18 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedtune.client.sim_nodes import SimulationNodes
-from fedtune.common.errors import FedtuneError, RunError
+from fedtune.common import exit_codes
+from fedtune.common.errors import ConfigError, FedtuneError, RunError
 from fedtune.common.settings import RunSettings, help_table
 from fedtune.server.results import SUMMARY_FILE
+from fedtune.sim.nodes import SimulatedNodes, prepare
+from fedtune.sim.output import ResultsDir
 from fedtune.sim.preflight import preflight
 from fedtune.sim.report import plot, read_rounds, round_table
 from fedtune.sim.runner import LocalSimulation, SimulationSpec, write_app_dir
@@ -55,55 +56,67 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--local-epochs", type=float, help="local epochs per round")
     p.add_argument("--lora-rank", type=int, help="LoRA rank")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting (repeatable)")
-    p.add_argument("--out", type=Path, default=None, help="results directory (default results/<timestamp>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results directory (default results/<timestamp>); must not exist or be empty")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out directory (only once the new run has finished)")
     p.add_argument("--policy-dir", type=Path, default=None,
                    help="simulation only: per-client privacy policies client-<id>.toml (or default.toml); "
                         "clients without one use the run's epsilon as budget (see docs/privacy.md)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="keep client ledgers in STATE_DIR/client-<id>/ (persists budgets across runs; "
                         "default: OUT/clients/)")
+    p.add_argument("--insecure-reproducible-seed", type=int, default=None, metavar="SEED",
+                   help="simulation only: draw every node's sampling and noise from SEED so a run repeats exactly. "
+                        "A server that knew SEED could cancel the noise; the ledger records it, and deployed "
+                        "nodes never allow it")
     p.add_argument("--cpus-per-client", type=int, default=None,
                    help="CPU cores per simulated client (default: all cores, one client at a time)")
     return p
 
 
-def settings_from_args(args: argparse.Namespace) -> tuple[RunSettings, dict[str, Any]]:
-    """Resolve flags and --set pairs into validated settings, and the overrides given."""
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    """Resolve flags and --set pairs into validated settings (a --set contradicting a flag is refused)."""
     overrides: dict[str, Any] = {}
     for attr, key in FLAGS.items():
         if getattr(args, attr) is not None:
             overrides[key] = getattr(args, attr)
     if args.no_dp:
         overrides["dp"] = False
+    problems = []
     for pair in args.set:
         key, sep, value = pair.partition("=")
+        key, value = key.strip(), value.strip()
         if not sep:
-            raise FedtuneError(f"--set expects KEY=VALUE, got {pair!r}")
-        overrides[key.strip()] = value.strip()
-    out = args.out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
-    overrides["results-dir"] = str(out.resolve())
+            problems.append(f"--set expects KEY=VALUE, got {pair[:200]!r}")
+        elif key in overrides and str(overrides[key]).lower() != value.lower():
+            problems.append(f"--set {key}={value[:100]} contradicts the flag that set {key} to {overrides[key]!r}; "
+                            "give it once")
+        else:
+            overrides[key] = value
     if args.clients < 1:
-        raise FedtuneError(f"--clients must be >= 1, got {args.clients}")
-    settings = RunSettings.from_config(overrides)
-    if settings.model.model_path:
-        overrides["model-path"] = str(Path(settings.model.model_path).resolve())
-    if Path(settings.data.dataset).suffix:
-        overrides["dataset"] = str(Path(settings.data.dataset).resolve())
-    overrides["min-clients"] = min(settings.plan.min_clients, args.clients)
-    return RunSettings.from_config(overrides), overrides
+        problems.append(f"--clients must be >= 1, got {args.clients}")
+    if problems:
+        raise ConfigError(problems)
+    for key in ("model-path", "dataset"):  # paths stay valid for the Flower processes (another cwd)
+        if overrides.get(key) and Path(str(overrides[key])).exists():
+            overrides[key] = str(Path(str(overrides[key])).resolve())
+    overrides.setdefault("min-clients", min(2, args.clients))
+    return RunSettings.from_config(overrides)
 
 
-def _run(settings: RunSettings, overrides: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    out = Path(settings.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    SimulationNodes(args.policy_dir, args.state_dir).write(out)  # read by each simulated ClientApp
+def _run(settings: RunSettings, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Prepare the simulated nodes, run the federation into ``out``; return the summary."""
+    settings = RunSettings.from_config(settings.to_config() | {"results-dir": str(out.resolve())})
+    nodes = SimulatedNodes(out, args.clients, args.policy_dir, args.state_dir, args.insecure_reproducible_seed)
+    env = prepare(settings, nodes)
     (out / "config.json").write_text(json.dumps(
         {"num-clients": args.clients, **settings.to_config()}, indent=2) + "\n")
     cpus = args.cpus_per_client or os.cpu_count() or 1
     work = out / "flower"  # FLWR_HOME, the generated app and the SuperLink log stay with the results
     spec = SimulationSpec(
         app_dir=write_app_dir(work / "app", RunSettings().to_config()), run_config=settings.to_config(),
-        num_clients=args.clients, cpus_per_client=cpus, work_dir=work,
+        num_clients=args.clients, cpus_per_client=cpus, work_dir=work, env=env,
     )
     _simulate(spec, out, settings.plan.num_rounds)
     summary_path = out / SUMMARY_FILE
@@ -136,23 +149,34 @@ def _simulate(spec: SimulationSpec, out: Path, num_rounds: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    results: ResultsDir | None = None
     try:
-        settings, overrides = settings_from_args(args)
+        settings = settings_from_args(args)
+        results = ResultsDir.claim(args.out, overwrite=args.overwrite)
         preflight(settings, args.clients)
-        summary = _run(settings, overrides, args)
+        summary = _run(settings, args, results.work)
     except FedtuneError as err:
-        console.print(f"[bold red]fedtune-sim: error[/]\n{err}")
-        return 2 if not isinstance(err, RunError) else 1
+        console.print("[bold red]fedtune-sim: error[/]")
+        console.print(str(err), markup=False, highlight=False, soft_wrap=True)
+        if results is not None:
+            results.finish(completed=False)
+        return exit_codes.FAILED if isinstance(err, RunError) else exit_codes.BAD_INPUT
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; the simulation was stopped[/]")
-        return 130
-    out = Path(settings.results_dir)
+        if results is not None:
+            results.finish(completed=False)
+        return exit_codes.INTERRUPTED
+    out = results.finish()
     rounds = read_rounds(out)
     Console().print(round_table(rounds))
     png = plot(rounds, out / "metrics.png", settings.privacy.epsilon if settings.privacy.dp else None)
-    console.print(f"results: {out} (metrics.jsonl, summary.json, adapter/, {png.name})")
+    console.print(f"results: {out} (metrics.jsonl, summary.json, adapter/, {png.name})", markup=False)
     console.print(f"final held-out accuracy {summary.get('final-accuracy')}, max epsilon {summary.get('epsilon-max')}")
-    return 0
+    if summary.get("status") == "stopped-early":
+        console.print(f"stopped early: {summary.get('stop-reason')}", markup=False, highlight=False)
+        return exit_codes.STOPPED_NODES if summary.get("stop-code") in ("nodes", "deadline") \
+            else exit_codes.STOPPED_BUDGET
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ group when done — nothing is left running.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class SimulationSpec:
     num_clients: int
     cpus_per_client: int
     work_dir: Path  # FLWR_HOME and SuperLink logs live here
+    env: Mapping[str, str] = field(default_factory=dict)  # extra environment (the simulated nodes' configuration)
 
 
 class LocalSimulation:
@@ -49,7 +50,7 @@ class LocalSimulation:
         self.log_file = spec.work_dir / "superlink.log"
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.env = flower_env(self.home)
+        self.env = flower_env(self.home) | dict(spec.env)
         self.cli = FlwrCli(self.env, spec.work_dir)
 
     def __enter__(self) -> LocalSimulation:

@@ -17,9 +17,9 @@ from fedtune.common.audit_cli import main as audit_main
 from fedtune.sim.cli import main as sim_main
 
 POLICIES = {
-    "client-0.toml": 'max-epsilon = 6.0\nnoise-plan = "as-requested"\n',
-    "client-1.toml": "max-epsilon = 50.0\nmin-noise-multiplier = 1.5\n",
-    "default.toml": "max-epsilon = 100.0\n",
+    "client-0.toml": 'max-epsilon = 6.0\nnoise-plan = "as-requested"\ndataset-id = "ward-0"\n',
+    "client-1.toml": 'max-epsilon = 50.0\nmin-noise-multiplier = 1.5\ndataset-id = "ward-1"\n',
+    "default.toml": 'max-epsilon = 100.0\ndataset-id = "ward-2"\n',
 }
 
 
@@ -40,6 +40,14 @@ def _rounds(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _by_client(out: Path, state: Path) -> dict[int, dict[int, dict]]:
+    """Per round, per client: rows are matched to clients by the ledger key each reply names."""
+    from fedtune.common.ledger_key import key_id, load_public_key
+
+    keys = {key_id(load_public_key(state / f"client-{i}" / "ledger-signing.pub")): i for i in range(3)}
+    return {r["round"]: {keys[c["ledger-key"]]: c for c in r["clients"]} for r in _rounds(out)[1:]}
+
+
 @pytest.fixture(scope="module")
 def first_run(tiny_model_dir: Path, sentiment_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("budget")
@@ -56,25 +64,27 @@ def test_small_budget_client_trains_then_refuses_and_the_run_completes(first_run
     assert first_run["code"] == 0
     out, state = first_run["out"], first_run["state"]
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
-    rows = {r["round"]: {c["partition-id"]: c for c in r["clients"]} for r in _rounds(out)[1:]}
+    rows = _by_client(out, state)
     assert rows[1][0]["status"] == "trained" and rows[2][0]["status"] == "refused"
-    assert rows[2][0]["reason"].startswith("budget: epsilon would reach")
+    assert rows[2][0]["code"] == "BUDGET_EXHAUSTED" and "reason" not in rows[2][0]  # the detail stays on the node
     assert 0 not in rows[3]  # excluded after refusing
     assert all(rows[r][2]["status"] == "trained" for r in (1, 2, 3))  # the others carry on
     ledger = _ledger(state, 0)
     assert [e["decision"] for e in ledger] == ["charged", "refused"]
+    assert ledger[1]["reason"].startswith("budget: epsilon would reach")
     assert all(e["epsilon"] <= e["budget"] == 6.0 for e in ledger)
     assert ledger[1]["projected"] > 6.0
     assert rows[1][0]["epsilon"] == pytest.approx(ledger[0]["epsilon"])  # per-client epsilon in metrics.jsonl
 
 
 def test_plan_needing_less_noise_than_the_policy_is_refused_and_recorded(first_run: dict) -> None:
-    rows = {r["round"]: {c["partition-id"]: c for c in r["clients"]} for r in _rounds(first_run["out"])[1:]}
-    assert rows[1][1]["status"] == "refused" and "minimum is 1.5" in rows[1][1]["reason"]
+    rows = _by_client(first_run["out"], first_run["state"])
+    assert rows[1][1]["status"] == "refused" and rows[1][1]["code"] == "POLICY_MIN_NOISE"
     assert 1 not in rows[2] and 1 not in rows[3]
     ledger = _ledger(first_run["state"], 1)
     assert [e["decision"] for e in ledger] == ["refused"]
-    assert "needs noise multiplier" in ledger[0]["reason"] and ledger[0]["epsilon"] == 0.0
+    assert "needs noise multiplier" in ledger[0]["reason"] and "minimum is 1.5" in ledger[0]["reason"]
+    assert ledger[0]["epsilon"] == 0.0
 
 
 def test_second_run_continues_budgets_from_the_ledgers(first_run: dict, tiny_model_dir: Path,

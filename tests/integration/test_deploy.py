@@ -102,7 +102,8 @@ def _prepare(root: Path, model_dir: Path, dataset: Path) -> Scenario:
         d.mkdir()
         frame.iloc[i * 100:(i + 1) * 100 + 50].to_csv(d / "data.csv", index=False)
         key = sc.certs / "nodes" / (name if name in "abcd" else "a") / "ledger-signing.key"
-        (d / "policy.toml").write_text(f'max-epsilon = 8.0\ndelta = 1e-5\nledger-key = "{key}"\n')
+        (d / "policy.toml").write_text(f'max-epsilon = 8.0\ndelta = 1e-5\ndataset-id = "node-{name}"\n'
+                                       f'ledger-key = "{key}"\n')
     (root / "run.toml").write_text(
         f'model-path = "{model_dir}"\ndataset = "{dataset}"\npartition-by = "group"\nmax-seq-len = 16\n'
         "batch-size = 32\nlearning-rate = 0.05\nnum-rounds = 2\nmin-clients = 3\n")
@@ -220,8 +221,8 @@ def test_node_without_the_app_on_its_allow_list_refuses_it_and_trains_nothing(sc
     assert decisions and all(d["decision"] == "refused" for d in decisions)
     assert "not on this node's allow-list" in decisions[0]["reason"]
     assert not any(e["decision"] == "charged" for e in _ledger(scenario, "c"))
-    reasons = [c.get("reason", "") for r in _metrics(scenario)[1:] for c in r["clients"] if c["status"] == "error"]
-    assert reasons and all("allow-list" in reason for reason in reasons)
+    codes = [c["code"] for r in _metrics(scenario)[1:] for c in r["clients"] if c["status"] == "error"]
+    assert codes and all(code == "FLOWER_INVALID_FAB" for code in codes)  # a code, never the node's text
     allowed = [json.loads(x) for x in (scenario.node_dir("a") / "state" / "app-decisions.jsonl").read_text()
                .splitlines()]
     assert allowed and all(d["decision"] == "allowed" for d in allowed)

@@ -16,13 +16,15 @@ def test_resumed_run_ends_like_the_uninterrupted_one(tiny_model_dir, sentiment_c
     monkeypatch.setenv(ENV_CHECKPOINT_DIR, str(checkpoints))  # what fedtune-server sets on its SuperLink
     args = ["--clients", "3", "--rounds", "2", "--model", str(tiny_model_dir), "--dataset", str(sentiment_csv),
             "--set", "partition-by=group", "--set", "max-seq-len=16", "--set", "batch-size=32", "--no-dp",
-            "--set", "learning-rate=0.5", "--out", str(out)]
+            "--set", "learning-rate=0.5", "--out", str(out),
+            "--insecure-reproducible-seed", "7"]  # the same sampling on both runs (simulation only)
     assert main(args) == 0
     uninterrupted = load_file(out / "adapter" / "adapter_model.safetensors")
     first_lines = (out / "metrics.jsonl").read_text().splitlines()
 
     (checkpoints / LATEST).write_text("round-0001\n")  # as if the server died right after round 1
-    assert main(args) == 0
+    assert main(args) == 2  # an existing result is never overwritten by accident
+    assert main([*args, "--overwrite"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed-after-round"] == 1 and summary["status"] == "completed"
     resumed = load_file(out / "adapter" / "adapter_model.safetensors")

@@ -22,7 +22,7 @@ def node(tmp_path: Path) -> dict[str, Path]:
     tls.create_ca(tmp_path / "ca")
     tls.create_node_keys(tmp_path / "keys")
     make_sentiment_frame(40).to_csv(tmp_path / "data.csv", index=False)
-    (tmp_path / "policy.toml").write_text("max-epsilon = 4.0\ndelta = 1e-5\n")
+    (tmp_path / "policy.toml").write_text("max-epsilon = 4.0\ndelta = 1e-5\ndataset-id = \"ward-7\"\n")
     (tmp_path / "allowed.txt").write_text(f"# approved 2026-11-01\n{HASH}\n")
     return {"ca": tmp_path / "ca/ca.pem", "key": tmp_path / "keys/node.key", "data": tmp_path / "data.csv",
             "policy": tmp_path / "policy.toml", "allow": tmp_path / "allowed.txt", "state": tmp_path / "state"}
@@ -142,9 +142,10 @@ def test_shipped_deploy_examples_are_valid() -> None:
 def test_ledger_key_named_by_the_policy_must_exist_and_be_private(node: dict[str, Path], tmp_path: Path) -> None:
     opts = NodeOptions(superlink="h:1", data=node["data"], state_dir=node["state"], policy=node["policy"],
                        root_certificates=node["ca"], allowlist=node["allow"])
-    node["policy"].write_text(f'max-epsilon = 4.0\nledger-key = "{tmp_path / "missing.key"}"\n')
+    node["policy"].write_text(f'max-epsilon = 4.0\ndataset-id = "w"\nledger-key = "{tmp_path / "missing.key"}"\n')
     assert any("missing.key" in p and "fedtune-certs node" in p for p in problems(opts))
-    node["policy"].write_text(f'max-epsilon = 4.0\nledger-key = "{tmp_path / "keys/ledger-signing.key"}"\n')
+    key = tmp_path / "keys/ledger-signing.key"
+    node["policy"].write_text(f'max-epsilon = 4.0\ndataset-id = "w"\nledger-key = "{key}"\n')
     assert problems(opts) == []
-    node["policy"].write_text(f'max-epsilon = 4.0\nledger-key = "{tmp_path / "ca/ca.key"}"\n')
+    node["policy"].write_text(f'max-epsilon = 4.0\ndataset-id = "w"\nledger-key = "{tmp_path / "ca/ca.key"}"\n')
     assert any("must be an Ed25519 key" in p for p in problems(opts))

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.client.policy import NodePolicy, PlanRequest, load_policy, simulation_default
-from fedtune.client.sim_nodes import SimulationNodes
+from fedtune.client.policy import NodePolicy, PlanRequest, load_policy, policy_toml
 from fedtune.common.errors import ConfigError
 
 REQUEST = PlanRequest(model="", dp=True, epsilon=8.0, delta=1e-5, accountant="prv", num_rounds=3, server_round=1,
@@ -37,7 +36,7 @@ ledger-key = "keys/ledger-signing.key"
     assert policy.max_epsilon == 4.0 and policy.delta == 1e-6 and policy.accountant == "rdp"
     assert policy.allowed_models == ("embedded", "models/bert")
     assert policy.ledger_key == str((tmp_path / "keys/ledger-signing.key").resolve())  # relative to the file
-    assert policy.budget_key("f" * 64) == "ward-7-notes"
+    assert policy.dataset_id == "ward-7-notes" and policy.released == ()
     assert policy.source == str(tmp_path / "policy.toml")
 
 
@@ -46,19 +45,22 @@ def test_every_problem_is_reported_with_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_policy(path)
     problems = err.value.problems
-    assert len(problems) == 4 and all(str(path) in p for p in problems)
+    assert len(problems) == 5 and all(str(path) in p for p in problems)
     text = "\n".join(problems)
-    for fragment in ("unknown key 'max-steps'", "max-epsilon is required", "delta must be a number",
-                     "require-dp must be true or false"):
+    for fragment in ("unknown key 'max-steps'", "max-epsilon is required", "dataset-id is required",
+                     "delta must be a number", "require-dp must be true or false"):
         assert fragment in text
 
 
 @pytest.mark.parametrize(("text", "fragment"), [
-    ("max-epsilon = -1", "max-epsilon must be > 0"),
-    ("max-epsilon = 1\ndelta = 2.0", "delta must be in (0, 1)"),
-    ("max-epsilon = 1\nnoise-plan = 'greedy'", "noise-plan must be spread or as-requested"),
-    ("max-epsilon = 1\naccountant = 'gdp'", "accountant must be prv or rdp"),
+    ("max-epsilon = -1\ndataset-id = 'd'", "max-epsilon must be > 0"),
+    ("max-epsilon = 1\ndelta = 2.0\ndataset-id = 'd'", "delta must be in (0, 1)"),
+    ("max-epsilon = 1\nnoise-plan = 'greedy'\ndataset-id = 'd'", "noise-plan must be spread or as-requested"),
+    ("max-epsilon = 1\naccountant = 'gdp'\ndataset-id = 'd'", "accountant must be prv or rdp"),
     ("max-epsilon = [", "not valid TOML"),
+    ("max-epsilon = 1\nmax-noise-multiplier = 0.5\nmin-noise-multiplier = 0.8\ndataset-id = 'd'",
+     "max-noise-multiplier must be finite and above min-noise-multiplier"),
+    ("max-epsilon = 1", "dataset-id is required"),
 ])
 def test_bad_values(tmp_path: Path, text: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
@@ -83,7 +85,8 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 ])
 def test_check_against_the_plan(policy: NodePolicy, request_: PlanRequest, fragment: str | None) -> None:
     problems = policy.check(request_)
-    assert (problems == []) if fragment is None else any(fragment in p for p in problems), problems
+    assert (problems == []) if fragment is None else any(fragment in p for _, p in problems), problems
+    assert all(code.startswith("POLICY_") for code, _ in problems)
 
 
 def test_rounds_left_counts_from_this_round() -> None:
@@ -92,19 +95,9 @@ def test_rounds_left_counts_from_this_round() -> None:
     assert replace(REQUEST, server_round=7).rounds_left == 1
 
 
-def test_simulation_default_takes_the_run_budget() -> None:
-    policy = simulation_default(3.0, 1e-6, "rdp", dp=False)
-    assert (policy.max_epsilon, policy.delta, policy.accountant, policy.require_dp) == (3.0, 1e-6, "rdp", False)
-
-
-def test_simulation_nodes_file(tmp_path: Path) -> None:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "client-1.toml").write_text("max-epsilon = 1\n")
-    (policies / "default.toml").write_text("max-epsilon = 2\n")
-    SimulationNodes(policies, tmp_path / "state").write(tmp_path / "out")
-    nodes = SimulationNodes.read(tmp_path / "out")
-    assert nodes.policy_file(1) == (policies / "client-1.toml").resolve()
-    assert nodes.policy_file(0) == (policies / "default.toml").resolve()
-    assert nodes.client_state_dir(tmp_path / "out", 3) == (tmp_path / "state" / "client-3").resolve()
-    assert SimulationNodes.read(tmp_path / "elsewhere").client_state_dir(tmp_path, 0) == tmp_path / "clients/client-0"
+def test_policy_round_trips_through_toml(tmp_path: Path) -> None:
+    policy = NodePolicy(max_epsilon=3.0, delta=1e-6, accountant="rdp", dataset_id="sim/client-1",
+                        release_train_loss=True, allowed_models=("embedded",))
+    again = load_policy(write(tmp_path, policy_toml(policy)))
+    assert again == NodePolicy(**{**policy.__dict__, "source": str(tmp_path / "policy.toml")})
+    assert again.released == ("train-loss",)

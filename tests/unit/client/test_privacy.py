@@ -65,7 +65,7 @@ def test_charges_then_refuses_when_the_budget_runs_out() -> None:
             sigma = d.event.noise_multiplier
     assert [d.charged for d in decisions] == [True, False, False]
     assert decisions[0].exhausted and decisions[1].exhausted
-    assert decisions[1].reason.startswith("budget: epsilon would reach")
+    assert decisions[1].reason.startswith("budget: epsilon would reach") and decisions[1].code == "BUDGET_EXHAUSTED"
     assert decisions[1].projected > 6.0 >= decisions[1].epsilon_before == decisions[0].epsilon_after
 
 
@@ -86,16 +86,31 @@ def test_too_little_noise_or_too_many_steps_is_refused() -> None:
     strict = NodePolicy(max_epsilon=50.0, accountant="rdp", min_noise_multiplier=1.5)
     d = decide(strict, REQUEST, [])
     assert not d.charged and "needs noise multiplier" in d.reason and "minimum is 1.5" in d.reason
+    assert d.code == "POLICY_MIN_NOISE"
     assert d.event is not None and d.event.noise_multiplier < 1.5  # what was asked is recorded
     d = decide(NodePolicy(accountant="rdp", max_steps_per_round=4), REQUEST, [])
     assert not d.charged and d.reason.startswith("policy: the plan needs 8 local steps")
+    assert d.code == "POLICY_STEPS"
+
+
+def test_a_budget_that_only_allows_useless_noise_is_kept() -> None:
+    """Rather than train at a huge noise multiplier (an update with no utility), the node refuses and says why."""
+    policy = NodePolicy(max_epsilon=4.0, accountant="rdp", max_noise_multiplier=2.0)
+    spent = [DpEvent(0.125, 1.2, 24)]
+    left = 4.0 - epsilon_of(spent, 1e-5, "rdp")
+    assert 0 < left < 1.0
+    d = decide(policy, REQUEST, spent)
+    assert not d.charged and d.code == "POLICY_MAX_NOISE" and d.exhausted
+    assert d.event is not None and d.event.noise_multiplier > 2.0 and "maximum is 2" in d.reason
+    relaxed = decide(NodePolicy(max_epsilon=4.0, accountant="rdp", max_noise_multiplier=50.0), REQUEST, spent)
+    assert relaxed.charged and relaxed.event.noise_multiplier == d.event.noise_multiplier
 
 
 def test_budget_exhausted_before_the_run_is_refused_without_planning_below_zero() -> None:
     policy = NodePolicy(max_epsilon=1.0, accountant="rdp")
     spent = [DpEvent(0.125, 0.6, 200)]
     d = decide(policy, REQUEST, spent)
-    assert not d.charged and d.exhausted and d.reason.startswith("budget")
+    assert not d.charged and d.exhausted and d.reason.startswith("budget") and d.code == "BUDGET_EXHAUSTED"
 
 
 def test_non_private_training_makes_epsilon_unbounded() -> None:
@@ -103,7 +118,7 @@ def test_non_private_training_makes_epsilon_unbounded() -> None:
     d = decide(lax, replace(REQUEST, dp=False), [])
     assert d.charged and d.event is None and math.isinf(d.epsilon_after)
     later = decide(lax, REQUEST, [None])
-    assert not later.charged and "unbounded" in later.reason
+    assert not later.charged and "unbounded" in later.reason and later.code == "BUDGET_UNBOUNDED"
 
 
 schedules = st.lists(st.tuples(
@@ -129,7 +144,7 @@ def test_budget_is_never_exceeded(budget: float, plan: str, runs: list, min_nois
             if d.charged:
                 history.append(d.event)
                 sigma = d.event.noise_multiplier
-                assert d.event.noise_multiplier >= min_noise
+                assert min_noise <= d.event.noise_multiplier <= policy.max_noise_multiplier
             spent = epsilon_of(history, policy.delta, "rdp")
             assert spent <= budget + BUDGET_SLACK
             assert d.epsilon_after == pytest.approx(spent, rel=1e-9, abs=1e-12)

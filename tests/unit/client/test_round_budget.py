@@ -17,7 +17,7 @@ from fedtune.client.policy import NodePolicy, PlanRequest
 from fedtune.client.privacy import epsilon_of
 from fedtune.client.round import NodePrivacy, RunRef, charge_round
 from fedtune.common.audit import audit
-from fedtune.common.errors import PrivacyError
+from fedtune.common.errors import ConfigError, PrivacyError
 from fedtune.common.ledger import event_from_json
 from fedtune.common.ledger_key import key_id
 
@@ -31,8 +31,8 @@ def entries(state: Path) -> list[dict]:
 
 
 def test_plan_outside_the_policy_is_refused_and_recorded(tmp_path: Path) -> None:
-    node = NodePrivacy.open(NodePolicy(max_epsilon=50.0, min_noise_multiplier=1.5, max_steps_per_round=3,
-                                       accountant="rdp"), tmp_path)
+    node = NodePrivacy.open(NodePolicy(dataset_id="ward-7", max_epsilon=50.0, min_noise_multiplier=1.5,
+                                       max_steps_per_round=3, accountant="rdp"), tmp_path)
     too_many_steps, _ = charge_round(node, REQUEST, run=RunRef("1"), fingerprint=FINGERPRINT)
     too_little_noise, _ = charge_round(node, replace(REQUEST, steps=3), run=RunRef("1"), fingerprint=FINGERPRINT)
     assert not too_many_steps.charged and not too_little_noise.charged
@@ -45,7 +45,7 @@ def test_plan_outside_the_policy_is_refused_and_recorded(tmp_path: Path) -> None
 
 
 def test_charges_are_durable_before_training_and_refusals_follow(tmp_path: Path) -> None:
-    node = NodePrivacy.open(NodePolicy(max_epsilon=6.0, noise_plan="as-requested"), tmp_path)
+    node = NodePrivacy.open(NodePolicy(dataset_id="ward-7", max_epsilon=6.0, noise_plan="as-requested"), tmp_path)
     first, entry = charge_round(node, REQUEST, run=RunRef("7"), fingerprint=FINGERPRINT)
     assert first.charged and entries(tmp_path)[-1] == entry  # on disk when charge_round returns
     second, _ = charge_round(node, replace(REQUEST, server_round=2), run=RunRef("7"), fingerprint=FINGERPRINT)
@@ -57,15 +57,26 @@ def test_charges_are_durable_before_training_and_refusals_follow(tmp_path: Path)
     assert audit([tmp_path / "ledger.jsonl"], {key_id(public): public}).ok
 
 
-def test_budgets_are_per_dataset(tmp_path: Path) -> None:
-    node = NodePrivacy.open(NodePolicy(max_epsilon=6.0, noise_plan="as-requested", accountant="rdp"), tmp_path)
+def test_budgets_are_per_dataset_id_not_per_fingerprint(tmp_path: Path) -> None:
+    """The policy's dataset-id keys the budget: changed rows (another fingerprint) do not open a new one."""
+    policy = NodePolicy(dataset_id="ward-7", max_epsilon=6.0, noise_plan="as-requested", accountant="rdp")
+    node = NodePrivacy.open(policy, tmp_path)
     a, _ = charge_round(node, REQUEST, run=RunRef("1"), fingerprint=FINGERPRINT)
-    b, _ = charge_round(node, REQUEST, run=RunRef("1"), fingerprint="cd" * 32)
-    assert a.charged and b.charged and b.epsilon_before == 0.0
+    same, _ = charge_round(node, replace(REQUEST, server_round=2), run=RunRef("1"), fingerprint="cd" * 32)
+    assert a.charged and not same.charged and same.epsilon_before == a.epsilon_after
+    other = NodePrivacy.open(replace(policy, dataset_id="ward-8"), tmp_path)
+    b, _ = charge_round(other, REQUEST, run=RunRef("1"), fingerprint=FINGERPRINT)
+    assert b.charged and b.epsilon_before == 0.0
+    assert [e["dataset"] for e in entries(tmp_path)] == ["ward-7", "ward-7", "ward-8"]
+
+
+def test_a_policy_without_dataset_id_cannot_open_a_ledger(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="dataset-id is required"):
+        NodePrivacy.open(NodePolicy(max_epsilon=1.0), tmp_path)
 
 
 def test_damaged_ledger_stops_the_node(tmp_path: Path) -> None:
-    node = NodePrivacy.open(NodePolicy(accountant="rdp"), tmp_path)
+    node = NodePrivacy.open(NodePolicy(dataset_id="ward-7", accountant="rdp"), tmp_path)
     charge_round(node, REQUEST, run=RunRef("1"), fingerprint=FINGERPRINT)
     path = tmp_path / "ledger.jsonl"
     path.write_text(path.read_text().replace('"round":1', '"round":2'))
@@ -80,7 +91,7 @@ from fedtune.client.policy import NodePolicy, PlanRequest
 from fedtune.client.round import NodePrivacy, RunRef, charge_round
 request = PlanRequest(model="", dp=True, epsilon=8.0, delta=1e-5, accountant="prv", num_rounds=3,
                       server_round=int(sys.argv[2]), sample_rate=0.25, steps=4, clip_norm=1.0)
-node = NodePrivacy.open(NodePolicy(max_epsilon=8.0), Path(sys.argv[1]))
+node = NodePrivacy.open(NodePolicy(dataset_id="ward-7", max_epsilon=8.0), Path(sys.argv[1]))
 decision, _ = charge_round(node, request, run=RunRef(sys.argv[3]), fingerprint="ab" * 32)
 print("charged" if decision.charged else "refused", flush=True)
 time.sleep(600)  # "training": the test kills the process here
@@ -105,24 +116,28 @@ def test_killed_client_resumes_from_its_ledger(tmp_path: Path) -> None:
     start = time.monotonic()
     _charge_then_die(tmp_path, 1, run_id="42")
     _charge_then_die(tmp_path, 2, run_id="42")
-    node = NodePrivacy.open(NodePolicy(max_epsilon=8.0), tmp_path)  # the restarted process
+    node = NodePrivacy.open(NodePolicy(dataset_id="ward-7", max_epsilon=8.0), tmp_path)  # the restarted process
     third, _ = charge_round(node, replace(REQUEST, server_round=3), run=RunRef("42"), fingerprint=FINGERPRINT)
     lines = entries(tmp_path)
     assert [e["decision"] for e in lines] == ["charged"] * 3 and third.charged
+    assert {e["rng"] for e in lines} == {"secrets"} and {e["dataset"] for e in lines} == {"ward-7"}
     assert len({e["event"]["noise_multiplier"] for e in lines}) == 1  # planned once, at round 1
     assert lines[0]["epsilon"] < lines[1]["epsilon"] < lines[2]["epsilon"] <= 8.0
     assert third.epsilon_before == pytest.approx(lines[1]["epsilon"])
     replay = epsilon_of([event_from_json(e["event"]) for e in lines], 1e-5, "prv")
     assert replay == pytest.approx(lines[2]["epsilon"], rel=1e-9)
-    # a new run plans from what is left (~0.015 here): heavy noise, and the budget still holds
+    # a new run plans from what is left (~0.015 here): noise beyond the policy's maximum, so it is refused
     nxt, _ = charge_round(node, replace(REQUEST, server_round=1), run=RunRef("43"), fingerprint=FINGERPRINT)
+    assert not nxt.charged and nxt.code == "POLICY_MAX_NOISE" and nxt.epsilon_after == nxt.epsilon_before
+    lax = NodePrivacy(replace(node.policy, max_noise_multiplier=50.0), node.ledger)
+    nxt, _ = charge_round(lax, replace(REQUEST, server_round=1), run=RunRef("43"), fingerprint=FINGERPRINT)
     assert nxt.epsilon_before == pytest.approx(lines[2]["epsilon"]) and nxt.epsilon_after <= 8.0
     assert nxt.event is not None and nxt.event.noise_multiplier > 10
     assert time.monotonic() - start < 120
 
 
 def test_resumed_server_run_keeps_its_noise_plan(tmp_path: Path) -> None:
-    node = NodePrivacy.open(NodePolicy(max_epsilon=8.0, accountant="rdp"), tmp_path)
+    node = NodePrivacy.open(NodePolicy(dataset_id="ward-7", max_epsilon=8.0, accountant="rdp"), tmp_path)
     charge_round(node, REQUEST, run=RunRef("1", run_key="k"), fingerprint=FINGERPRINT)
     resumed, _ = charge_round(node, replace(REQUEST, server_round=2), run=RunRef("2", run_key="k", resumed=True),
                               fingerprint=FINGERPRINT)

@@ -11,13 +11,15 @@ from opacus.accountants import PRVAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtune.client.privacy import steps_per_round
-from fedtune.client.trainer import DpParams, privatize, train
+from fedtune.client.randomness import RoundSeeds
+from fedtune.client.trainer import DpParams, noise_only_step, privatize, train
 from fedtune.common.adapter import to_arrays
 from fedtune.common.model import build_model, encode, load_base
 from fedtune.common.settings import LoraSettings
 from tests.tiny import make_sentiment_frame
 
 CPU = torch.device("cpu")
+SEEDS = RoundSeeds.insecure(0, 1, "test")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_lora_weights_change_after_one_dp_step(base):
     _randomise_head(model)
     before = to_arrays(model)
     train(model, _data(base), steps=1, batch_size=32, learning_rate=1e-2,
-          dp=DpParams(noise_multiplier=1.0, clip_norm=1.0), device=CPU, seed=0)
+          dp=DpParams(noise_multiplier=1.0, clip_norm=1.0), device=CPU, seeds=SEEDS)
     after = to_arrays(model)
     lora_changed = [k for k in before if "lora_" in k and not np.array_equal(before[k], after[k])]
     assert any("lora_B" in k for k in lora_changed), "no LoRA B factor changed after a DP step"
@@ -64,7 +66,7 @@ def test_clipping_bounds_every_per_sample_gradient(base):
     ids, mask, labels = _data(base, 8)
     params = [p for p in model.parameters() if p.requires_grad]
     loader = DataLoader(TensorDataset(ids, mask, labels), batch_size=1)
-    private = privatize(model, torch.optim.SGD(params, lr=0.0), loader, DpParams(0.0, clip))
+    private = privatize(model, torch.optim.SGD(params, lr=0.0), loader, DpParams(0.0, clip), torch.Generator())
     raw_norms, clipped_norms = [], []
     for i in range(len(labels)):
         private.optimizer.zero_grad(set_to_none=True)
@@ -85,7 +87,7 @@ def test_epsilon_after_k_steps_matches_opacus_engine(base, n, batch, sigma, step
     delta = 1e-5
     q, _ = steps_per_round(n, batch, 1.0)
     result = train(_model(base), _data(base, n), steps=steps, batch_size=batch, learning_rate=1e-3,
-                   dp=DpParams(sigma, 1.0, delta), device=CPU, seed=1)
+                   dp=DpParams(sigma, 1.0, delta), device=CPU, seeds=SEEDS)
     accountant = PRVAccountant()
     accountant.history = [(sigma, q, steps)]  # what the node charges for this round
     charged = accountant.get_epsilon(delta)
@@ -95,7 +97,7 @@ def test_epsilon_after_k_steps_matches_opacus_engine(base, n, batch, sigma, step
 
 def test_non_dp_training_reports_no_opacus_epsilon(base):
     result = train(_model(base), _data(base), steps=2, batch_size=16, learning_rate=1e-2, dp=None,
-                   device=CPU, seed=0)
+                   device=CPU, seeds=SEEDS)
     assert result.opacus_epsilon is None
     assert result.steps == 2 and math.isfinite(result.loss)
 
@@ -106,10 +108,48 @@ def test_ffa_lora_trains_only_b_and_keeps_a_at_its_shared_init(base):
     _randomise_head(model)
     before = to_arrays(model)
     train(model, _data(base), steps=2, batch_size=32, learning_rate=1e-2,
-          dp=DpParams(noise_multiplier=1.0, clip_norm=1.0), device=CPU, seed=0)
+          dp=DpParams(noise_multiplier=1.0, clip_norm=1.0), device=CPU, seeds=SEEDS)
     after = to_arrays(model)
     a_keys = [k for k in before if "lora_A" in k]
     assert a_keys and all(np.array_equal(before[k], after[k]) for k in a_keys)
     assert any(not np.array_equal(before[k], after[k]) for k in before if "lora_B" in k)
     other_node = to_arrays(build_model(base, 2, ffa, CPU, seed=0))
     assert all(np.array_equal(other_node[k], after[k]) for k in a_keys)  # every node shares A
+
+
+def _update(base, seeds: RoundSeeds) -> dict[str, np.ndarray]:
+    model = _model(base)
+    _randomise_head(model)
+    before = to_arrays(model)
+    train(model, _data(base), steps=2, batch_size=32, learning_rate=1e-2, dp=DpParams(1.0, 1.0), device=CPU,
+          seeds=seeds)
+    return {k: v - before[k] for k, v in to_arrays(model).items()}
+
+
+def test_the_same_round_twice_gets_independent_noise(base):
+    """A server that sends the same round (same weights, same run seed, same round number) twice cannot
+    cancel the noise by subtracting the two updates: each round draws fresh node-secret seeds."""
+    first, second = _update(base, RoundSeeds.secret()), _update(base, RoundSeeds.secret())
+    diff = np.concatenate([(first[k] - second[k]).ravel() for k in first])
+    assert np.abs(diff).max() > 1e-4
+    # ... whereas a seeded (simulation-only, recorded) run repeats exactly: the difference really is the seed.
+    again = _update(base, SEEDS), _update(base, SEEDS)
+    assert all(np.array_equal(again[0][k], again[1][k]) for k in again[0])
+    assert RoundSeeds.secret().kind == "secrets" and SEEDS.kind == "seeded-insecure:0"
+
+
+def test_an_empty_poisson_batch_still_releases_noise(base):
+    """Each charged step releases sum(clipped grads) + N(0, sigma^2 C^2), divided by the expected batch size,
+    even when Poisson sampling drew no example: the update is then noise with exactly that scale."""
+    sigma, clip, batch = 2.0, 0.5, 4
+    model = _model(base)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    ids, mask, labels = _data(base, 16)
+    loader = DataLoader(TensorDataset(ids, mask, labels), batch_size=batch)
+    private = privatize(model, torch.optim.SGD(params, lr=1.0), loader, DpParams(sigma, clip), torch.Generator())
+    noise_only_step(private.optimizer)
+    released = torch.cat([(b - p.detach()).ravel() for b, p in zip(before, params, strict=True)]) * batch
+    assert released.numel() > 1000
+    assert float(released.mean()) == pytest.approx(0.0, abs=0.1 * sigma * clip)
+    assert float(released.std()) == pytest.approx(sigma * clip, rel=0.1)

@@ -26,7 +26,7 @@ REQUEST = PlanRequest(model="", dp=True, epsilon=8.0, delta=1e-5, accountant="pr
 def node_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A node that charged rounds 1-3 of a run (PRV, epsilon 8) and refused a 4th: four signed lines."""
     state = tmp_path_factory.mktemp("node")
-    node = NodePrivacy.open(NodePolicy(max_epsilon=8.0, noise_plan="as-requested"), state)
+    node = NodePrivacy.open(NodePolicy(max_epsilon=8.0, noise_plan="as-requested", dataset_id="ward-7"), state)
     for r in (1, 2, 3, 4):
         charge_round(node, replace(REQUEST, server_round=r), run=RunRef("9"), fingerprint="ab" * 32)
     return state

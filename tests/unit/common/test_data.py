@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from fedtune.common.data import cap, holdout_split, load_labelled
+from fedtune.common.data import cap, federation_split, holdout_split, load_labelled
 from fedtune.common.errors import DataError
 from fedtune.common.settings import DataSettings
 
@@ -24,13 +24,34 @@ def test_csv_jsonl_parquet_load_the_same(tmp_path, sentiment_csv):
     assert len(loaded[0].dataset) == 600
 
 
-def test_holdout_is_reproducible_and_disjoint(sentiment_csv):
-    data = load_labelled(_settings(sentiment_csv))
+def _rows(data) -> list[tuple[str, int]]:
+    return list(zip(data.dataset["text"], data.dataset["label"], data.dataset["group"], strict=True))
+
+
+def test_holdout_is_reproducible_and_disjoint(tmp_path):
+    frame = pd.DataFrame({"text": [f"example number {i}" for i in range(600)],  # every row distinct
+                          "label": ["pos" if i % 3 else "neg" for i in range(600)], "group": ["g"] * 600})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    data = load_labelled(_settings(tmp_path / "d.csv"))
     train, test = holdout_split(data, 0.2, seed=7)
-    train2, _ = holdout_split(data, 0.2, seed=7)
-    assert list(train.dataset["text"]) == list(train2.dataset["text"])
+    train2, test2 = holdout_split(data, 0.2, seed=7)
+    assert _rows(train) == _rows(train2) and _rows(test) == _rows(test2)
     assert len(test.dataset) == 120 and len(train.dataset) == 480
-    assert len(cap(train, 100, 1).dataset) == 100
+    assert not set(_rows(train)) & set(_rows(test))
+    assert set(_rows(train)) | set(_rows(test)) == set(_rows(data))
+    assert _rows(holdout_split(data, 0.2, seed=8)[1]) != _rows(test)
+    capped = cap(train, 100, 1)
+    assert len(capped.dataset) == 100 and set(_rows(capped)) <= set(_rows(train))
+
+
+def test_federation_split_keeps_the_held_out_set_out_of_the_capped_pool(tmp_path):
+    frame = pd.DataFrame({"text": [f"row {i}" for i in range(400)], "label": ["a", "b"] * 200, "group": ["g"] * 400})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    data = load_labelled(_settings(tmp_path / "d.csv"))
+    pool, test = federation_split(data, 0.25, seed=3, max_train=120)
+    assert len(test.dataset) == 100 and len(pool.dataset) == 120
+    assert not set(_rows(pool)) & set(_rows(test))
+    assert _rows(federation_split(data, 0.25, seed=3, max_train=120)[1]) == _rows(test)
 
 
 @pytest.mark.parametrize(("write", "kw", "message"), [
@@ -44,6 +65,8 @@ def test_holdout_is_reproducible_and_disjoint(sentiment_csv):
     (lambda p: p.write_bytes(b"text,label\nhello,pos\ncaf\xe9,neg\n"), {}, "line 3 is not valid UTF-8"),
     (lambda p: p.write_text("text,label\n,pos\nbye,neg\n"), {}, "row 2 has an empty"),
     (lambda p: p.write_text("text,label\nhello,pos\nbye,pos\n"), {}, "only one label"),
+    (lambda p: p.write_text("text,label\n" + "".join(f"t{i},l{i}\n" for i in range(20))), {},
+     "does not look like a label column"),
 ])
 def test_bad_data_gets_a_clear_error(tmp_path, write, kw, message):
     path = tmp_path / "data.csv"
@@ -53,6 +76,7 @@ def test_bad_data_gets_a_clear_error(tmp_path, write, kw, message):
         load_labelled(_settings(path, **kw))
     assert message in str(err.value)
     assert str(path) in str(err.value)
+    assert err.value.code.startswith("DATA_")  # what a node would send the server instead of this text
 
 
 def test_unknown_suffix(tmp_path):

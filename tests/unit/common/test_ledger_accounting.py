@@ -44,7 +44,8 @@ def test_ledger_epsilon_agrees_with_both_libraries_for_default_settings(tmp_path
     request = PlanRequest(model="", dp=True, epsilon=s.privacy.epsilon, delta=s.privacy.delta,
                           accountant=s.privacy.accountant, num_rounds=s.plan.num_rounds, server_round=1,
                           sample_rate=q, steps=steps, clip_norm=s.privacy.clip_norm)
-    node = NodePrivacy.open(NodePolicy(max_epsilon=8.0, delta=s.privacy.delta, accountant=accountant), tmp_path)
+    policy = NodePolicy(max_epsilon=8.0, delta=s.privacy.delta, accountant=accountant, dataset_id="d")
+    node = NodePrivacy.open(policy, tmp_path)
     entries = [charge_round(node, replace(request, server_round=r), run=RunRef("1"), fingerprint="f" * 64)[1]
                for r in (1, 2, 3)]
     events = [event_from_json(e["event"]) for e in entries]

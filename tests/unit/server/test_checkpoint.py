@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.common.adapter import arrays_to_record, record_to_arrays
 from fedtune.common.errors import ConfigError
 from fedtune.server.checkpoint import LATEST, Checkpoint, CheckpointStore, RoundOffset, run_key
 from fedtune.server.strategy import AdapterFedAvg
+from tests.unit.server.fakes import REQUEST_TEMPLATE, evaluated, server_round, shifted, trained
 
 ARRAYS = {"lora_A": np.arange(6, dtype=np.float32).reshape(2, 3), "lora_B": np.zeros((3, 2), dtype=np.float32)}
 
@@ -81,23 +82,18 @@ class FakeGrid:
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
         replies = []
         for msg in messages:
-            server_round = int(msg.content["config"]["server-round"])
-            node = msg.metadata.dst_node_id
-            metrics = MetricRecord({"num-examples": node})
+            r, node = server_round(msg), msg.metadata.dst_node_id
             if msg.metadata.message_type.startswith("train"):
-                self.rounds_seen.append(server_round)
-                arrays = {k: v + 0.01 * server_round * node for k, v in record_to_arrays(msg.content["arrays"]).items()}
-                content = RecordDict({"arrays": arrays_to_record(arrays), "metrics": metrics})
+                self.rounds_seen.append(r)
+                replies.append(trained(msg, shifted(msg, 0.01 * r * node), examples=node))
             else:
-                content = RecordDict({"metrics": MetricRecord({"num-examples": node, "eval-loss": 1.0,
-                                                               "eval-accuracy": 0.5})})
-            replies.append(Message(content, reply_to=msg))
+                replies.append(evaluated(msg, node))
         return replies
 
 
 def _strategy() -> AdapterFedAvg:
-    return AdapterFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=2, min_evaluate_nodes=2,
-                         min_available_nodes=2)
+    return AdapterFedAvg(REQUEST_TEMPLATE, fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=2,
+                         min_evaluate_nodes=2, min_available_nodes=2)
 
 
 def _run(strategy: AdapterFedAvg, grid: FakeGrid, initial: ArrayRecord, rounds: int, offset: int,
@@ -107,7 +103,7 @@ def _run(strategy: AdapterFedAvg, grid: FakeGrid, initial: ArrayRecord, rounds: 
         return None
 
     result = RoundOffset(strategy, offset).start(grid=grid, initial_arrays=initial, num_rounds=rounds,
-                                                 train_config=ConfigRecord({"lr": 0.1}), evaluate_fn=evaluate_fn)
+                                                 evaluate_fn=evaluate_fn)
     return result.arrays
 
 

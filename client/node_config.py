@@ -1,0 +1,96 @@
+"""The node's own configuration: where its data, policy and ledger are. Never anything the server sends.
+
+A deployed node gets it from ``flower-supernode --node-config "k=v ..."`` (``fedtune-client`` builds
+that). Flower's simulation engine gives simulated nodes only ``partition-id`` and ``num-partitions``,
+so ``fedtune-sim`` (acting as every simulated node's operator) writes one JSON file with each
+simulated node's configuration — the same keys — and names it in the environment variable
+``FEDTUNE_SIM_NODES`` of the processes it starts. The run config, which the server chooses, is never
+read for any of this.
+
+Keys: ``data-path``, ``state-dir``, ``policy`` (all required), ``text-column``, ``label-column``
+(default ``text`` / ``label``), ``node`` (the node's identity in its ledger header: the sha256 of its
+authentication key, or ``simulation:client-<id>``), and — simulation only — ``insecure-seed``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtune.common.errors import ConfigError
+
+ENV_SIM_NODES = "FEDTUNE_SIM_NODES"
+SIMULATED = "partition-id"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    data_path: Path  # the node's examples (CSV / JSONL / Parquet)
+    state_dir: Path  # ledger, ledger key, witness, local split seed
+    policy: Path  # the node's privacy policy (TOML)
+    text_column: str = "text"
+    label_column: str = "label"
+    node: str = ""  # identity written into the ledger header
+    simulated: bool = False
+    # Simulation only (fedtune-sim --insecure-reproducible-seed): sampling and noise drawn from a seeded
+    # generator, so a run can be repeated exactly. Recorded in every ledger entry; never in deployment.
+    insecure_seed: int | None = None
+    partition_id: int | None = None
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], *, simulated: bool) -> NodeConfig:
+        problems = [f"node config is missing '{k}'" for k in ("data-path", "state-dir", "policy") if not raw.get(k)]
+        seed = raw.get("insecure-seed")
+        if seed is not None and not simulated:
+            problems.append("insecure-seed is only allowed for simulated nodes (fedtune-sim)")
+        if problems:
+            raise ConfigError(problems)
+        return cls(
+            data_path=Path(str(raw["data-path"])), state_dir=Path(str(raw["state-dir"])),
+            policy=Path(str(raw["policy"])), text_column=str(raw.get("text-column", "text")),
+            label_column=str(raw.get("label-column", "label")), node=str(raw.get("node", "")),
+            simulated=simulated, insecure_seed=None if seed is None else int(seed),
+            partition_id=int(raw[SIMULATED]) if SIMULATED in raw else None,
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _simulation_nodes(path: str) -> dict[str, dict[str, Any]]:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{ENV_SIM_NODES}={path} is unreadable ({err})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{ENV_SIM_NODES}={path} must hold a JSON object keyed by partition id")
+    return raw
+
+
+def write_simulation_nodes(path: Path, nodes: Mapping[int, Mapping[str, Any]]) -> Path:
+    """fedtune-sim: one node config per partition id (read by simulated ClientApps via ENV_SIM_NODES)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({str(k): dict(v) for k, v in nodes.items()}, indent=1) + "\n")
+    return path
+
+
+@functools.lru_cache(maxsize=64)
+def _node_config(items: tuple[tuple[str, Any], ...], env_file: str | None) -> NodeConfig:
+    raw = dict(items)
+    if SIMULATED not in raw:
+        return NodeConfig.parse(raw, simulated=False)
+    if not env_file:
+        raise ConfigError(f"simulated node without a node configuration: run it with fedtune-sim (which sets "
+                          f"{ENV_SIM_NODES})")
+    mine = _simulation_nodes(env_file).get(str(raw[SIMULATED]))
+    if mine is None:
+        raise ConfigError(f"{env_file} has no configuration for partition {raw[SIMULATED]}")
+    return NodeConfig.parse({**mine, SIMULATED: raw[SIMULATED]}, simulated=True)
+
+
+def node_config(flower_node_config: Mapping[str, Any]) -> NodeConfig:
+    """This node's configuration, parsed once per process."""
+    return _node_config(tuple(sorted(flower_node_config.items())), os.environ.get(ENV_SIM_NODES))

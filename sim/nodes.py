@@ -1,0 +1,100 @@
+"""Simulated nodes, set up like deployed ones: each gets its own data file, policy file, state directory.
+
+``fedtune-sim`` plays every simulated node's operator. Before the federation starts it splits the
+run's dataset once (:func:`fedtune.common.data.federation_split`: the server's held-out set, then the
+training pool), partitions the pool with ``flwr-datasets``, writes each partition to
+``OUT/clients/client-<id>/data.parquet``, a policy file for each node that has none, and one node
+configuration file that the simulated ClientApps read through ``FEDTUNE_SIM_NODES``
+(``fedtune.client.node_config``). The simulated ClientApp then runs exactly the code path of a
+deployed node: its data, policy, budget key and randomness are its own, never the run config's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.client.node_config import ENV_SIM_NODES, write_simulation_nodes
+from fedtune.client.policy import NodePolicy, load_policy, policy_toml
+from fedtune.common.data import LabelledData, federation_split, load_labelled
+from fedtune.common.errors import ConfigError
+from fedtune.common.partition import load_partition
+from fedtune.common.settings import RunSettings
+
+NODES_FILE = "nodes.json"
+
+
+@dataclass(frozen=True)
+class SimulatedNodes:
+    """Where simulated nodes keep their files (fedtune-sim options)."""
+
+    out: Path  # the run's results directory
+    num_clients: int
+    policy_dir: Path | None = None  # client-<id>.toml or default.toml (else a policy from the run's request)
+    state_dir: Path | None = None  # parent of client-<id>/ (ledger): keeps budgets across runs
+    insecure_seed: int | None = None  # simulation only: reproducible sampling and noise
+
+    def client_dir(self, pid: int) -> Path:
+        return self.out / "clients" / f"client-{pid}"
+
+    def state(self, pid: int) -> Path:
+        return (self.state_dir or self.out / "clients") / f"client-{pid}"
+
+    def policy_file(self, pid: int) -> Path | None:
+        if self.policy_dir is None:
+            return None
+        if not self.policy_dir.is_dir():
+            raise ConfigError(f"--policy-dir {self.policy_dir} is not a directory")
+        for name in (f"client-{pid}.toml", "default.toml"):
+            if (self.policy_dir / name).is_file():
+                return self.policy_dir / name
+        return None
+
+
+def dataset_name(settings: RunSettings) -> str:
+    source = settings.data.dataset
+    return Path(source).stem if Path(source).suffix else source
+
+
+def default_policy(settings: RunSettings, pid: int) -> NodePolicy:
+    """A simulated node without a policy file: the run's requested epsilon, delta and accountant become its
+    budget (the researcher is both server and node), and it releases train loss and local evaluation."""
+    p = settings.privacy
+    return NodePolicy(max_epsilon=p.epsilon, delta=p.delta, accountant=p.accountant, require_dp=p.dp,
+                      dataset_id=f"{dataset_name(settings)}/client-{pid}", release_train_loss=True,
+                      release_local_eval=True, source="fedtune-sim default")
+
+
+def _write_partition(part: LabelledData, path: Path) -> None:
+    names = part.label_names
+    frame = part.dataset.to_pandas()[["text", "label"]]
+    frame["label"] = [names[i] for i in frame["label"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path, index=False)
+
+
+def prepare(settings: RunSettings, nodes: SimulatedNodes) -> dict[str, str]:
+    """Write every simulated node's data, policy and the node configuration file; return the environment
+    the simulation's processes need (``FEDTUNE_SIM_NODES``)."""
+    d, seed = settings.data, settings.federation.seed
+    pool, _ = federation_split(load_labelled(d), d.test_fraction, seed, d.max_train_examples)
+    configs: dict[int, dict[str, object]] = {}
+    for pid in range(nodes.num_clients):
+        part = LabelledData(load_partition(pool.dataset, d, nodes.num_clients, pid, seed), pool.label_names)
+        data_path = nodes.client_dir(pid) / "data.parquet"
+        _write_partition(part, data_path)
+        policy = nodes.policy_file(pid)
+        if policy is None:
+            policy = nodes.client_dir(pid) / "policy.toml"
+            policy.write_text(policy_toml(default_policy(settings, pid)))
+        else:
+            load_policy(policy)  # a bad policy file is an operator mistake: report it before anything starts
+        config: dict[str, object] = {
+            "data-path": str(data_path.resolve()), "state-dir": str(nodes.state(pid).resolve()),
+            "policy": str(policy.resolve()), "text-column": "text", "label-column": "label",
+            "node": f"simulation:client-{pid}"}
+        if nodes.insecure_seed is not None:
+            config["insecure-seed"] = nodes.insecure_seed
+        configs[pid] = config
+    path = write_simulation_nodes(nodes.out / "flower" / NODES_FILE, configs)
+    return {ENV_SIM_NODES: str(path.resolve())}
