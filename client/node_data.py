@@ -81,8 +81,8 @@ def load_rows(config: NodeConfig, labels: tuple[str, ...], *, local_eval: bool) 
         raise DataError(f"data file {config.data_path}: {err.strerror or err}", code="DATA_MISSING") from err
     seed = None
     if local_eval:  # a simulation run with a reproducible seed also repeats its local split
-        seed = split_seed(config.state_dir) if config.insecure_seed is None else hash(
-            (config.insecure_seed, config.node)) % (2**63)
+        seed = split_seed(config.state_dir) if config.insecure_seed is None else int.from_bytes(
+            hashlib.sha256(f"split/{config.insecure_seed}/{config.node}".encode()).digest()[:7], "big")
     rows = _rows(str(config.data_path), (info.st_mtime, info.st_size), config.text_column, config.label_column,
                  labels, seed)
     if rows.num_train < 1:

@@ -100,12 +100,18 @@ def charge_round(node: NodePrivacy, request: PlanRequest, *, run: RunRef, finger
     return decision, entry
 
 
+def _round_cost(decision: Decision) -> float:
+    if not decision.charged:
+        return 0.0
+    return math.inf if math.isinf(decision.epsilon_after) else decision.epsilon_after - decision.epsilon_before
+
+
 def _reply(decision: Decision, entry: Entry, num_examples: int, train_loss: float | None = None) -> TrainReply:
     event = decision.event
     return TrainReply(
         status="trained" if decision.charged else "refused", code=decision.code, num_examples=num_examples,
         epsilon=decision.epsilon_after,
-        epsilon_round=decision.epsilon_after - decision.epsilon_before if decision.charged else 0.0,
+        epsilon_round=_round_cost(decision),
         epsilon_budget=decision.budget, noise_multiplier=event.noise_multiplier if event is not None else 0.0,
         exhausted=decision.exhausted, ledger_key=str(entry["key"]), ledger_seq=int(entry["seq"]),
         ledger_head=str(entry["hash"]), train_loss=train_loss)
