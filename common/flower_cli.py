@@ -101,6 +101,13 @@ def write_connection(home: Path, address: str, *, root_certificates: Path | None
     (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
 
 
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when the process that started it dies, however (Linux prctl)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_group(cmd: list[str], *, env: Mapping[str, str], log_file: Path | None = None,
                 cwd: Path | None = None, new_session: bool = True,
                 preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:

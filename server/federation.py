@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from fedtune.common.durable import write_atomically
 from fedtune.common.errors import RunError
 from fedtune.common.flower_cli import (
     FlwrCli,
+    die_with_parent,
     flower_env,
     start_cause,
     start_group,
@@ -99,13 +99,6 @@ def local_control_host(cert_path: Path) -> tuple[str, str | None]:
         return "localhost", None
     return "127.0.0.1", (f"server certificate {cert_path} must also name 127.0.0.1 or localhost (SAN) so "
                          f"fedtune-server can reach its own control API; recreate it with --host 127.0.0.1")
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when fedtune-server dies, however it dies (Linux prctl)."""
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class Watchdog:
@@ -192,7 +185,7 @@ class Federation:
         write_connection(self.home, address, root_certificates=None if o.insecure else o.ca)
         write_cli_credentials(self.home, address, new_token(self.token_file))
         self.proc = start_group(self._superlink_cmd(), env=self.env, log_file=self.logs / "superlink.out",
-                                cwd=o.work_dir, preexec_fn=_die_with_parent)
+                                cwd=o.work_dir, preexec_fn=die_with_parent)
         scheme = "http" if o.insecure else "https"
         wait_healthy(f"{scheme}://{address}/health", self.proc, self.superlink_log,
                      verify=False if o.insecure else str(o.ca), other_logs=(self.logs / "superlink.out",))
