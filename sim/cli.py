@@ -23,7 +23,7 @@ from fedtune.common.settings import RunSettings, help_table
 from fedtune.server.results import SUMMARY_FILE
 from fedtune.sim.preflight import preflight
 from fedtune.sim.report import plot, read_rounds, round_table
-from fedtune.sim.runner import LocalSimulation, SimulationSpec, write_app_dir
+from fedtune.sim.runner import LocalSimulation, SimulationSpec, handle_signals, write_app_dir
 
 console = Console(stderr=True)
 
@@ -136,6 +136,7 @@ def _simulate(spec: SimulationSpec, out: Path, num_rounds: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    signals = handle_signals()  # SIGTERM unwinds like Ctrl-C: every Flower process ends, the run log is kept
     try:
         settings, overrides = settings_from_args(args)
         preflight(settings, args.clients)
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if not isinstance(err, RunError) else 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; the simulation was stopped[/]")
-        return 130
+        return signals.exit_code
     out = Path(settings.results_dir)
     rounds = read_rounds(out)
     Console().print(round_table(rounds))
