@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -132,8 +132,8 @@ def load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
     try:
         cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
         key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
-    except ValueError as err:
-        raise ConfigError(f"cannot read the CA in {ca_dir}: {err}") from err
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise ConfigError(f"cannot read the CA in {ca_dir}: {clip(str(err))}") from err
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{ca_dir / CA_KEY} is not an EC private key")
     return cert, key
@@ -225,7 +225,7 @@ def check_node_key(path: Path) -> list[str]:
         return problems
     try:
         key = serialization.load_ssh_private_key(data, password=None)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         return [f"node key {path} is not an unencrypted OpenSSH private key: {err}"]
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         problems.append(f"node key {path} must be an EC key on a NIST curve, got {type(key).__name__}")
@@ -248,7 +248,7 @@ def check_node_public_key(path: Path) -> list[str]:
         return problems
     try:
         key = serialization.load_ssh_public_key(data)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         return [f"node public key {path} is not an OpenSSH public key: {err}"]
     if not isinstance(key, ec.EllipticCurvePublicKey):
         problems.append(f"node public key {path} must be an EC key on a NIST curve, got {type(key).__name__}")
@@ -269,7 +269,7 @@ def check_server_tls(cert_path: Path, key_path: Path, ca_path: Path) -> list[str
         return [*problems, f"server certificate {cert_path} is not a PEM certificate: {err}"]
     try:
         key = serialization.load_pem_private_key(key_data, password=None)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         return [*problems, f"server key {key_path} is not an unencrypted PEM private key: {err}"]
     if cert.public_key() != key.public_key():
         problems.append(f"server key {key_path} does not belong to certificate {cert_path}")

@@ -41,7 +41,6 @@ from fedtune.common.flower_cli import (
     write_connection,
 )
 from fedtune.common.settings import RunSettings
-from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR
 from fedtune.server.control_auth import TOKEN_ENV, new_token, write_cli_credentials
 from fedtune.server.results import METRICS_FILE, SUMMARY_FILE
 
@@ -140,6 +139,8 @@ class Federation:
     """Starts the SuperLink, registers nodes, submits and follows the run."""
 
     def __init__(self, opts: ServerOptions) -> None:
+        from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR  # imports torch/PEFT: only once a run starts
+
         self.opts = opts
         self.home = opts.work_dir / "flwr-home"
         self.logs = opts.work_dir / "logs"

@@ -14,7 +14,6 @@ from typing import Any
 from fedtune.common import tls
 from fedtune.common.errors import ConfigError, FedtuneError, quote
 from fedtune.common.settings import RunSettings
-from fedtune.server.checkpoint import CheckpointStore, run_key
 from fedtune.server.federation import ServerOptions, local_control_host
 from fedtune.server.results import SUMMARY_FILE
 
@@ -181,6 +180,8 @@ def _config_problems(config: dict[str, Any], checkpoints: Path, fresh: bool) -> 
     problems += _dir_problems(results, "results-dir")
     resuming = False
     if not fresh and checkpoints.is_dir():
+        from fedtune.server.checkpoint import CheckpointStore, run_key  # torch/PEFT: only when there is one
+
         try:
             resuming = CheckpointStore(checkpoints).resumable(run_key(config), int(config["num-rounds"])) is not None
         except FedtuneError as err:
