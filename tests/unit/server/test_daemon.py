@@ -200,3 +200,23 @@ def test_work_dir_results_are_never_overwritten(certs: Path, tmp_path: Path, cap
     assert daemon.main(args) == exit_codes.BAD_INPUT
     assert "holds another run's results" in capsys.readouterr().err
     assert (results / "metrics.jsonl").read_text() == '{"round": 0}\n'
+
+
+def test_a_superlink_that_cannot_start_reports_the_cause_from_its_logs(tmp_path: Path) -> None:
+    import socket
+
+    from fedtune.common.errors import RunError
+    from fedtune.common.flower_cli import flower_bin, flower_env, start_group, wait_healthy
+
+    busy = socket.create_server(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    try:
+        proc = start_group([flower_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                            "--log-file", str(tmp_path / "superlink.log")], env=flower_env(tmp_path / "home"),
+                           log_file=tmp_path / "superlink.out")
+        with pytest.raises(RunError) as info:
+            wait_healthy(f"http://127.0.0.1:{port}/health", proc, tmp_path / "superlink.log", timeout_s=120,
+                         other_logs=(tmp_path / "superlink.out",))
+    finally:
+        busy.close()
+    assert "address already in use" in str(info.value).lower(), str(info.value)
