@@ -24,14 +24,13 @@ import argparse
 import logging
 import random
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
 from fedtune.client.node_check import NodeOptions, check
-from fedtune.client.supervisor import EXIT_CONNECTION, Supervisor
+from fedtune.client.supervisor import EXIT_CONNECTION, Supervisor, explain_305, reachable
 from fedtune.common import exit_codes, logs
 from fedtune.common.errors import FedtuneError, format_problems, problems_of
 
@@ -90,30 +89,6 @@ def options(args: argparse.Namespace) -> NodeOptions:
         log_file=args.log_file, runtime_port=args.runtime_port, max_restarts=args.max_restarts,
         connect_retries=args.connect_retries, stall_timeout_s=args.stall_timeout,
     )
-
-
-def reachable(address: str, timeout_s: float = 5.0) -> str | None:
-    """None if a TCP connection to ``host:port`` opens, else the reason."""
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return None
-    except (OSError, ValueError) as err:
-        return str(err) or type(err).__name__
-
-
-def explain_305(log_tail: str, opts: NodeOptions) -> str:
-    """Turn Flower's connection failure into what the operator has to do."""
-    low = log_tail.lower()
-    if opts.node_key is not None and ("failed to activate" in low or "not registered" in low):
-        return (f"the server refused this node's key {opts.node_key}: it is not registered. Send "
-                f"{opts.node_key.with_suffix('.pub')} to the federation operator (fedtune-server --node-keys)")
-    if "certificate_verify_failed" in low or "ssl:" in low or "sslerror" in low:
-        return (f"TLS with {opts.superlink} failed: check that --root-certificates is the federation's CA and the "
-                f"server certificate names the host you connect to")
-    if opts.insecure and "disconnected without sending a response" in low:
-        return f"{opts.superlink} refused a plaintext connection: the server requires TLS (use --root-certificates)"
-    return f"the server at {opts.superlink} refused the connection"
 
 
 def backoff(attempt: int, start_s: float = 2.0, cap_s: float = 60.0, rng: random.Random | None = None) -> float:

@@ -44,13 +44,28 @@ class SessionEnd:
     lasted_s: float = 0.0
 
 
-def _reachable(address: str, timeout_s: float = 3.0) -> str | None:
+def reachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """None if a TCP connection to ``host:port`` opens, else the reason."""
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             return None
     except (OSError, ValueError) as err:
         return str(err) or type(err).__name__
+
+
+def explain_305(log_tail: str, opts: NodeOptions) -> str:
+    """Turn Flower's connection failure into what the operator has to do."""
+    low = log_tail.lower()
+    if opts.node_key is not None and ("failed to activate" in low or "not registered" in low):
+        return (f"the server refused this node's key {opts.node_key}: it is not registered. Send "
+                f"{opts.node_key.with_suffix('.pub')} to the federation operator (fedtune-server --node-keys)")
+    if "certificate_verify_failed" in low or "ssl:" in low or "sslerror" in low:
+        return (f"TLS with {opts.superlink} failed: check that --root-certificates is the federation's CA and the "
+                f"server certificate names the host you connect to")
+    if opts.insecure and "disconnected without sending a response" in low:
+        return f"{opts.superlink} refused a plaintext connection: the server requires TLS (use --root-certificates)"
+    return f"the server at {opts.superlink} refused the connection"
 
 
 def failing(text: str) -> bool:
@@ -143,7 +158,7 @@ class Supervisor:
                     return SessionEnd(f"the SuperNode failed to connect and was silent for {now - changed:.0f}s")
                 if now >= next_probe:
                     next_probe = now + 5.0
-                    if _reachable(self.opts.superlink) is None and now - changed > 2.0:
+                    if reachable(self.opts.superlink) is None and now - changed > 2.0:
                         return SessionEnd("the server answers again while the SuperNode is still retrying")
         return SessionEnd("stopping")
 
@@ -164,11 +179,9 @@ class Supervisor:
 
     def run(self) -> int:
         """Sessions and restarts until stopped; the exit code when --max-restarts runs out."""
-        from fedtune.client.daemon import explain_305
-
         attempt, refused = 0, False
         while not self.stopping:
-            if (why := _reachable(self.opts.superlink)) is not None:
+            if (why := reachable(self.opts.superlink)) is not None:
                 reason = f"server {self.opts.superlink} is unreachable ({why})"
             else:
                 end = self.session()
@@ -189,9 +202,10 @@ class Supervisor:
         return exit_codes.OK
 
     def _sleep(self, seconds: float) -> None:
+        """Sleep, waking early when told to stop."""
         deadline = time.monotonic() + seconds
-        while not self.stopping and time.monotonic() < deadline:
-            time.sleep(min(0.2, deadline - time.monotonic()) if deadline > time.monotonic() else 0)
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.2, left))
 
     def stop(self) -> None:
         """From a signal handler: stop the loop; the caller's ``finally`` ends the processes."""
