@@ -30,6 +30,7 @@ log = logging.getLogger("fedtune.client")
 EXIT_CONNECTION = 305  # flower-supernode: could not initialise the connection (TLS, key, registration)
 HEALTHY_SESSION_S = 60.0  # a session this long was working: the next restart starts the backoff afresh
 POLL_S = 0.5
+PROBE_S = 3.0  # while the server is unreachable: how often to check whether it is back
 GAVE_UP = ("Giving up reconnection", "SuperNode terminated gracefully")
 FAILING = "Connection attempt failed"
 WORKING = ("SuperNode ID:", "Received:", "Sending:", "Starting Flower SuperNode")
@@ -181,7 +182,8 @@ class Supervisor:
         """Sessions and restarts until stopped; the exit code when --max-restarts runs out."""
         attempt, refused = 0, False
         while not self.stopping:
-            if (why := reachable(self.opts.superlink)) is not None:
+            why = reachable(self.opts.superlink)
+            if why is not None:
                 reason = f"server {self.opts.superlink} is unreachable ({why})"
             else:
                 end = self.session()
@@ -198,14 +200,21 @@ class Supervisor:
             delay = self.backoff(attempt)
             self.restarts += 1
             log.warning("restart attempt %s in %.1fs: %s", attempt, delay, reason)
-            self._sleep(delay)
+            self._sleep(delay, until_reachable=why is not None)
         return exit_codes.OK
 
-    def _sleep(self, seconds: float) -> None:
-        """Sleep, waking early when told to stop."""
-        deadline = time.monotonic() + seconds
+    def _sleep(self, seconds: float, until_reachable: bool = False) -> None:
+        """Sleep, waking early when told to stop, or (after an unreachable server) when it answers again.
+
+        A TCP probe every few seconds is cheap; the backoff spaces SuperNode restarts, not probes.
+        """
+        deadline, next_probe = time.monotonic() + seconds, time.monotonic() + PROBE_S
         while not self.stopping and (left := deadline - time.monotonic()) > 0:
             time.sleep(min(0.2, left))
+            if until_reachable and time.monotonic() >= next_probe:
+                if reachable(self.opts.superlink, timeout_s=2.0) is None:
+                    return
+                next_probe = time.monotonic() + PROBE_S
 
     def stop(self) -> None:
         """From a signal handler: stop the loop; the caller's ``finally`` ends the processes."""

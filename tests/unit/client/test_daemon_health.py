@@ -84,3 +84,44 @@ def test_node_metrics_come_from_its_own_ledger_and_files(tmp_path: Path) -> None
     ("the plan asks for 500 steps, policy allows 100", "policy"), ("something new", "other")])
 def test_refusal_reasons_become_a_few_bounded_labels(reason: str, label: str) -> None:
     assert reason_label(reason) == label
+
+
+def _node_opts(tmp_path: Path, port: int, **kw: object) -> NodeOptions:
+    return NodeOptions(superlink=f"127.0.0.1:{port}", data=tmp_path, state_dir=tmp_path / "state", insecure=True,
+                       **kw)  # type: ignore[arg-type]
+
+
+def test_one_log_line_per_attempt_and_max_restarts_bound_the_attempts(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from fedtune.client.supervisor import Supervisor
+    from fedtune.common import exit_codes
+    from fedtune.common.flower_cli import free_port
+
+    sup = Supervisor(_node_opts(tmp_path, free_port(), max_restarts=3), backoff=lambda n: 0.01)
+    with caplog.at_level(logging.WARNING, logger="fedtune.client"):
+        assert sup.run() == exit_codes.FAILED
+    attempts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("restart attempt")]
+    assert [a.split()[2] for a in attempts] == ["1", "2", "3"]
+    assert all("is unreachable" in a for a in attempts)
+    assert "giving up after 4 failed attempts" in caplog.records[-1].getMessage()
+
+
+def test_the_backoff_wait_ends_as_soon_as_the_server_answers_again(tmp_path: Path) -> None:
+    import socket
+    import threading
+    import time
+
+    from fedtune.client.supervisor import Supervisor
+    from fedtune.common.flower_cli import free_port
+
+    port = free_port()
+    sup = Supervisor(_node_opts(tmp_path, port), backoff=lambda n: 60.0)
+    server: list[socket.socket] = []
+    threading.Timer(1.0, lambda: server.append(socket.create_server(("127.0.0.1", port)))).start()
+    started = time.monotonic()
+    try:
+        sup._sleep(60.0, until_reachable=True)
+    finally:
+        for s in server:
+            s.close()
+    assert time.monotonic() - started < 15
