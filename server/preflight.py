@@ -154,6 +154,10 @@ def preflight(args: argparse.Namespace) -> ServerOptions:
     problems += _dir_problems(checkpoints, "--checkpoint-dir")
     if config:
         problems += _config_problems(config, checkpoints, args.fresh)
+        results = Path(str(config["results-dir"]))
+        problems += [f"results-dir {results} must not contain {what} {path} (--fresh moves results aside)"
+                     for what, path in (("--work-dir", work), ("--checkpoint-dir", checkpoints))
+                     if path == results or results in path.parents]
     problems += address_problems(args.host, args.port)
     if args.metrics_address != "off":
         from fedtune.common.monitoring import metrics_address_problems

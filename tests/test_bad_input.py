@@ -244,6 +244,8 @@ CASES: dict[str, Case] = {
     "server-work-dir-is-a-file": Case("fedtune-server", server(work_dir="{a_file}"), B, "not a directory"),
     "server-results-dir-is-a-file": Case("fedtune-server", server("--set", "results-dir={a_file}"), B,
                                          "not a directory"),
+    "server-results-contain-work-dir": Case("fedtune-server", server("--set", "results-dir={work}"), B,
+                                            "must not contain --work-dir"),
     "server-timeout-zero": Case("fedtune-server", server("--round-timeout", "0"), B, "must be > 0"),
     "server-metrics-address": Case("fedtune-server", server(metrics_address="nonsense"), B, "expected HOST:PORT"),
     "server-dataset-missing": Case("fedtune-server", server("--set", "dataset={missing}"), B, "does not exist"),
