@@ -8,6 +8,7 @@ read-only ledger directory from one run, not five.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,9 @@ from fedtune.client.gate import read_allowlist
 from fedtune.client.policy import load_policy
 from fedtune.common import tls
 from fedtune.common.data import read_table, validate
-from fedtune.common.errors import ConfigError, FedtuneError
+from fedtune.common.errors import ConfigError, FedtuneError, quote
+from fedtune.common.ledger import LEDGER_FILE, Ledger
+from fedtune.common.ledger_key import KEY_FILE
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,20 @@ class NodeOptions:
     runtime_port: int = 9094  # node-local Runtime API port (distinct per node on one host)
     max_restarts: int = 0  # restarts of a failed SuperNode before giving up (0 = forever)
     connect_retries: int = 8  # SuperNode's own retries per connection attempt before the daemon takes over
+    stall_timeout_s: float = 120.0  # SuperNode failing to connect and silent this long: restart it
 
     @property
     def log_path(self) -> Path:
         return self.log_file or self.state_dir / "fedtune-client.log"
+
+    @property
+    def flower_log_path(self) -> Path:
+        """Flower's own output (SuperNode, app gate, ClientApp), apart from the daemon's one-line events."""
+        return self.log_path.with_name("supernode.log")
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / LEDGER_FILE
 
     @property
     def node_config(self) -> str:
@@ -69,6 +82,51 @@ def _transport_problems(opts: NodeOptions) -> list[str]:
         return ["--root-certificates is required: connections use TLS (pass --insecure explicitly only for a "
                 "plaintext test federation)"]
     return tls.check_ca_file(opts.root_certificates)
+
+
+def address_problems(address: str) -> list[str]:
+    """``host:port`` with a port in range and a host that resolves."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host:
+        return [f"--superlink must be HOST:PORT (e.g. fl.example.org:443), got {quote(address)}"]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return [f"--superlink {quote(address)}: the port must be a number between 1 and 65535"]
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        return [f"--superlink host {quote(host)} cannot be resolved ({getattr(err, 'strerror', None) or err}): "
+                f"check the name and this machine's DNS"]
+    return []
+
+
+def _ledger_problems(opts: NodeOptions) -> list[str]:
+    """An existing ledger must verify with the node's key: the node will not train on a damaged one."""
+    if not opts.ledger_path.exists():
+        return []
+    key_path = opts.state_dir / KEY_FILE
+    if opts.policy is not None and opts.policy.is_file():
+        try:
+            named = load_policy(opts.policy).ledger_key
+        except FedtuneError:
+            return []  # reported with the policy
+        key_path = Path(named) if named else key_path
+    if not key_path.is_file():
+        return [f"ledger {opts.ledger_path} exists but its signing key {key_path} does not: restore the key from "
+                f"backup (a new key cannot continue this ledger)"]
+    try:
+        loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError, OSError):
+        return []  # reported with the key
+    if not isinstance(loaded, ed25519.Ed25519PrivateKey):
+        return []
+    try:
+        Ledger(opts.ledger_path, loaded).entries()
+    except FedtuneError as err:
+        return list(err.problems)
+    except OSError as err:
+        return [f"ledger {opts.ledger_path} cannot be read: {err.strerror or err}"]
+    return []
 
 
 def _data_problems(opts: NodeOptions) -> list[str]:
@@ -118,7 +176,7 @@ def _writable_dir(path: Path, what: str) -> list[str]:
 
 def problems(opts: NodeOptions) -> list[str]:
     """Every problem with the node's setup; empty when it may connect."""
-    out = _transport_problems(opts)
+    out = address_problems(opts.superlink) + _transport_problems(opts)
     if opts.node_key is not None:
         out += tls.check_node_key(opts.node_key)
     out += _data_problems(opts)
@@ -129,6 +187,7 @@ def problems(opts: NodeOptions) -> list[str]:
         out += _policy_problems(opts.policy)
     out += _writable_dir(opts.state_dir, "state directory (privacy ledger)")
     out += _writable_dir(opts.log_path.parent, "log directory")
+    out += _ledger_problems(opts)
     if opts.allowlist is not None:
         try:
             read_allowlist(opts.allowlist)
@@ -141,12 +200,24 @@ def problems(opts: NodeOptions) -> list[str]:
         out.append(f"--max-restarts must be >= 0, got {opts.max_restarts}")
     if opts.connect_retries < 1:
         out.append(f"--connect-retries must be >= 1, got {opts.connect_retries}")
+    if not opts.stall_timeout_s > 0:
+        out.append(f"--stall-timeout must be > 0 seconds, got {opts.stall_timeout_s}")
     return out
 
 
-def check(opts: NodeOptions) -> None:
+def check(opts: NodeOptions) -> str | None:
+    """Raise ConfigError listing every problem; then, with TLS, verify the server's certificate if it answers.
+
+    Returns a note when the server cannot be reached now (the node keeps trying; not a problem).
+    """
     if found := problems(opts):
         raise ConfigError(found)
+    if opts.insecure or opts.root_certificates is None:
+        return None
+    reached, why = tls.probe_server(opts.superlink, opts.root_certificates)
+    if reached and why:
+        raise ConfigError(why)
+    return None if reached else f"the server {opts.superlink} cannot be reached now ({why}); the node will keep trying"
 
 
 def state_dir_secure(path: Path) -> bool:

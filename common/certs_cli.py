@@ -15,24 +15,37 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedtune.common import tls
-from fedtune.common.errors import FedtuneError
+from fedtune.common import exit_codes, tls
+from fedtune.common.errors import FedtuneError, format_problems, problems_of
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with BAD_INPUT and a bounded, literal message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(exit_codes.BAD_INPUT, f"{format_problems(message, prog=self.prog)} (see {self.prog} --help)\n")
+
+
+def _days(value: str) -> int:
+    days = int(value)
+    if days < 1:
+        raise argparse.ArgumentTypeError(f"--days must be >= 1, got {days}")
+    return days
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedtune-certs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="fedtune-certs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ca = sub.add_parser("ca", help="create a self-signed CA (ca.pem, ca.key)")
     ca.add_argument("--out", type=Path, required=True, help="directory for ca.pem and ca.key")
     ca.add_argument("--name", default="fedtune federation CA", help="the CA's common name")
-    ca.add_argument("--days", type=int, default=3650, help="validity in days")
+    ca.add_argument("--days", type=_days, default=3650, help="validity in days")
     server = sub.add_parser("server", help="create the SuperLink's TLS certificate (server.pem, server.key)")
     server.add_argument("--ca", type=Path, required=True, help="directory holding ca.pem and ca.key")
     server.add_argument("--out", type=Path, required=True, help="directory for server.pem and server.key")
     server.add_argument("--host", action="append", default=[], required=True,
                         help="hostname or IP address nodes use to reach the server (repeat for each SAN)")
-    server.add_argument("--days", type=int, default=825, help="validity in days")
+    server.add_argument("--days", type=_days, default=825, help="validity in days")
     node = sub.add_parser("node", help="create a node's auth key pair and its ledger-signing key pair")
     node.add_argument("--out", type=Path, required=True,
                       help="directory for node.key/node.pub (OpenSSH EC) and ledger-signing.key/.pub (Ed25519)")
@@ -65,10 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         written = _run(args)
+    except OSError as err:  # an --out that is a file, a read-only directory, a full disk
+        where = f" {err.filename}" if err.filename else ""
+        print(format_problems(f"cannot write{where}: {err.strerror or err}", prog="fedtune-certs"), file=sys.stderr)
+        return exit_codes.BAD_INPUT
     except FedtuneError as err:
-        head = "fedtune-certs: " + ("" if len(err.problems) == 1 else f"{len(err.problems)} problems:\n")
-        print(f"{head}{err}", file=sys.stderr)
-        return 2
+        print(format_problems(problems_of(err), prog="fedtune-certs"), file=sys.stderr)
+        return exit_codes.BAD_INPUT
     for w in written:
         note = " (private, 0600)" if w.secret else ""
         if w.path.name == tls.NODE_PUB:

@@ -48,3 +48,52 @@ class RunError(FedtuneError):
     """A federated run failed or could not be started."""
 
     default_code = "INTERNAL"
+
+
+# -- printing problems for people: literal text, bounded size (used by every CLI) --
+
+MAX_QUOTE = 200  # characters of operator input quoted in a message
+MAX_LINE = 400  # characters of one printed problem
+MAX_PROBLEMS = 20  # problems printed before "and N more"
+
+
+def _printable(text: str) -> str:
+    """Control characters (newlines, escapes, NUL) shown escaped, so one problem stays one line."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def clip(text: str, limit: int = MAX_QUOTE) -> str:
+    """``text`` made printable and cut to ``limit`` characters, saying how much was left out."""
+    text = _printable(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def quote(value: object, limit: int = MAX_QUOTE) -> str:
+    """Operator input for a message: single-quoted, printable, at most ``limit`` characters."""
+    return f"'{clip(str(value), limit)}'"
+
+
+def format_problems(problems: str | Iterable[str], *, prog: str = "", action: str = "",
+                    limit: int = MAX_PROBLEMS) -> str:
+    """What a CLI prints: one bounded, literal line per problem, the first ``limit`` only.
+
+    ``format_problems(["a", "b"], prog="fedtune-x", action="must be fixed")`` gives
+    ``fedtune-x: 2 problems must be fixed:`` and a ``- `` line for each; a single
+    problem without ``action`` is one line: ``fedtune-x: a``.
+    """
+    items = [problems] if isinstance(problems, str) else list(problems)
+    lead = f"{prog}: " if prog else ""
+    if len(items) == 1 and not action:
+        return lead + clip(items[0], MAX_LINE)
+    shown = [f"- {clip(p, MAX_LINE)}" for p in items[:limit]]
+    if len(items) > limit:
+        shown.append(f"... and {len(items) - limit} more")
+    noun = "problem" if len(items) == 1 else "problems"
+    return "\n".join([f"{lead}{len(items)} {noun}{' ' + action if action else ''}:", *shown])
+
+
+def problems_of(err: BaseException) -> list[str]:
+    """The problems an exception carries (a FedtuneError's list, or its text)."""
+    return list(err.problems) if isinstance(err, FedtuneError) else [str(err) or type(err).__name__]

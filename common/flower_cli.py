@@ -2,7 +2,11 @@
 
 Shared by the simulation harness and the deployment daemons. Every process we
 start gets its own session (process group), so stopping it also stops what it
-spawned (flower-superexec, flwr-serverapp, flwr-clientapp, Ray workers).
+spawned. Flower detaches some of its own children into new sessions
+(flower-superexec, and through it flwr-serverapp / flwr-simulation and Ray), so
+every Flower process also inherits an owner tag (:data:`OWNER_ENV`) in its
+environment: :func:`stop_owned` finds and ends them all, including orphans a
+crashed predecessor left behind.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +34,10 @@ from fedtune.common.errors import RunError
 POLL_S = 1.0
 STARTUP_TIMEOUT_S = 60.0
 CONNECTION = "fedtune"
+OWNER_ENV = "FEDTUNE_OWNER"  # inherited by every Flower process we start; see stop_owned
+# Lines of a Flower log that explain why it could not start (the rest is noise).
+_CAUSE = re.compile(r"error|address already in use|no such file|permission denied|errno|exit code|invalid|"
+                    r"cannot|failed|traceback", re.IGNORECASE)
 
 
 def free_port() -> int:
@@ -46,9 +55,10 @@ def flower_bin(name: str) -> str:
     return found
 
 
-def flower_env(home: Path) -> dict[str, str]:
-    """Environment for Flower processes: private FLWR_HOME, no telemetry, no runtime `uv sync`."""
+def flower_env(home: Path, owner: str | None = None) -> dict[str, str]:
+    """Environment for Flower processes: private FLWR_HOME, no telemetry, no runtime `uv sync`, owner tag."""
     return os.environ | {
+        OWNER_ENV: owner or f"flwr-home:{home.resolve()}",
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -91,12 +101,19 @@ def write_connection(home: Path, address: str, *, root_certificates: Path | None
     (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
 
 
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when the process that started it dies, however (Linux prctl)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_group(cmd: list[str], *, env: Mapping[str, str], log_file: Path | None = None,
-                cwd: Path | None = None, new_session: bool = True) -> subprocess.Popen[bytes]:
+                cwd: Path | None = None, new_session: bool = True,
+                preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
     """Start ``cmd`` (in its own session unless told otherwise); stdout/stderr go to ``log_file``.
 
-    Daemons start their Flower processes with ``new_session=False`` so that a service
-    manager (or a test) that kills the daemon's process group stops all of them.
+    ``preexec_fn`` runs in the child before it executes ``cmd`` (e.g. to die with its parent).
     """
     out: Any = subprocess.DEVNULL
     if log_file is not None:
@@ -104,7 +121,7 @@ def start_group(cmd: list[str], *, env: Mapping[str, str], log_file: Path | None
         out = open(log_file, "ab")  # noqa: SIM115 - handed to the child, closed below
     try:
         return subprocess.Popen(cmd, env=dict(env), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                                start_new_session=new_session)
+                                start_new_session=new_session, preexec_fn=preexec_fn)
     finally:
         if log_file is not None:
             out.close()
@@ -141,13 +158,67 @@ def stop_process(proc: subprocess.Popen[bytes] | None, term_wait_s: float = 15.0
         proc.wait(timeout=5.0)
 
 
+def owned_pids(owner: str) -> list[int]:
+    """Processes of this user whose environment carries ``OWNER_ENV=owner`` (this process excluded)."""
+    tag = f"{OWNER_ENV}={owner}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if tag in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone, or another user's process
+            continue
+    return found
+
+
+def stop_owned(owner: str, term_wait_s: float = 10.0) -> list[int]:
+    """SIGTERM every process tagged ``owner``, SIGKILL what is left; returns the pids found."""
+    pids = owned_pids(owner)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + (term_wait_s if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+def start_cause(*logs: Path, lines: int = 6) -> str:
+    """The lines of Flower's logs that say why a process could not start (stderr and --log-file differ)."""
+    found: list[str] = []
+    for path in logs:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        found += [line.strip() for line in text.splitlines() if _CAUSE.search(line)]
+    if not found:
+        return ""
+    return " | ".join(found[-lines:])
+
+
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], log_file: Path, *, verify: str | bool = False,
-                 timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-    """Poll ``url`` (the SuperLink's /health) until it answers; fail fast if the process died."""
+                 timeout_s: float = STARTUP_TIMEOUT_S, other_logs: tuple[Path, ...] = ()) -> None:
+    """Poll ``url`` (the SuperLink's /health) until it answers; fail fast, with the cause, if it died."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RunError(f"flower-superlink exited with code {proc.returncode}; see {log_file}")
+            time.sleep(0.2)  # let the logs reach the disk
+            cause = start_cause(log_file, *other_logs)
+            logs = ", ".join(map(str, (log_file, *other_logs)))
+            raise RunError(f"flower-superlink exited with code {proc.returncode}"
+                           + (f": {cause}" if cause else "") + f" (logs: {logs})")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=1.0, verify=verify).is_success:
                 return
@@ -185,15 +256,36 @@ class FlwrCli:
             raise RunError(f"could not register node key {public_key}: {reply.get('error-message', reply)}")
         return int(reply["node-id"])
 
+    def stop(self, run_id: int) -> bool:
+        """Ask the SuperLink to stop a run (``flwr stop``); True when it accepted."""
+        try:
+            return bool(self.json("stop", str(run_id), CONNECTION, timeout_s=60).get("success"))
+        except (RunError, subprocess.TimeoutExpired):
+            return False
+
+    def online_nodes(self) -> int | None:
+        """How many registered nodes are online now (None when the SuperLink does not answer)."""
+        try:
+            nodes = self.json("supernode", "list", CONNECTION, timeout_s=60).get("nodes", [])
+        except (RunError, subprocess.TimeoutExpired):
+            return None
+        return sum("online" in str(n.get("status", "")).lower() for n in nodes)
+
     def status(self, run_id: int) -> str:
         runs = self.json("list", CONNECTION, "--run-id", str(run_id)).get("runs", [])
         return str(runs[0].get("status", "unknown")) if runs else "unknown"
 
-    def save_logs(self, run_id: int, path: Path) -> Path:
-        """Fetch the run's own log (ServerApp and ClientApps) into ``path``."""
-        proc = subprocess.run([flower_bin("flwr"), "log", str(run_id), CONNECTION, "--show"], env=dict(self.env),
-                              capture_output=True, text=True, check=False, cwd=self.cwd, timeout=120)
-        path.write_text(proc.stdout + proc.stderr)
+    def save_logs(self, run_id: int, path: Path, timeout_s: float = 120) -> Path:
+        """Fetch the run's own log (ServerApp and ClientApps) into ``path`` (what came back before a timeout)."""
+        try:
+            proc = subprocess.run([flower_bin("flwr"), "log", str(run_id), CONNECTION, "--show"], env=dict(self.env),
+                                  capture_output=True, text=True, check=False, cwd=self.cwd, timeout=timeout_s)
+            text = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as err:
+            text = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+            text += f"\n[fedtune: `flwr log` did not finish within {timeout_s:.0f}s]\n"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
         return path
 
     def wait(self, run_id: int, proc: subprocess.Popen[bytes], log_file: Path, *,

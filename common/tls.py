@@ -23,16 +23,19 @@ import datetime as dt
 import hashlib
 import ipaddress
 import os
+import socket
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedtune.common.errors import ConfigError
+from fedtune.common.errors import ConfigError, clip
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
@@ -129,8 +132,8 @@ def load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
     try:
         cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
         key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
-    except ValueError as err:
-        raise ConfigError(f"cannot read the CA in {ca_dir}: {err}") from err
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise ConfigError(f"cannot read the CA in {ca_dir}: {clip(str(err))}") from err
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{ca_dir / CA_KEY} is not an EC private key")
     return cert, key
@@ -222,14 +225,19 @@ def check_node_key(path: Path) -> list[str]:
         return problems
     try:
         key = serialization.load_ssh_private_key(data, password=None)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         return [f"node key {path} is not an unencrypted OpenSSH private key: {err}"]
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         problems.append(f"node key {path} must be an EC key on a NIST curve, got {type(key).__name__}")
-    if path.stat().st_mode & 0o077:
-        problems.append(f"node key {path} is readable by other users (mode {path.stat().st_mode & 0o777:o}); "
-                        f"run chmod 600 {path}")
-    return problems
+    return problems + private_file_problems(path, "node key")
+
+
+def private_file_problems(path: Path, what: str) -> list[str]:
+    """A private key must be closed to other users, on the server and on the node alike."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        return [f"{what} {path} is readable by other users (mode {mode:o}); run chmod 600 {path}"]
+    return []
 
 
 def check_node_public_key(path: Path) -> list[str]:
@@ -240,7 +248,7 @@ def check_node_public_key(path: Path) -> list[str]:
         return problems
     try:
         key = serialization.load_ssh_public_key(data)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         return [f"node public key {path} is not an OpenSSH public key: {err}"]
     if not isinstance(key, ec.EllipticCurvePublicKey):
         problems.append(f"node public key {path} must be an EC key on a NIST curve, got {type(key).__name__}")
@@ -248,8 +256,9 @@ def check_node_public_key(path: Path) -> list[str]:
 
 
 def check_server_tls(cert_path: Path, key_path: Path, ca_path: Path) -> list[str]:
-    """The SuperLink's certificate, key and CA: readable, matching, in date."""
-    problems = check_ca_file(ca_path)
+    """The SuperLink's certificate, key and CA: readable, matching, in date, key private, chained to the CA."""
+    ca_problems = check_ca_file(ca_path)
+    problems = list(ca_problems)
     cert_data = _read(cert_path, "server certificate", problems)
     key_data = _read(key_path, "server key", problems)
     if cert_data is None or key_data is None:
@@ -260,10 +269,60 @@ def check_server_tls(cert_path: Path, key_path: Path, ca_path: Path) -> list[str
         return [*problems, f"server certificate {cert_path} is not a PEM certificate: {err}"]
     try:
         key = serialization.load_pem_private_key(key_data, password=None)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         return [*problems, f"server key {key_path} is not an unencrypted PEM private key: {err}"]
     if cert.public_key() != key.public_key():
         problems.append(f"server key {key_path} does not belong to certificate {cert_path}")
     if cert.not_valid_after_utc < _now():
         problems.append(f"server certificate {cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    problems += private_file_problems(key_path, "server key")
+    if not ca_problems:  # a CA we could read: the certificate must chain to it
+        problems += chain_problems(cert, cert_path, x509.load_pem_x509_certificates(ca_path.read_bytes()), ca_path)
     return problems
+
+
+def chain_problems(cert: x509.Certificate, cert_path: Path, cas: Sequence[x509.Certificate], ca_path: Path
+                   ) -> list[str]:
+    """The certificate must be signed by one of the CA certificates (what nodes verify it against)."""
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+            return []
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    return [f"server certificate {cert_path} was not issued by the CA in {ca_path}: nodes that trust that CA "
+            f"would refuse the server; issue the certificate from this CA (fedtune-certs server --ca ...)"]
+
+
+def cert_days_left(path: Path) -> float | None:
+    """Days until the first certificate in ``path`` to expire does (None if unreadable)."""
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return min((c.not_valid_after_utc - _now()).total_seconds() / 86400 for c in certs) if certs else None
+
+
+def probe_server(address: str, ca_path: Path, timeout_s: float = 5.0) -> tuple[bool, str | None]:
+    """TLS handshake with ``host:port`` verified against the CA: (reached, problem or None).
+
+    A certificate from another CA, or one that does not name ``host``, is a problem; a
+    server that cannot be reached is not (the node waits for it), and is reported as
+    ``(False, why)``.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        context = ssl.create_default_context(cafile=str(ca_path))
+    except (OSError, ssl.SSLError, ValueError) as err:
+        return False, f"CA certificate {ca_path} cannot be used: {clip(str(err))}"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as sock, \
+                context.wrap_socket(sock, server_hostname=host):
+            return True, None
+    except ssl.SSLCertVerificationError as err:
+        return True, (f"the server at {address} presented a certificate that does not verify with {ca_path} "
+                      f"({clip(err.verify_message or str(err), 120)}): wrong CA, or the certificate does not name "
+                      f"{host}")
+    except (ssl.SSLError, OSError, ValueError) as err:
+        return False, clip(str(err) or type(err).__name__, 120)

@@ -1,18 +1,21 @@
 """``fedtune-server``: run a federation's SuperLink with TLS and node authentication, and one run on it.
 
-It checks the certificates, node keys and run settings first (every problem at
-once), starts ``flower-superlink`` with TLS and ``--enable-supernode-auth``,
-registers the allowed node public keys, submits the fedtune app, follows the
-run and exits with its real outcome (0 only for ``finished:completed``).
+It checks the certificates, node keys, run settings, addresses and directories
+first (every problem at once, exit 2, nothing started or changed), starts
+``flower-superlink`` with TLS, ``--enable-supernode-auth`` and an operator token
+on its control API, registers the allowed node public keys, submits the fedtune
+app, follows the run and exits with its real outcome:
 
-The SuperLink binds to 127.0.0.1 by default: Flower serves the control API (run
-submission, node registration; no user authentication in the open-source
-build) on the same port as the fleet API, so nodes must reach it through the
-reverse proxy in ``deploy/nginx`` that forwards only ``/v1/fleet/``.
+  0 completed | 1 failed | 2 bad input | 3 stopped early: budgets/policies refused |
+  4 stopped early: too few nodes / a deadline passed | 5 diverged | 130 SIGINT | 143 SIGTERM
+
+The SuperLink binds to 127.0.0.1 by default: Flower serves the control API on
+the same port as the fleet API, so nodes must reach it through the reverse proxy
+in ``deploy/nginx`` that forwards only ``/v1/fleet/``.
 
 After every round the ServerApp checkpoints into ``--checkpoint-dir``; starting
 fedtune-server again with the same settings resumes from the last checkpoint
-(``--fresh`` moves old checkpoints aside and starts a new run).
+(``--fresh`` moves old checkpoints and results aside and starts a new run).
 
     fedtune-server --ssl-ca-certfile ca.pem --ssl-certfile server.pem --ssl-keyfile server.key \\
         --node-keys /etc/fedtune/nodes/ --run-config run.toml --work-dir /var/lib/fedtune-server
@@ -21,32 +24,41 @@ fedtune-server again with the same settings resumes from the last checkpoint
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import time
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fedtune.common import tls
-from fedtune.common.errors import ConfigError, FedtuneError, RunError
-from fedtune.common.settings import RunSettings
-from fedtune.server.federation import Federation, ServerOptions, local_control_host
+from fedtune.common import exit_codes, logs
+from fedtune.common.errors import FedtuneError, RunError, format_problems, problems_of
+from fedtune.server.federation import Federation, Outcome
+from fedtune.server.preflight import preflight
+from fedtune.server.results import METRICS_FILE, SUMMARY_FILE
 
 log = logging.getLogger("fedtune.server")
-EXIT_FAILED_RUN, EXIT_BAD_SETUP, EXIT_SIGNAL = 1, 2, 143
+STOP_CODES = {"budget": exit_codes.STOPPED_BUDGET, "nodes": exit_codes.STOPPED_NODES,
+              "deadline": exit_codes.STOPPED_NODES, "diverged": exit_codes.DIVERGED}
+DEFAULT_METRICS = "127.0.0.1:9464"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with BAD_INPUT and a bounded, literal message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(exit_codes.BAD_INPUT, f"{format_problems(message, prog=self.prog)} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedtune-server", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="fedtune-server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM) that signed the server certificate")
     p.add_argument("--ssl-certfile", type=Path, help="server certificate (PEM) with the nodes' hostname in its SANs")
-    p.add_argument("--ssl-keyfile", type=Path, help="server private key (PEM)")
+    p.add_argument("--ssl-keyfile", type=Path, help="server private key (PEM, mode 0600)")
     p.add_argument("--insecure", action="store_true", help="plaintext and no node authentication (local tests only)")
     p.add_argument("--node-keys", type=Path, action="append", default=[],
                    help="an allowed node's public key (OpenSSH), or a directory of *.pub files (repeatable)")
@@ -56,145 +68,130 @@ def _parser() -> argparse.ArgumentParser:
                    help="SuperLink home, logs, app bundle, results (default ./fedtune-server)")
     p.add_argument("--checkpoint-dir", type=Path, help="per-round checkpoints (default WORK_DIR/checkpoints)")
     p.add_argument("--fresh", action="store_true",
-                   help="start a new run: move old checkpoints aside (CHECKPOINT_DIR.old-TIME) instead of resuming")
+                   help="start a new run: move old checkpoints and results aside (NAME.old-TIME) instead of resuming")
     p.add_argument("--host", default="127.0.0.1",
                    help="address the SuperLink binds (default 127.0.0.1: nodes come in through the proxy)")
     p.add_argument("--port", type=int, default=9092, help="SuperLink port (default 9092)")
+    p.add_argument("--node-wait-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="stop the run (exit 4, resumable) when fewer nodes than it needs are online this long "
+                        "(default 600)")
+    p.add_argument("--round-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="stop the run (exit 4, resumable) when no round finishes this long (default 600)")
+    p.add_argument("--metrics-address", default=DEFAULT_METRICS, metavar="HOST:PORT",
+                   help=f"serve Prometheus /metrics here (default {DEFAULT_METRICS}; 'off' to disable)")
+    p.add_argument("--log-format", choices=logs.LOG_FORMATS, default="text",
+                   help="text (default) or json: one JSON object per line, for journald/ELK")
     p.add_argument("--print-app-hash", action="store_true",
                    help="print the sha256 of the app bundle nodes must allow-list, then exit")
     return p
 
 
-def run_config(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
-    """Run settings from --run-config and --set, with paths made absolute, validated."""
-    config: dict[str, Any] = {}
-    if args.run_config is not None:
-        try:
-            config |= tomllib.loads(args.run_config.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(f"run config {args.run_config}: {err}") from err
-    for pair in args.set:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
-        config[key.strip()] = value.strip()
-    config.setdefault("results-dir", str(work_dir / "results"))
-    settings = RunSettings.from_config(config)
-    for key, value in (("model-path", settings.model.model_path), ("dataset", settings.data.dataset),
-                       ("results-dir", settings.results_dir)):
-        if value and (key != "dataset" or Path(value).suffix):
-            config[key] = str(Path(value).resolve())
-    return RunSettings.from_config(config).to_config()
+def exit_code(outcome: Outcome, summary: dict[str, Any] | None, trained: int) -> int:
+    """The process's exit status for a run that ended (see the module docstring)."""
+    if outcome.stop_code is not None:
+        return STOP_CODES.get(outcome.stop_code, exit_codes.STOPPED_NODES)
+    if outcome.status != "finished:completed":
+        return exit_codes.FAILED
+    status = (summary or {}).get("status")
+    if status == "stopped-early":
+        code = (summary or {}).get("stop-code")
+        if code is None:  # summaries written before stop codes existed: infer from the reason
+            reason = str((summary or {}).get("stop-reason", "")).lower()
+            code = "budget" if any(w in reason for w in ("refus", "budget", "policy", "exhaust")) else "nodes"
+        return STOP_CODES.get(str(code), exit_codes.FAILED)
+    if status != "completed" or trained == 0:
+        return exit_codes.FAILED
+    return exit_codes.OK
 
 
-def node_keys(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
-    """Public key files named directly or found as *.pub in directories, and their problems."""
-    keys, problems = [], []
-    for path in paths:
-        if path.is_dir():
-            found = sorted(path.glob("*.pub")) + sorted(path.glob("*/node.pub"))
-            if not found:
-                problems.append(f"node key directory {path} holds no *.pub files")
-            keys += found
-        else:
-            keys.append(path)
-    for key in keys:
-        problems += tls.check_node_public_key(key)
-    return keys, problems
-
-
-def preflight(args: argparse.Namespace) -> ServerOptions:
-    """Check everything before any process starts; raise ConfigError listing every problem."""
-    problems: list[str] = []
-    work = args.work_dir.resolve()
-    tls_files = (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile)
-    control_host = "127.0.0.1"
-    if args.insecure:
-        log.warning("--insecure: no TLS and no node authentication; use this only for local tests")
-    elif None in tls_files:
-        problems.append("--ssl-ca-certfile, --ssl-certfile and --ssl-keyfile are required (TLS is on unless "
-                        "--insecure is given)")
-    else:
-        problems += tls.check_server_tls(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile)
-        if not problems:
-            control_host, why = local_control_host(args.ssl_certfile)
-            problems += [why] if why else []
-    keys, key_problems = node_keys(args.node_keys)
-    problems += key_problems
-    if not args.insecure and not args.node_keys:
-        problems.append("--node-keys is required: only registered nodes can join (node authentication is on)")
-    config: dict[str, Any] = {}
+def _read_summary(results: Path) -> dict[str, Any] | None:
     try:
-        config = run_config(args, work)
-    except FedtuneError as err:
-        problems += err.problems
-    if config and Path(str(config["dataset"])).suffix and not Path(str(config["dataset"])).is_file():
-        problems.append(f"dataset {config['dataset']} (server-side evaluation data) does not exist")
-    if config.get("model-path") and not Path(str(config["model-path"])).is_dir():
-        problems.append(f"model-path {config['model-path']} is not a directory")
-    if problems:
-        raise ConfigError(problems)
-    return ServerOptions(
-        work_dir=work, host=args.host, port=args.port, control_host=control_host, insecure=args.insecure,
-        ca=args.ssl_ca_certfile, cert=args.ssl_certfile, key=args.ssl_keyfile, node_keys=tuple(keys),
-        run_config=config, checkpoint_dir=(args.checkpoint_dir or work / "checkpoints").resolve(),
-    )
+        loaded = json.loads((results / SUMMARY_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
 
 
 @dataclass
-class _Stop:
-    federation: Federation | None = None
-    signalled: bool = False
+class _Signals:
+    """SIGINT/SIGTERM: remember which, and unwind main() (its finally stops every child)."""
+
+    received: int | None = None
 
     def __call__(self, signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %s: stopping the SuperLink (checkpoints are kept; start again to resume)", signum)
-        self.signalled = True
-        if self.federation is not None:
-            self.federation.stop()
-        raise SystemExit(EXIT_SIGNAL)
+        if self.received is None:
+            self.received = signum
+            raise KeyboardInterrupt
 
 
-def _report(problems: list[str]) -> None:
-    n = len(problems)
-    print(f"fedtune-server: {n} problem{'s' if n > 1 else ''} must be fixed before the server can start:\n"
-          + "\n".join(f"- {p}" for p in problems), file=sys.stderr)
+def _move_aside(path: Path, what: str) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        aside = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+        log.info("--fresh: moved the previous %s to %s", what, aside)
+
+
+def _follow(fed: Federation, signals: _Signals) -> int:
+    results = fed.opts.results_dir
+    try:
+        outcome = fed.run()
+    except KeyboardInterrupt:
+        fed.save_run_log()
+        code = exit_codes.INTERRUPTED if signals.received != signal.SIGTERM else exit_codes.TERMINATED
+        log.warning("stopped by signal %s; every Flower process ended, checkpoints kept: start again to resume",
+                    signals.received or signal.SIGINT)
+        return code
+    summary = _read_summary(results)
+    code = exit_code(outcome, summary, fed.trained_updates())
+    if code == exit_codes.OK:
+        log.info("the run completed; results in %s", results)
+    elif outcome.stop_code is not None or (summary or {}).get("status") == "stopped-early":
+        reason = outcome.stop_reason or (summary or {}).get("stop-reason", "")
+        log.error("the run stopped early (exit %s): %s; results in %s", code, reason, results)
+    elif outcome.status != "finished:completed":
+        log.error("the run ended as %s; see %s", outcome.status, fed.logs)
+    else:
+        log.error("the run completed but no node trained in any round; each node's reason (refused app, budget, "
+                  "error) is in %s", results / METRICS_FILE)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s fedtune-server %(levelname)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+    logs.setup("fedtune-server", args.log_format)
     if args.print_app_hash:
         print(Federation.app_hash(args.work_dir.resolve()))
-        return 0
+        return exit_codes.OK
     try:
         opts = preflight(args)
     except FedtuneError as err:
-        _report(err.problems)
-        return EXIT_BAD_SETUP
-    if args.fresh and opts.checkpoint_dir.exists():
-        aside = opts.checkpoint_dir.with_name(f"{opts.checkpoint_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        opts.checkpoint_dir.rename(aside)
-        log.info("--fresh: moved the previous checkpoints to %s", aside)
-    stop = _Stop()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+        print(format_problems(problems_of(err), prog="fedtune-server", action="must be fixed before the server can "
+                              "start"), file=sys.stderr)
+        return exit_codes.BAD_INPUT
+    if args.fresh:
+        _move_aside(opts.checkpoint_dir, "checkpoints")
+        _move_aside(opts.results_dir, "results")
+    if opts.insecure:
+        log.warning("--insecure: no TLS and no node authentication; use this only for local tests")
+    signals = _Signals()
+    previous = {sig: signal.signal(sig, signals) for sig in (signal.SIGTERM, signal.SIGINT)}
     fed = Federation(opts)
-    stop.federation = fed
     try:
-        status = fed.run()
-    except FedtuneError as err:
-        log.error("%s", err)
-        return EXIT_FAILED_RUN if isinstance(err, RunError) else EXIT_BAD_SETUP
-    finally:
-        fed.stop()
-    if status != "finished:completed":
-        log.error("the run ended as %s; see %s", status, opts.work_dir / "logs")
-        return EXIT_FAILED_RUN
-    if fed.trained_updates() == 0:
-        log.error("the run completed but no node trained in any round; each node's reason (refused app, "
-                  "budget, error) is in %s", Path(str(opts.run_config["results-dir"])) / "metrics.jsonl")
-        return EXIT_FAILED_RUN
-    log.info("the run completed; results in %s", opts.run_config["results-dir"])
-    return 0
+        if args.metrics_address != "off":
+            from fedtune.server.monitoring import serve_metrics
 
+            serve_metrics(args.metrics_address, fed)
+        return _follow(fed, signals)
+    except FedtuneError as err:
+        log.error("%s", format_problems(problems_of(err)).replace("\n", "; "))
+        return exit_codes.FAILED if isinstance(err, RunError) else exit_codes.BAD_INPUT
+    finally:
+        for sig in previous:  # nothing interrupts the clean-up
+            signal.signal(sig, signal.SIG_IGN)
+        fed.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,14 +17,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedtune.common import exit_codes
-from fedtune.common.errors import ConfigError, FedtuneError, RunError
+from fedtune.common.errors import ConfigError, FedtuneError, RunError, format_problems
 from fedtune.common.settings import RunSettings, help_table
 from fedtune.server.results import SUMMARY_FILE
 from fedtune.sim.nodes import SimulatedNodes, prepare
 from fedtune.sim.output import ResultsDir
 from fedtune.sim.preflight import preflight
 from fedtune.sim.report import plot, read_rounds, round_table
-from fedtune.sim.runner import LocalSimulation, SimulationSpec, write_app_dir
+from fedtune.sim.runner import LocalSimulation, SimulationSpec, handle_signals, write_app_dir
 
 console = Console(stderr=True)
 
@@ -150,14 +150,15 @@ def _simulate(spec: SimulationSpec, out: Path, num_rounds: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     results: ResultsDir | None = None
+    signals = handle_signals()  # SIGTERM unwinds like Ctrl-C: every Flower process ends, the run log is kept
     try:
         settings = settings_from_args(args)
         results = ResultsDir.claim(args.out, overwrite=args.overwrite)
         preflight(settings, args.clients)
         summary = _run(settings, args, results.work)
     except FedtuneError as err:
-        console.print("[bold red]fedtune-sim: error[/]")
-        console.print(str(err), markup=False, highlight=False, soft_wrap=True)
+        console.print(format_problems(err.problems, prog="fedtune-sim", action="must be fixed" if
+                                      len(err.problems) > 1 else ""), markup=False, highlight=False, soft_wrap=True)
         if results is not None:
             results.finish(completed=False)
         return exit_codes.FAILED if isinstance(err, RunError) else exit_codes.BAD_INPUT
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[yellow]interrupted; the simulation was stopped[/]")
         if results is not None:
             results.finish(completed=False)
-        return exit_codes.INTERRUPTED
+        return signals.exit_code
     out = results.finish()
     rounds = read_rounds(out)
     Console().print(round_table(rounds))

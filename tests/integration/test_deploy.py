@@ -4,7 +4,9 @@ One scenario (module fixture, ~2.5 min on 2 cores) covers the acceptance points:
 nodes a and b (registered, app allow-listed) and c (registered, allow-list
 without the run's app) join a 2-round DP fine-tuning of a tiny BERT. While round
 1 runs, a plaintext node and a node with an unregistered key try to join and
-are refused. Right after the round-1 checkpoint the whole server process group
+are refused, and a local process holding only the CA certificate tries to
+register a node key through the control API and is refused (only fedtune-server
+holds the operator token). Right after the round-1 checkpoint the whole server process group
 is SIGKILLed; a restarted fedtune-server resumes from the checkpoint and
 finishes. Every process is started in its own session and killed by process
 group in teardown; Flower gets a private FLWR_HOME per process and free ports.
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from fedtune.common import exit_codes
 from fedtune.common.flower_cli import free_port
 from tests.tiny import make_sentiment_frame
 
@@ -55,6 +58,7 @@ class Scenario:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     exit_codes: dict[str, int] = field(default_factory=dict)
     first_run_id: int | None = None
+    intruder: dict[str, object] = field(default_factory=dict)
 
     @property
     def certs(self) -> Path:
@@ -73,7 +77,7 @@ class Scenario:
         return [str(BIN / "fedtune-server"), "--ssl-ca-certfile", str(c / "ca/ca.pem"),
                 "--ssl-certfile", str(c / "server/server.pem"), "--ssl-keyfile", str(c / "server/server.key"),
                 *keys, "--run-config", str(self.root / "run.toml"), "--work-dir", str(self.srv),
-                "--port", str(self.server_port)]
+                "--port", str(self.server_port), "--metrics-address", "off"]
 
     def client_cmd(self, name: str, *, allowlist: Path, key: str | None = None, insecure: bool = False,
                    max_restarts: int = 0) -> list[str]:
@@ -81,7 +85,7 @@ class Scenario:
         cmd = [str(BIN / "fedtune-client"), "--superlink", f"127.0.0.1:{self.server_port}",
                "--data", str(d / "data.csv"), "--state-dir", str(d / "state"), "--policy", str(d / "policy.toml"),
                "--app-allowlist", str(allowlist), "--runtime-port", str(free_port()),
-               "--max-restarts", str(max_restarts)]
+               "--max-restarts", str(max_restarts), "--metrics-address", "off"]
         if insecure:
             cmd.append("--insecure")
         else:
@@ -141,6 +145,23 @@ def _refusals(sc: Scenario) -> None:
             sc.exit_codes[label] = -1
 
 
+def _intrude(sc: Scenario) -> None:
+    """A local process with only the CA certificate tries the control API: flwr CLI and a raw request."""
+    import httpx
+
+    from fedtune.common.flower_cli import FlwrCli, flower_env, write_connection
+
+    home = sc.root / "intruder-home"
+    write_connection(home, f"127.0.0.1:{sc.server_port}", root_certificates=sc.certs / "ca/ca.pem")
+    cli = FlwrCli(flower_env(home), sc.root)
+    sc.intruder["register"] = cli.json("supernode", "register", str(sc.certs / "nodes" / "d" / "node.pub"), "fedtune")
+    sc.intruder["list"] = cli.json("supernode", "list", "fedtune")
+    reply = httpx.post(f"https://127.0.0.1:{sc.server_port}/v1/control/register-node", content=b"",
+                       verify=str(sc.certs / "ca/ca.pem"), timeout=10,
+                       headers={"content-type": "application/protobuf"})
+    sc.intruder["raw-status"] = reply.status_code
+
+
 def _run(sc: Scenario) -> None:
     server = _start(sc.server_cmd(), sc.root / "server-1.out")
     sc.procs.append(server)
@@ -149,6 +170,7 @@ def _run(sc: Scenario) -> None:
     for name, allowlist in (("a", allowed), ("b", allowed), ("c", other)):
         sc.procs.append(_start(sc.client_cmd(name, allowlist=allowlist, key=name), sc.root / f"client-{name}.out"))
     _refusals(sc)
+    _intrude(sc)
     _wait_for(sc.srv / "checkpoints" / "round-0001", server, RUN_TIMEOUT_S)
     _kill_group(server)  # a crash of the whole server (SuperLink, ServerApp) right after round 1
     sc.exit_codes["killed-server"] = server.returncode
@@ -210,7 +232,7 @@ def test_ledgers_verify_and_every_training_is_charged_once(scenario: Scenario) -
         assert len(charged) == len(set(charged)), f"node {name} charged one training twice: {charged}"
         assert (str(scenario.first_run_id), 1) in charged and (str(final_run), 2) in charged
         # Round 2 of the killed attempt counts only if that node really trained it before the crash.
-        trained = (scenario.node_dir(name) / "state" / "fedtune-client.log").read_text().count(
+        trained = (scenario.node_dir(name) / "state" / "supernode.log").read_text().count(
             "Sending: train message")
         assert len(charged) == trained, f"node {name}: {len(charged)} charges for {trained} trainings"
 
@@ -230,12 +252,21 @@ def test_node_without_the_app_on_its_allow_list_refuses_it_and_trains_nothing(sc
 
 def test_plaintext_node_is_refused(scenario: Scenario) -> None:
     out = (scenario.root / "plaintext.out").read_text()
-    assert scenario.exit_codes["plaintext"] == 3, out[-2000:]
+    assert scenario.exit_codes["plaintext"] == exit_codes.BAD_INPUT, out[-2000:]
     assert "refused a plaintext connection: the server requires TLS" in out
 
 
 def test_unregistered_node_key_is_refused(scenario: Scenario) -> None:
     out = (scenario.root / "unregistered.out").read_text()
-    assert scenario.exit_codes["unregistered"] == 3, out[-2000:]
+    assert scenario.exit_codes["unregistered"] == exit_codes.BAD_INPUT, out[-2000:]
     assert "not registered" in out and "node.pub" in out
     assert not (scenario.node_dir("d") / "state" / "ledger.jsonl").exists()
+
+
+def test_a_local_process_with_only_the_ca_cannot_register_a_node_key(scenario: Scenario) -> None:
+    register, listing = scenario.intruder["register"], scenario.intruder["list"]
+    assert isinstance(register, dict) and register.get("success") is not True, register
+    assert "Authentication failed" in str(register.get("error-message")), register
+    assert isinstance(listing, dict) and listing.get("success") is not True, listing
+    assert scenario.intruder["raw-status"] == 401
+    assert (scenario.srv / "control.token").stat().st_mode & 0o077 == 0  # the operator credential is private

@@ -129,11 +129,23 @@ def test_control_runtime_and_docs_are_rejected_by_the_proxy(proxied: Proxied, pa
     assert reply.status_code == 403 and "only the fleet API" in reply.text
 
 
+def _superlink_saw(proxied: Proxied, needle: str) -> bool:
+    logs = [proxied.root / "superlink.out", proxied.root / "superlink.log"]
+    return any(needle in p.read_text(errors="replace") for p in logs if p.exists())
+
+
 def test_fleet_requests_reach_the_superlink(proxied: Proxied) -> None:
-    reply = httpx.post(proxied.public + "/v1/fleet/get-run", content=b"", verify=str(proxied.ca), timeout=10,
+    path = "/v1/fleet/get-run"
+    reply = httpx.post(proxied.public + path, content=b"", verify=str(proxied.ca), timeout=10,
                        headers={"content-type": "application/protobuf"})
-    # Answered by Flower itself (it rejects this empty, unsigned request), not by the proxy's 403.
-    assert "only the fleet API" not in reply.text and reply.status_code != 404
+    # Answered by Flower itself (it rejects this empty, unsigned request): not the proxy's 403, not a 502 from a
+    # proxy that could not reach (or verify) the SuperLink, and the SuperLink's own access log has the request.
+    assert reply.status_code not in (403, 404, 502, 503, 504), (reply.status_code, reply.text[:300])
+    assert "only the fleet API" not in reply.text
+    deadline = time.monotonic() + 10
+    while not _superlink_saw(proxied, f"POST {path}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _superlink_saw(proxied, f"POST {path}"), "the request never reached the SuperLink"
 
 
 def test_flwr_cli_cannot_use_the_control_api_through_the_proxy(proxied: Proxied) -> None:

@@ -60,7 +60,7 @@ def test_every_problem_is_reported_at_once(node: dict[str, Path], tmp_path: Path
 
 
 def test_missing_files_each_get_a_line(node: dict[str, Path], tmp_path: Path) -> None:
-    opts = NodeOptions(superlink="h:1", data=tmp_path / "none.csv", state_dir=node["state"],
+    opts = NodeOptions(superlink="127.0.0.1:1", data=tmp_path / "none.csv", state_dir=node["state"],
                        root_certificates=tmp_path / "none.pem", node_key=tmp_path / "none.key",
                        policy=tmp_path / "none.toml", allowlist=tmp_path / "none.txt")
     found = problems(opts)
@@ -69,7 +69,7 @@ def test_missing_files_each_get_a_line(node: dict[str, Path], tmp_path: Path) ->
 
 
 def test_tls_is_required_unless_insecure_is_explicit(node: dict[str, Path]) -> None:
-    base = {"superlink": "h:1", "data": node["data"], "state_dir": node["state"], "policy": node["policy"],
+    base = {"superlink": "127.0.0.1:1", "data": node["data"], "state_dir": node["state"], "policy": node["policy"],
             "allowlist": node["allow"]}
     assert any("--root-certificates is required" in p for p in problems(NodeOptions(**base)))
     assert problems(NodeOptions(**base, insecure=True)) == []
@@ -78,7 +78,7 @@ def test_tls_is_required_unless_insecure_is_explicit(node: dict[str, Path]) -> N
 
 
 def test_app_pinning_is_required_unless_waived(node: dict[str, Path]) -> None:
-    base = {"superlink": "h:1", "data": node["data"], "state_dir": node["state"], "policy": node["policy"],
+    base = {"superlink": "127.0.0.1:1", "data": node["data"], "state_dir": node["state"], "policy": node["policy"],
             "root_certificates": node["ca"]}
     assert any("--app-allowlist" in p for p in problems(NodeOptions(**base)))
     assert problems(NodeOptions(**base, allow_any_app=True)) == []
@@ -86,7 +86,7 @@ def test_app_pinning_is_required_unless_waived(node: dict[str, Path]) -> None:
 
 def test_loose_node_key_permissions_are_reported(node: dict[str, Path]) -> None:
     node["key"].chmod(0o644)
-    opts = NodeOptions(superlink="h:1", data=node["data"], state_dir=node["state"], policy=node["policy"],
+    opts = NodeOptions(superlink="127.0.0.1:1", data=node["data"], state_dir=node["state"], policy=node["policy"],
                        root_certificates=node["ca"], node_key=node["key"], allowlist=node["allow"])
     assert any("chmod 600" in p for p in problems(opts))
 
@@ -109,13 +109,13 @@ def test_allowlist_parsing_names_bad_lines(tmp_path: Path) -> None:
      False, "requires TLS"),
 ])
 def test_exit_305_is_explained(tail: str, insecure: bool, key: bool, expected: str, tmp_path: Path) -> None:
-    opts = NodeOptions(superlink="fl:443", data=tmp_path, state_dir=tmp_path, insecure=insecure,
+    opts = NodeOptions(superlink="127.0.0.1:443", data=tmp_path, state_dir=tmp_path, insecure=insecure,
                        node_key=tmp_path / "node.key" if key else None)
     assert expected in daemon.explain_305(tail, opts)
 
 
 def test_node_config_passes_absolute_paths(node: dict[str, Path]) -> None:
-    opts = NodeOptions(superlink="h:1", data=node["data"], state_dir=node["state"], policy=node["policy"])
+    opts = NodeOptions(superlink="127.0.0.1:1", data=node["data"], state_dir=node["state"], policy=node["policy"])
     config = opts.node_config
     assert f'data-path="{node["data"].resolve()}"' in config and 'policy="' in config and 'state-dir="' in config
 
@@ -140,7 +140,7 @@ def test_shipped_deploy_examples_are_valid() -> None:
 
 
 def test_ledger_key_named_by_the_policy_must_exist_and_be_private(node: dict[str, Path], tmp_path: Path) -> None:
-    opts = NodeOptions(superlink="h:1", data=node["data"], state_dir=node["state"], policy=node["policy"],
+    opts = NodeOptions(superlink="127.0.0.1:1", data=node["data"], state_dir=node["state"], policy=node["policy"],
                        root_certificates=node["ca"], allowlist=node["allow"])
     node["policy"].write_text(f'max-epsilon = 4.0\ndataset-id = "w"\nledger-key = "{tmp_path / "missing.key"}"\n')
     assert any("missing.key" in p and "fedtune-certs node" in p for p in problems(opts))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -67,8 +68,11 @@ def test_server_certificate_must_name_a_loopback_address(certs: Path, tmp_path: 
 
 
 def test_a_valid_setup_passes_preflight_and_finds_node_keys_in_a_directory(certs: Path, tmp_path: Path) -> None:
+    from fedtune.common.flower_cli import free_port
+
     args = daemon._parser().parse_args([*_tls_args(certs), "--node-keys", str(certs / "nodes"),
-                                        "--work-dir", str(tmp_path / "w")])
+                                        "--work-dir", str(tmp_path / "w"), "--metrics-address", "off",
+                                        "--port", str(free_port())])
     opts = daemon.preflight(args)
     assert [p.parent.name for p in opts.node_keys] == ["a", "b"]
     assert opts.host == "127.0.0.1" and opts.control_host == "127.0.0.1"
@@ -101,3 +105,118 @@ def test_a_run_where_no_node_trained_is_not_a_success(tmp_path: Path) -> None:
     with open(results / "metrics.jsonl", "a") as fh:
         fh.write('{"round": 2, "clients": [{"status": "trained"}, {"status": "trained"}]}\n')
     assert fed.trained_updates() == 2
+
+
+# -- exit codes, watchdog, metrics ----------------------------------------------------------------------------
+
+from fedtune.common import exit_codes  # noqa: E402
+from fedtune.server.federation import Outcome, ServerOptions, Watchdog  # noqa: E402
+
+
+@pytest.mark.parametrize(("outcome", "summary", "trained", "code"), [
+    (Outcome("finished:completed"), {"status": "completed"}, 4, exit_codes.OK),
+    (Outcome("finished:completed"), {"status": "completed"}, 0, exit_codes.FAILED),
+    (Outcome("finished:failed"), None, 0, exit_codes.FAILED),
+    (Outcome("finished:completed"), {"status": "stopped-early", "stop-code": "budget"}, 2, exit_codes.STOPPED_BUDGET),
+    (Outcome("finished:completed"), {"status": "stopped-early", "stop-code": "nodes"}, 2, exit_codes.STOPPED_NODES),
+    (Outcome("finished:completed"), {"status": "stopped-early", "stop-code": "deadline"}, 2,
+     exit_codes.STOPPED_NODES),
+    (Outcome("finished:completed"), {"status": "stopped-early", "stop-code": "diverged"}, 2, exit_codes.DIVERGED),
+    # summaries from before stop codes: inferred from the reason
+    (Outcome("finished:completed"), {"status": "stopped-early", "stop-reason": "2 nodes refused (budget)"}, 2,
+     exit_codes.STOPPED_BUDGET),
+    (Outcome("finished:completed"), {"status": "stopped-early", "stop-reason": "only 1 node connected"}, 2,
+     exit_codes.STOPPED_NODES),
+    (Outcome("finished:stopped", "nodes", "watchdog"), None, 2, exit_codes.STOPPED_NODES),
+])
+def test_the_exit_code_says_how_the_run_ended(outcome: Outcome, summary: dict | None, trained: int,
+                                              code: int) -> None:
+    assert daemon.exit_code(outcome, summary, trained) == code
+
+
+def _opts(tmp_path: Path, **kw: float) -> ServerOptions:
+    return ServerOptions(work_dir=tmp_path, host="127.0.0.1", port=1, control_host="127.0.0.1", insecure=True,
+                         ca=None, cert=None, key=None, node_keys=(),
+                         run_config={"results-dir": str(tmp_path / "results"), "min-clients": 2}, **kw)
+
+
+def test_watchdog_waits_for_nodes_then_for_rounds(tmp_path: Path) -> None:
+    dog = Watchdog(_opts(tmp_path, node_wait_timeout_s=40, round_timeout_s=100), now=0)
+    dog.observe(0, lines=1, online=1)
+    assert dog.expired(39) is None
+    assert dog.expired(41)[0] == "nodes"
+    dog.observe(41, lines=1, online=2)  # the second node came: that is progress
+    assert dog.expired(140) is None
+    dog.observe(140, lines=2, online=2)  # a round finished
+    assert dog.expired(239) is None
+    code, reason = dog.expired(241)
+    assert code == "deadline" and "--round-timeout 100" in reason
+
+
+def test_a_stopped_run_gets_a_summary_that_says_why(tmp_path: Path) -> None:
+    fed = Federation(_opts(tmp_path))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "metrics.jsonl").write_text('{"round": 0, "accuracy": 0.5}\n'
+                                                        '{"round": 1, "accuracy": 0.6}\n')
+    fed.write_stop_summary("nodes", "fewer than 2 nodes online")
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert summary["status"] == "stopped-early" and summary["stop-code"] == "nodes" and summary["rounds"] == 1
+    assert summary["resumable"] is True
+
+
+def test_server_metrics_are_read_from_the_results(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from fedtune.server.monitoring import ServerCollector
+
+    fed = Federation(_opts(tmp_path))
+    (tmp_path / "results").mkdir()
+    rows = [{"round": 0, "clients": []},
+            {"round": 1, "elapsed-s": 10.0, "clients": [{"status": "trained", "bytes": 1000},
+                                                          {"status": "error", "code": "INVALID_FAB"}]},
+            {"round": 2, "elapsed-s": 25.0, "clients": [{"status": "refused"}]}]
+    (tmp_path / "results" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"round": 3')
+    fed.online = 2
+    registry = CollectorRegistry()
+    registry.register(ServerCollector(fed))
+    text = generate_latest(registry).decode()
+    for line in ('fedtune_server_rounds_total{result="completed"} 1.0',
+                 'fedtune_server_rounds_total{result="failed"} 1.0', "fedtune_server_nodes_connected 2.0",
+                 'fedtune_server_replies_total{code="INVALID_FAB",outcome="refused"} 1.0',
+                 'fedtune_server_replies_total{code="trained",outcome="accepted"} 1.0',
+                 "fedtune_server_received_bytes_total 1000.0", "fedtune_server_round_duration_seconds 15.0"):
+        assert line in text, text
+
+
+def test_work_dir_results_are_never_overwritten(certs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    results = tmp_path / "w" / "results"
+    results.mkdir(parents=True)
+    (results / "metrics.jsonl").write_text('{"round": 0}\n')
+    from fedtune.common.flower_cli import free_port
+
+    args = [*_tls_args(certs), "--node-keys", str(certs / "nodes"), "--work-dir", str(tmp_path / "w"),
+            "--metrics-address", "off", "--port", str(free_port())]
+    assert daemon.main(args) == exit_codes.BAD_INPUT
+    assert "holds another run's results" in capsys.readouterr().err
+    assert (results / "metrics.jsonl").read_text() == '{"round": 0}\n'
+
+
+def test_a_superlink_that_cannot_start_reports_the_cause_from_its_logs(tmp_path: Path) -> None:
+    import socket
+
+    from fedtune.common.errors import RunError
+    from fedtune.common.flower_cli import flower_bin, flower_env, start_group, wait_healthy
+
+    busy = socket.create_server(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    try:
+        proc = start_group([flower_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                            "--log-file", str(tmp_path / "superlink.log")], env=flower_env(tmp_path / "home"),
+                           log_file=tmp_path / "superlink.out")
+        with pytest.raises(RunError) as info:
+            wait_healthy(f"http://127.0.0.1:{port}/health", proc, tmp_path / "superlink.log", timeout_s=120,
+                         other_logs=(tmp_path / "superlink.out",))
+    finally:
+        busy.close()
+    assert "address already in use" in str(info.value).lower(), str(info.value)

@@ -1,0 +1,260 @@
+"""Faults on a loopback deployment (TLS, node auth, app pinning) and in fedtune-sim.
+
+Marker ``faults`` (excluded from the default suite; minutes on 2 cores):
+
+    .venv/bin/python -m pytest -m faults tests/test_faults.py
+
+- the server is SIGKILLed after round 1 and restarted: both nodes rejoin and train
+  round 2 with no human action (the time to rejoin is printed);
+- a node is killed mid-run: the run does not stall; it stops at the deadline
+  (exit 4, summary says why), and resumes to completion once the node is back;
+- budgets run out mid-run: exit 3 and the refusal is in the node's ledger;
+- SIGTERM to fedtune-sim: exit 143, the run's log is kept, no Flower process is left
+  (checked by process group and by owner tag);
+- a torn ledger: ``fedtune-client --check`` fails naming the line.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from fedtune.common import exit_codes
+from fedtune.common.flower_cli import free_port, owned_pids
+from tests.faults_helpers import kill_owned, kill_session, session_pids, start, wait_until
+from tests.tiny import make_sentiment_frame
+
+pytestmark = pytest.mark.faults
+BIN = Path(sys.executable).parent
+RUN_S = 420
+
+
+@dataclass
+class Deployment:
+    root: Path
+    rounds: int
+    policy: str = "max-epsilon = 8.0\ndelta = 1e-5\n"
+    server_port: int = field(default_factory=free_port)
+    procs: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    @property
+    def srv(self) -> Path:
+        return self.root / "srv"
+
+    def node_dir(self, name: str) -> Path:
+        return self.root / f"node-{name}"
+
+    def prepare(self, model: Path, dataset: Path) -> Deployment:
+        import subprocess
+
+        subprocess.run([str(BIN / "fedtune-certs"), "dev", "--out", str(self.certs), "--node", "a", "--node", "b"],
+                       check=True, capture_output=True)
+        frame = make_sentiment_frame(400, seed=3)
+        for i, name in enumerate("ab"):
+            d = self.node_dir(name)
+            d.mkdir()
+            frame.iloc[i * 200:(i + 1) * 200].to_csv(d / "data.csv", index=False)
+            key = self.certs / "nodes" / name / "ledger-signing.key"
+            (d / "policy.toml").write_text(f'{self.policy}ledger-key = "{key}"\n')
+        (self.root / "run.toml").write_text(
+            f'model-path = "{model}"\ndataset = "{dataset}"\npartition-by = "group"\nmax-seq-len = 16\n'
+            f"batch-size = 32\nlearning-rate = 0.05\nnum-rounds = {self.rounds}\nmin-clients = 2\n")
+        app_hash = subprocess.run([str(BIN / "fedtune-server"), "--work-dir", str(self.srv), "--print-app-hash"],
+                                  check=True, capture_output=True, text=True).stdout.strip()
+        (self.root / "allowed.txt").write_text(f"{app_hash}\n")
+        return self
+
+    def start_server(self, label: str, *extra: str) -> object:
+        c = self.certs
+        cmd = [str(BIN / "fedtune-server"), "--ssl-ca-certfile", str(c / "ca/ca.pem"), "--ssl-certfile",
+               str(c / "server/server.pem"), "--ssl-keyfile", str(c / "server/server.key"), "--node-keys",
+               str(c / "nodes"), "--run-config", str(self.root / "run.toml"), "--work-dir", str(self.srv),
+               "--port", str(self.server_port), "--metrics-address", "off", "--node-wait-timeout", "40",
+               "--round-timeout", "120", *extra]
+        self.procs[label] = proc = start(cmd, self.root / f"{label}.out")
+        return proc
+
+    def start_node(self, name: str) -> object:
+        d = self.node_dir(name)
+        cmd = [str(BIN / "fedtune-client"), "--superlink", f"127.0.0.1:{self.server_port}", "--root-certificates",
+               str(self.certs / "ca/ca.pem"), "--node-key", str(self.certs / "nodes" / name / "node.key"),
+               "--data", str(d / "data.csv"), "--state-dir", str(d / "state"), "--policy", str(d / "policy.toml"),
+               "--app-allowlist", str(self.root / "allowed.txt"), "--runtime-port", str(free_port()),
+               "--metrics-address", "off", "--stall-timeout", "30"]
+        self.procs[f"node-{name}"] = proc = start(cmd, self.root / f"node-{name}.out")
+        return proc
+
+    def kill_node(self, name: str) -> None:
+        kill_session(self.procs.pop(f"node-{name}"))  # type: ignore[arg-type]
+        kill_owned(f"fedtune-client:{(self.node_dir(name) / 'state').resolve()}")
+
+    def rounds_done(self) -> list[dict]:
+        path = self.srv / "results" / "metrics.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+    def ledger(self, name: str) -> list[dict]:
+        path = self.node_dir(name) / "state" / "ledger.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+    def activations(self, name: str) -> int:
+        path = self.node_dir(name) / "state" / "supernode.log"
+        return path.read_text(errors="replace").count("SuperNode ID:") if path.exists() else 0
+
+    def stop_all(self) -> None:
+        for proc in list(self.procs.values())[::-1]:
+            kill_session(proc)  # type: ignore[arg-type]
+        kill_owned(f"fedtune-server:{self.srv.resolve()}")
+        for name in "ab":
+            kill_owned(f"fedtune-client:{(self.node_dir(name) / 'state').resolve()}")
+
+
+def _wait_exit(proc, timeout_s: float = RUN_S) -> int:  # noqa: ANN001
+    return int(proc.wait(timeout=timeout_s))
+
+
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, sentiment_csv: Path
+              ) -> Iterator[tuple[Deployment, dict[str, float | int]]]:
+    """Server killed after round 1 and restarted; node b killed after round 2; then b and the server again."""
+    dep = Deployment(tmp_path_factory.mktemp("faults-restart"), rounds=3).prepare(tiny_model_dir, sentiment_csv)
+    facts: dict[str, float | int] = {}
+    try:
+        server = dep.start_server("server-1")
+        wait_until("run submitted", (dep.srv / "current-run.json").exists, 120, server)
+        dep.start_node("a"), dep.start_node("b")
+        wait_until("round-1 checkpoint", (dep.srv / "checkpoints" / "round-0001").exists, RUN_S, server)
+        kill_session(server)  # the whole server crashes
+        before = {n: dep.activations(n) for n in "ab"}
+        time.sleep(3)
+        restarted_at = time.monotonic()
+        server = dep.start_server("server-2")
+        wait_until("both nodes rejoined", lambda: all(dep.activations(n) > before[n] for n in "ab"), RUN_S, server)
+        facts["rejoin-s"] = time.monotonic() - restarted_at
+        wait_until("round-2 checkpoint", (dep.srv / "checkpoints" / "round-0002").exists, RUN_S, server)
+        facts["round-2-after-restart-s"] = time.monotonic() - restarted_at
+        dep.kill_node("b")  # a node dies for good in round 3
+        killed_at = time.monotonic()
+        facts["server-2"] = _wait_exit(server)
+        facts["stopped-after-s"] = time.monotonic() - killed_at
+        facts["summary-2"] = json.loads((dep.srv / "results" / "summary.json").read_text())  # type: ignore[assignment]
+        dep.start_node("b")
+        facts["server-3"] = _wait_exit(dep.start_server("server-3"))
+        print(f"\nfault timings: {json.dumps({k: v for k, v in facts.items() if k.endswith('-s')})}")
+        yield dep, facts
+    finally:
+        dep.stop_all()
+
+
+def test_nodes_rejoin_a_restarted_server_and_train_the_next_round(restarted) -> None:  # noqa: ANN001
+    dep, facts = restarted
+    round2 = next(r for r in dep.rounds_done() if r["round"] == 2)
+    assert sorted(c["status"] for c in round2["clients"]) == ["trained", "trained"], round2["clients"]
+    assert facts["rejoin-s"] < 300
+
+
+def test_a_dead_node_stops_the_run_at_the_deadline_and_it_resumes(restarted) -> None:  # noqa: ANN001
+    dep, facts = restarted
+    out = (dep.root / "server-2.out").read_text()
+    assert facts["server-2"] in (exit_codes.OK, exit_codes.STOPPED_NODES), out[-3000:]
+    if facts["server-2"] == exit_codes.STOPPED_NODES:
+        summary = facts["summary-2"]
+        assert summary["status"] == "stopped-early" and summary["stop-code"] in ("nodes", "deadline")  # type: ignore[index]
+        assert "start fedtune-server again to resume" in out
+    assert facts["server-3"] == exit_codes.OK, (dep.root / "server-3.out").read_text()[-3000:]
+    assert [r["round"] for r in dep.rounds_done()] == [0, 1, 2, 3]
+
+
+def test_no_node_is_charged_twice_for_one_training(restarted) -> None:  # noqa: ANN001
+    dep, _ = restarted
+    for name in "ab":
+        charged = [(e["run"], e["round"]) for e in dep.ledger(name) if e["decision"] == "charged"]
+        assert charged and len(charged) == len(set(charged)), charged
+
+
+def test_no_flower_process_outlives_its_daemon(restarted) -> None:  # noqa: ANN001
+    dep, _ = restarted
+    for proc in list(dep.procs.values()):
+        if proc.poll() is None:  # type: ignore[attr-defined]
+            continue
+        assert session_pids(proc.pid) == []  # type: ignore[attr-defined]
+    assert owned_pids(f"fedtune-server:{dep.srv.resolve()}") == []
+
+
+@pytest.fixture(scope="module")
+def exhausted(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, sentiment_csv: Path
+              ) -> Iterator[tuple[Deployment, int]]:
+    """Nodes whose budget (6) is below the run's epsilon (8) and who keep the federation's noise."""
+    dep = Deployment(tmp_path_factory.mktemp("faults-budget"), rounds=4,
+                     policy='max-epsilon = 6.0\ndelta = 1e-5\nnoise-plan = "as-requested"\n')
+    dep.prepare(tiny_model_dir, sentiment_csv)
+    try:
+        server = dep.start_server("server")
+        wait_until("run submitted", (dep.srv / "current-run.json").exists, 120, server)
+        dep.start_node("a"), dep.start_node("b")
+        yield dep, _wait_exit(server)
+    finally:
+        dep.stop_all()
+
+
+def test_exhausted_budgets_stop_the_run_with_exit_3_and_a_refusal_in_the_ledger(exhausted) -> None:  # noqa: ANN001
+    dep, code = exhausted
+    assert code == exit_codes.STOPPED_BUDGET, (dep.root / "server.out").read_text()[-3000:]
+    assert any(e["decision"] == "refused" for e in dep.ledger("a") + dep.ledger("b"))
+
+
+def test_sigterm_to_fedtune_sim_leaves_no_flower_process_and_keeps_the_log(tmp_path: Path, tiny_model_dir: Path,
+                                                                          sentiment_csv: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [str(BIN / "fedtune-sim"), "--clients", "2", "--rounds", "30", "--model", str(tiny_model_dir),
+           "--dataset", str(sentiment_csv), "--set", "partition-by=group", "--set", "max-seq-len=16",
+           "--set", "batch-size=32", "--out", str(out)]
+    sim = start(cmd, tmp_path / "sim.out")
+    try:
+        wait_until("round 1 started", lambda: (out / "metrics.jsonl").exists()
+                   and (out / "metrics.jsonl").read_text().strip() != "", 300, sim)
+        sim.send_signal(signal.SIGTERM)  # the command only, as a service manager or `kill` would
+        assert sim.wait(timeout=120) == exit_codes.TERMINATED, (tmp_path / "sim.out").read_text()[-3000:]
+        assert session_pids(sim.pid) == [], "a Flower process of the killed run is still in its process group"
+        assert owned_pids(f"fedtune-sim:{(out / 'flower').resolve()}") == []
+        assert (out / "flower" / "run.log").stat().st_size > 0
+    finally:
+        kill_session(sim)
+        kill_owned(f"fedtune-sim:{(out / 'flower').resolve()}")
+
+
+def test_a_torn_ledger_fails_the_node_check(tmp_path: Path) -> None:
+    import subprocess
+
+    from fedtune.client.round import NodePrivacy  # noqa: F401 - the node's own ledger writer is importable
+    from fedtune.common import tls
+    from fedtune.common.ledger import Ledger
+    from fedtune.common.ledger_key import load_or_create_key
+
+    tls.create_ca(tmp_path / "ca")
+    state = tmp_path / "state"
+    key = load_or_create_key(state / "ledger-signing.key")
+    with Ledger(state / "ledger.jsonl", key).session() as s:
+        s.append({"run": "1", "round": 1, "dataset": "d", "fingerprint": "f", "decision": "refused", "reason": "x",
+                  "event": None, "delta": 1e-5, "accountant": {}, "epsilon": 0.0, "epsilon_round": 0.0,
+                  "budget": 1.0, "request": {}})
+    with open(state / "ledger.jsonl", "ab") as fh:
+        fh.write(b'{"format":"fedtune-ledger/1","seq":2,"prev"')  # the process died mid-append
+    make_sentiment_frame(40).to_csv(tmp_path / "data.csv", index=False)
+    (tmp_path / "policy.toml").write_text("max-epsilon = 4.0\n")
+    proc = subprocess.run([str(BIN / "fedtune-client"), "--check", "--superlink", f"127.0.0.1:{free_port()}",
+                           "--root-certificates", str(tmp_path / "ca/ca.pem"), "--data", str(tmp_path / "data.csv"),
+                           "--policy", str(tmp_path / "policy.toml"), "--state-dir", str(state), "--allow-any-app"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == exit_codes.BAD_INPUT, proc.stdout + proc.stderr
+    assert "line 2" in proc.stderr and "torn" in proc.stderr and "Traceback" not in proc.stderr
