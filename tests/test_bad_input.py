@@ -87,7 +87,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Wor
     (root / "latin1.csv").write_bytes("text,label\ncaf\xe9 good,pos\nbad,neg\n".encode("latin-1"))
     (root / "binary.csv").write_bytes(bytes(range(256)) * 4)
     frame.assign(label=[f"l{i}" for i in range(len(frame))]).to_csv(root / "one-label.csv", index=False)
-    (root / "policy.toml").write_text("max-epsilon = 4.0\ndelta = 1e-5\n")
+    (root / "policy.toml").write_text("max-epsilon = 4.0\ndelta = 1e-5\ndataset-id = \"ward-7\"\n")
     (root / "bad-policy.toml").write_text("max-epsilon = -1\n")
     (root / "allowed.txt").write_text("ab" * 32 + "\n")
     (root / "bad-allowed.txt").write_text(f"not-a-hash {MARKUP}\n")
@@ -309,21 +309,6 @@ CASES: dict[str, Case] = {
     "sim-out-completed-run": Case("fedtune-sim", sim(out="{results}"), B, "results"),
     "sim-out-is-a-file": Case("fedtune-sim", sim(out="{a_file}"), B, "a-file"),
 }
-# Fixed on other branches of this release (the lead's fedtune-sim output handling): kept here so they stay fixed.
-PENDING = {
-    "sim-set-markup": "fedtune-sim prints errors through rich markup (sim/cli.py, lead's branch)",
-    "sim-out-is-a-file": "fedtune-sim --out that is a file (sim/cli.py, lead's branch)",
-}
-# Without its fix this case would run a whole simulation over a finished run: run it only once it is fixed.
-NEEDS_OVERWRITE_FLAG = {"sim-out-completed-run"}
-
-
-def _sim_protects_results() -> bool:
-    from fedtune.sim.cli import parser
-
-    return "--overwrite" in parser().format_help()
-
-
 @pytest.fixture(scope="module")
 def other_ca_server(world: World) -> Iterator[int]:
     """A TLS server whose certificate comes from another CA (what a node must refuse before starting)."""
@@ -358,10 +343,6 @@ def other_ca_server(world: World) -> Iterator[int]:
 def test_bad_input_gets_one_short_error_and_loses_nothing(name: str, world: World, other_ca_server: int,
                                                           tmp_path: Path, capsys: pytest.CaptureFixture,
                                                           request: pytest.FixtureRequest) -> None:
-    if name in PENDING:
-        request.applymarker(pytest.mark.xfail(reason=PENDING[name], strict=False))
-    if name in NEEDS_OVERWRITE_FLAG and not _sim_protects_results():
-        pytest.skip("fedtune-sim has no --overwrite yet (sim/cli.py, lead's branch): it would replace the run")
     case = CASES[name]
     values = {k: str(world.root / v) for k, v in PATHS.items()} | {
         "work": str(tmp_path), "free": str(free_port()), "tls_port": str(other_ca_server),

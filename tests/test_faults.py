@@ -40,7 +40,7 @@ RUN_S = 420
 class Deployment:
     root: Path
     rounds: int
-    policy: str = "max-epsilon = 8.0\ndelta = 1e-5\n"
+    policy: str = "max-epsilon = 8.0\ndelta = 1e-5\ndataset-id = \"notes\"\n"
     server_port: int = field(default_factory=free_port)
     procs: dict[str, object] = field(default_factory=dict)
 
@@ -196,7 +196,7 @@ def exhausted(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, se
               ) -> Iterator[tuple[Deployment, int]]:
     """Nodes whose budget (6) is below the run's epsilon (8) and who keep the federation's noise."""
     dep = Deployment(tmp_path_factory.mktemp("faults-budget"), rounds=4,
-                     policy='max-epsilon = 6.0\ndelta = 1e-5\nnoise-plan = "as-requested"\n')
+                     policy='max-epsilon = 6.0\ndelta = 1e-5\nnoise-plan = "as-requested"\ndataset-id = "notes"\n')
     dep.prepare(tiny_model_dir, sentiment_csv)
     try:
         server = dep.start_server("server")
@@ -251,7 +251,7 @@ def test_a_torn_ledger_fails_the_node_check(tmp_path: Path) -> None:
     with open(state / "ledger.jsonl", "ab") as fh:
         fh.write(b'{"format":"fedtune-ledger/1","seq":2,"prev"')  # the process died mid-append
     make_sentiment_frame(40).to_csv(tmp_path / "data.csv", index=False)
-    (tmp_path / "policy.toml").write_text("max-epsilon = 4.0\n")
+    (tmp_path / "policy.toml").write_text("max-epsilon = 4.0\ndataset-id = \"notes\"\n")
     proc = subprocess.run([str(BIN / "fedtune-client"), "--check", "--superlink", f"127.0.0.1:{free_port()}",
                            "--root-certificates", str(tmp_path / "ca/ca.pem"), "--data", str(tmp_path / "data.csv"),
                            "--policy", str(tmp_path / "policy.toml"), "--state-dir", str(state), "--allow-any-app"],

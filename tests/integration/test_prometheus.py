@@ -56,7 +56,7 @@ def test_prometheus_reads_server_and_node_metrics(tmp_path: Path, tiny_model_dir
     certs, node = tmp_path / "certs", tmp_path / "node"
     node.mkdir()
     make_sentiment_frame(200, seed=5).to_csv(node / "data.csv", index=False)
-    (node / "policy.toml").write_text("max-epsilon = 8.0\ndelta = 1e-5\n")
+    (node / "policy.toml").write_text("max-epsilon = 8.0\ndelta = 1e-5\ndataset-id = \"notes\"\n")
     (tmp_path / "run.toml").write_text(
         f'model-path = "{tiny_model_dir}"\ndataset = "{sentiment_csv}"\npartition-by = "group"\nmax-seq-len = 16\n'
         "batch-size = 32\nnum-rounds = 2\nmin-clients = 1\n")
