@@ -77,7 +77,9 @@ def _fmt(x: Any, digits: int = 4) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
-        return "∞" if math.isinf(x) else "–" if math.isnan(x) else f"{x:.{digits}f}"
+        if math.isinf(x) or math.isnan(x):
+            return "∞" if math.isinf(x) else "–"
+        return f"{x:.3g}" if 0 < abs(x) < 1e-3 else f"{x:.{digits}f}"
     return _esc(x)
 
 
@@ -85,13 +87,13 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> str:
+def _table(header: list[str] | None, rows: list[list[Any]], left: int = 1) -> str:
     def cell(tag: str, i: int, v: Any) -> str:
         return f'<{tag}{" class=l" if i < left else ""}>{v if tag == "th" else _fmt(v)}</{tag}>'
 
-    head = "".join(cell("th", i, _esc(h)) for i, h in enumerate(header))
+    head = "<tr>" + "".join(cell("th", i, _esc(h)) for i, h in enumerate(header)) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def _settings(results_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +196,7 @@ def render_report(results_dir: Path, audit: AuditVerdict | None = None) -> str:
         f"<h1>fedtune run report: {_esc(results_dir.resolve().name)}</h1>",
         f'<p class="small">Generated {time.strftime("%Y-%m-%d %H:%M:%S %Z")}. Every figure is computed from '
         "this run's metrics.jsonl; the adapter's model card (adapter/README.md) carries the privacy statement.</p>",
-        _table(["", ""], head), _audit_section(audit),
+        _table(None, head), _audit_section(audit),
         "<h2>Accuracy per round</h2>" + (_img(plots.accuracy_plot(rounds), "accuracy per round") if rounds else ""),
         _privacy_section(rounds, privacy), _labels_section(last),
         _groups_section(last, str(settings.get("report-group-column", ""))),
