@@ -115,7 +115,7 @@ def save_adapter(model: PeftModel, arrays: Arrays, out_dir: Path, *, meta: Adapt
     config.base_model_name_or_path = meta.base.name
     config.revision = meta.base.revision
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
+    model.save_pretrained(str(out_dir), save_embedding_layers=False)  # embeddings stay frozen, never saved
     (out_dir / "README.md").unlink(missing_ok=True)
     (out_dir / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
     return out_dir

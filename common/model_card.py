@@ -65,7 +65,7 @@ class CardInfo:
 def _num(x: float | None, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
-    return "∞ (no DP)" if math.isinf(x) else f"{x:.{digits}g}" if abs(x) < 1e-3 else f"{x:.{digits}f}"
+    return "∞ (no DP)" if math.isinf(x) else f"{x:.{digits}g}" if 0 < abs(x) < 1e-3 else f"{x:.{digits}f}"
 
 
 def dataset_name(settings: RunSettings) -> str:
@@ -80,7 +80,8 @@ def _metadata(info: CardInfo) -> ModelCardData:
     results = [EvalResult(task_type="text-classification", dataset_type=dataset_name(s),
                           dataset_name=f"{dataset_name(s)} (server held-out split)", dataset_split="held-out",
                           metric_type=name, metric_value=round(value, 4))
-               for name, value in (("accuracy", info.accuracy), ("loss", info.loss)) if value is not None]
+               for name, value in (("accuracy", info.accuracy), ("loss", info.loss))
+               if value is not None and math.isfinite(value)]
     privacy = {
         "unit": "one example of one node's training data", "relation": "add/remove-one", "dp": s.privacy.dp,
         "nodes": [{k: v for k, v in asdict(n).items() if k != "examples"} for n in info.nodes],
@@ -103,14 +104,15 @@ def _model_section(info: CardInfo) -> str:
              + (f" (its config names `{base.config_name_or_path}`)" if base.config_name_or_path else ""))
     digest = f"; weights `{base.weights_file}` sha256 `{base.weights_sha256}`" if base.weights_sha256 else ""
     labels = ", ".join(f"`{i}` = {name}" for i, name in enumerate(meta.labels))
+    layers = f" of layers {lora.lora_layers}" if lora.lora_layers else ""
+    shape = f"rank {lora.lora_rank}, alpha {lora.lora_alpha:g}, on `{lora.lora_targets}`{layers}"
+    trained = "FFA-LoRA: A frozen at its shared initialisation, only B trained" if lora.lora_variant == "ffa" \
+        else "A and B trained"
     return f"""## Model
 
 - **Base model**: `{base.name}`, {where}{digest}.
 - **Architecture**: the base encoder, masked mean pooling over its token states, and a linear head
-  ({len(meta.labels)} classes). LoRA (PEFT) rank {lora.lora_rank}, alpha {lora.lora_alpha:g}, on
-  `{lora.lora_targets}`{f" of layers {lora.lora_layers}" if lora.lora_layers else ""}
-  ({"FFA-LoRA: A frozen at its shared initialisation, only B trained" if lora.lora_variant == "ffa"
-    else "A and B trained"}); the head is saved with the adapter.
+  ({len(meta.labels)} classes). LoRA (PEFT) {shape} ({trained}); the head is saved with the adapter.
 - **Task**: text classification. **Labels**: {labels}. Inputs are truncated to {meta.max_seq_len} tokens.
 
 ## How to use
