@@ -10,6 +10,8 @@ directory name, labels, sequence length) from which ``load_adapter`` rebuilds th
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,3 +154,31 @@ def load_adapter(adapter_dir: str | Path, base: str | Path | None = None) -> Loa
         raise ModelError(f"could not load the adapter in {adapter_dir} on {meta.base.name}: {err}") from err
     model.eval()
     return LoadedAdapter(model, base_model.tokenizer, meta)
+
+
+def export_sentence_transformer(adapter_dir: str | Path, out_dir: str | Path, base: str | Path | None = None) -> Path:
+    """Export the adapter merged into its base as a stock ``sentence-transformers`` model.
+
+    The result is Transformer -> mean pooling -> Dense (identity activation): exactly this classifier,
+    so ``SentenceTransformer(out_dir).encode(texts)`` returns its logits (softmax them for probabilities,
+    columns in ``labels.json`` order) with no fedtune import. The adapter's model card is kept beside it
+    as ``fedtune-model-card.md`` (merging is post-processing: the privacy statement still holds).
+    """
+    from sentence_transformers import SentenceTransformer, models
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    loaded = load_adapter(adapter_dir, base)
+    merged = loaded.model.merge_and_unload()  # LoRA folded into the encoder's weights
+    with tempfile.TemporaryDirectory() as encoder_dir:
+        merged.encoder.save_pretrained(encoder_dir)
+        loaded.tokenizer.save_pretrained(encoder_dir)
+        transformer = models.Transformer(encoder_dir, max_seq_length=loaded.meta.max_seq_len)
+        pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+        dense = models.Dense(merged.head.in_features, merged.head.out_features, bias=True,
+                             activation_function=torch.nn.Identity())
+        dense.linear.load_state_dict(merged.head.state_dict())
+        SentenceTransformer(modules=[transformer, pooling, dense], device="cpu").save(str(out_dir))
+    (out_dir / "labels.json").write_text(json.dumps(loaded.meta.labels) + "\n")
+    if (adapter_dir / "README.md").is_file():
+        shutil.copyfile(adapter_dir / "README.md", out_dir / "fedtune-model-card.md")
+    return out_dir

@@ -3,6 +3,7 @@
 Example::
 
     fedtune-predict results/<run>/adapter reviews.csv --output predictions.csv
+    fedtune-predict results/<run>/adapter --export-sentence-transformers exported/
 
 The output keeps every input column and adds ``prediction`` (the label name) and one
 ``prob:<label>`` column per label. The base model is resolved from the adapter's
@@ -28,12 +29,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtune-predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapter", type=Path, help="adapter directory (adapter_config.json, fedtune.json, ...)")
-    p.add_argument("input", type=Path, help="CSV, TSV, JSONL or Parquet file with a text column")
+    p.add_argument("input", type=Path, nargs="?", help="CSV, TSV, JSONL or Parquet file with a text column")
     p.add_argument("--output", "-o", type=Path, default=None,
                    help="predictions file (.csv or .jsonl); default: CSV on standard output")
     p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
     p.add_argument("--base", default=None, metavar="DIR", help="base model directory (default: from fedtune.json)")
     p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default 64)")
+    p.add_argument("--export-sentence-transformers", type=Path, default=None, metavar="DIR",
+                   help="also write the adapter merged into its base as a stock sentence-transformers model "
+                        "(encode() returns the classifier's logits; no fedtune needed to load it)")
     return p
 
 
@@ -83,13 +87,21 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {args.output.name}")
         if args.batch_size < 1:
             raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
-        frame = read_texts(args.input, args.text_column)
-        write(predict_frame(frame, args.text_column, args.adapter, args.base, args.batch_size), args.output)
+        if args.input is None and args.export_sentence_transformers is None:
+            raise DataError("give an INPUT file to predict, or --export-sentence-transformers DIR")
+        if args.export_sentence_transformers is not None:
+            from fedtune.common.adapter import export_sentence_transformer
+
+            out = export_sentence_transformer(args.adapter, args.export_sentence_transformers, args.base)
+            print(f"fedtune-predict: sentence-transformers model written to {out}", file=sys.stderr)
+        if args.input is not None:
+            frame = read_texts(args.input, args.text_column)
+            write(predict_frame(frame, args.text_column, args.adapter, args.base, args.batch_size), args.output)
+            if args.output is not None:
+                print(f"fedtune-predict: {len(frame)} predictions written to {args.output}", file=sys.stderr)
     except FedtuneError as err:
         print(f"fedtune-predict: error: {'; '.join(' '.join(p.split()) for p in err.problems)}", file=sys.stderr)
         return 2
-    if args.output is not None:
-        print(f"fedtune-predict: {len(frame)} predictions written to {args.output}", file=sys.stderr)
     return 0
 
 

@@ -67,3 +67,15 @@ def test_the_console_script_runs(adapter, tiny_model_dir, tmp_path):
                            str(tiny_model_dir)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "text,prediction,prob:neg,prob:pos" and len(proc.stdout.splitlines()) == 4
+
+
+def test_export_is_a_stock_sentence_transformers_model_with_the_same_predictions(adapter, tiny_model_dir, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path / "exported"
+    assert main([str(adapter), "--base", str(tiny_model_dir), "--export-sentence-transformers", str(out)]) == 0
+    logits = SentenceTransformer(str(out), device="cpu").encode(TEXTS, convert_to_tensor=True)
+    expected = load_adapter(adapter, base=tiny_model_dir).predict_proba(TEXTS)
+    assert torch.softmax(logits, dim=-1).numpy() == pytest.approx(expected, abs=1e-5)
+    assert json.loads((out / "labels.json").read_text()) == ["neg", "pos"]
+    assert str(tmp_path) not in "".join(p.read_text(errors="ignore") for p in out.rglob("*.json"))
