@@ -8,9 +8,9 @@ from fedtune.common.evaluation import EvalResult
 from fedtune.server.results import RunRecorder, eval_fields
 
 
-def make_results(out, *, groups: bool = True, with_bytes: bool = True):
+def make_results(out, *, groups: bool = True, with_bytes: bool = True, tensorboard: bool = False):
     """A results directory as a 2-client, 2-round DP run leaves it (without the adapter weights)."""
-    recorder = RunRecorder(out, tensorboard=False)
+    recorder = RunRecorder(out, tensorboard=tensorboard)
     for rnd, acc in enumerate([0.5, 0.7, 0.8]):
         clients = [] if rnd == 0 else [
             {"node-id": 100 + i, "partition-id": i, "status": "trained", "epsilon": 2.5 * rnd + i,
