@@ -164,7 +164,8 @@ def export_sentence_transformer(adapter_dir: str | Path, out_dir: str | Path, ba
     columns in ``labels.json`` order) with no fedtune import. The adapter's model card is kept beside it
     as ``fedtune-model-card.md`` (merging is post-processing: the privacy statement still holds).
     """
-    from sentence_transformers import SentenceTransformer, models
+    import sentence_transformers.models as models
+    from sentence_transformers import SentenceTransformer
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     loaded = load_adapter(adapter_dir, base)

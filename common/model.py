@@ -80,10 +80,15 @@ class BaseModelRef:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> BaseModelRef:
-        try:
-            return cls(**{k: raw.get(k) for k in cls.__dataclass_fields__ if k in raw})
-        except TypeError as err:
-            raise ModelError(f"unreadable base-model record {raw!r}: {err}") from err
+        name, source = raw.get("name"), raw.get("source", "local")
+        if not isinstance(name, str) or not name or source not in ("embedded", "local"):
+            raise ModelError(f"unreadable base-model record {raw!r}: needs a name and source embedded|local")
+
+        def opt(key: str) -> str | None:
+            return None if raw.get(key) is None else str(raw[key])
+
+        return cls(name, "embedded" if source == "embedded" else "local", opt("revision"), opt("weights_file"),
+                   opt("weights_sha256"), opt("config_name_or_path"))
 
 
 def _sha256(path: Path) -> str:

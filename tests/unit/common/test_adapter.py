@@ -175,3 +175,11 @@ def test_embedded_default_is_named_by_hub_id_and_revision_and_its_weights_match(
 def test_base_model_id_setting_names_a_local_copy(base):
     ref = base_model_ref(str(base.path), "acme/tiny-bert@0123abc")
     assert (ref.name, ref.revision, ref.config_name_or_path) == ("acme/tiny-bert", "0123abc", "acme/tiny-bert")
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"labels": ["a"]}', '{"base_model": {"source": "x"}, "labels": []}'])
+def test_a_broken_fedtune_json_is_named(base, tmp_path, content):
+    _, out = _saved(base, tmp_path)
+    (out / "fedtune.json").write_text(content)
+    with pytest.raises(ModelError, match="fedtune.json|base-model record"):
+        load_adapter(out, base=base.path)
