@@ -1,30 +1,65 @@
 # Two entry points for a fresh machine: `make run` (the main job) and `make test`.
+# Both install exactly the tested dependency set: CPU torch first, then the project with every other
+# package pinned by requirements.lock (`make lock` refreshes it; pyproject.toml keeps compatible ranges).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+PIP_SPEC ?= pip==26.3
+# Where the CPU torch wheel lies (pip finds it through its find-links); `make lock` resolves against it.
+TORCH_WHEELS ?= /opt/wheels
+LOCK ?= requirements.lock
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedtune-installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-all test-faults test-tools browser lint lock bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(PIP_SPEC)"
 	# CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e ".[dev]"
+	@! $(BIN)/python -m pip list 2>/dev/null | grep -iE '^nvidia-' || (echo "a CUDA package got installed" && false)
 	touch $(STAMP)
 
 ## The main job: 5 clients x 3 rounds, DP-SGD at epsilon 8, MiniLM + Rotten Tomatoes.
 run: $(STAMP)
 	$(BIN)/fedtune-sim $(ARGS)
 
-## The test suite (lint + pytest, slow tests excluded). nginx is for the proxy tests (they skip without it).
-test: $(STAMP)
-	@command -v nginx >/dev/null || (apt-get update -qq && apt-get install -y -qq nginx-light >/dev/null) \
-		|| echo "nginx not installed: the reverse-proxy tests will be skipped"
+## nginx (proxy tests) and prometheus (metrics test); the tests skip without them.
+test-tools:
+	@sh deploy/install-test-tools.sh
+
+## Debian's chromium for the report's browser test (it skips without it).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium not installed: the report's browser test will be skipped"
+
+## The test suite (lint + pytest, slow tests excluded).
+test: $(STAMP) test-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## Every test, slow ones included (real browser, long federations).
+test-all: $(STAMP) test-tools browser
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+
+## Fault injection on a loopback TLS deployment (kills, restarts, SIGTERM, torn ledger); ~10 min on 2 cores.
+test-faults: $(STAMP) test-tools
+	$(BIN)/python -m pytest -q -m faults tests/test_faults.py
+
+## Re-resolve the newest versions allowed by pyproject.toml into requirements.lock (torch stays TORCH_SPEC).
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet uv
+	echo "$(TORCH_SPEC)+cpu" > $(VENV)/torch-constraint.txt
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --find-links $(TORCH_WHEELS) \
+		-c $(VENV)/torch-constraint.txt --no-emit-package torch --no-header --quiet -o $(LOCK).new
+	@! grep -iE '^(nvidia-|triton)' $(LOCK).new || (echo "the lock would pull CUDA packages" && false)
+	(echo "# Pinned dependency set of fedtune (constraints for pip install -c). Refresh: make lock"; \
+	 echo "# torch is installed first from TORCH_SPEC (CPU build) and is not listed here."; \
+	 cat $(LOCK).new) > $(LOCK) && rm $(LOCK).new
 
 bench: $(STAMP)
 	$(BIN)/python -m fedtune.sim.bench $(ARGS)

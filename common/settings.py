@@ -30,6 +30,9 @@ class ModelSettings:
 
     model_path: str = _help("Local Hugging Face model directory; empty = embedded all-MiniLM-L6-v2.", "")
     max_seq_len: int = _help("Tokens per example after truncation.", 48)
+    base_model_id: str = _help(
+        "Hub id[@revision] that model-path is a copy of, recorded in the adapter and model card; "
+        "empty = the embedded model's id, or model-path's directory name.", "")
 
     def problems(self) -> list[str]:
         return [] if self.max_seq_len >= 4 else [f"max-seq-len must be >= 4, got {self.max_seq_len}"]
@@ -164,6 +167,11 @@ class DataSettings:
     dirichlet_alpha: float = _help("Dirichlet concentration (> 0); small = very non-IID.", 0.5)
     test_fraction: float = _help("Fraction held out for server-side evaluation, in (0, 1).", 0.15)
     max_train_examples: int = _help("Cap on training examples across all clients (0 = no cap).", 6000)
+    report_group_column: str = _help(
+        "Column of the data whose values the run report breaks held-out results down by (fairness view); "
+        "empty = none.", "")
+    data_description: str = _help(
+        "What the training data is (source, period, population, consent), for the model card; never rows.", "")
 
     @property
     def label_list(self) -> list[str]:

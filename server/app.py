@@ -17,15 +17,24 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.common.adapter import arrays_to_record, load_arrays, record_to_arrays, save_adapter, to_record
+from fedtune.common.adapter import (
+    AdapterMeta,
+    arrays_to_record,
+    load_arrays,
+    record_to_arrays,
+    save_adapter,
+    to_record,
+)
 from fedtune.common.data import LabelledData, federation_split, load_labelled
 from fedtune.common.device import pick_device
 from fedtune.common.evaluation import evaluate
-from fedtune.common.model import BaseModel, build_model, encode, load_base
+from fedtune.common.model import BaseModel, base_model_ref, build_model, encode, load_base
+from fedtune.common.model_card import write_model_card
 from fedtune.common.settings import RunSettings
 from fedtune.common.wire import RoundRequest
 from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR, Checkpoint, CheckpointStore, RoundOffset, run_key
-from fedtune.server.results import ADAPTER_DIR, RunRecorder
+from fedtune.server.report import write_report
+from fedtune.server.results import ADAPTER_DIR, RunRecorder, card_info, eval_fields, held_out_groups
 from fedtune.server.strategy import AdapterFedAvg, weighted_mean
 
 log = logging.getLogger("fedtune.server")
@@ -83,6 +92,7 @@ def main(grid: Grid, context: Context) -> None:
     base = load_base(settings.model.model_path)
     test = held_out(settings)
     test_tensors = _encoded(test, base, settings.model.max_seq_len)
+    groups = held_out_groups(test.dataset, settings.data.report_group_column)
     model = build_model(base, len(test.label_names), settings.lora, device, seed=settings.federation.seed)
     recorder = RunRecorder(Path(settings.results_dir))
     # Checkpoints are a server-side deployment setting (fedtune-server sets the variable), not a run setting.
@@ -102,8 +112,9 @@ def main(grid: Grid, context: Context) -> None:
         if resume and server_round == offset:
             return None  # evaluated and recorded before the interruption
         load_arrays(model, record_to_arrays(arrays))
-        result = evaluate(model, *test_tensors, device=device)
-        line = recorder.record_round(_round_line(server_round, strategy, result.accuracy, result.loss))
+        result = evaluate(model, *test_tensors, device=device, groups=groups)
+        line = recorder.record_round(_round_line(server_round, strategy, result.accuracy, result.loss)
+                                     | eval_fields(result, test.label_names))
         log.info("round %s: held-out accuracy %.4f, loss %.4f, max epsilon %s", server_round,
                  result.accuracy, result.loss, line["epsilon-max"])
         if store:
@@ -119,9 +130,13 @@ def main(grid: Grid, context: Context) -> None:
         timeout=settings.federation.round_timeout, evaluate_fn=lambda r, arrays: evaluate_global(r + offset, arrays),
     )
     final = result.arrays if len(result.arrays) else initial
-    adapter_dir = save_adapter(model, record_to_arrays(final), Path(settings.results_dir) / ADAPTER_DIR,
-                               base_path=str(base.path), label_names=test.label_names)
+    meta = AdapterMeta(base_model_ref(settings.model.model_path, settings.model.base_model_id), test.label_names,
+                       settings.model.max_seq_len)
+    adapter_dir = save_adapter(model, record_to_arrays(final), Path(settings.results_dir) / ADAPTER_DIR, meta=meta)
     outcome = {"status": "stopped-early", "stop-code": strategy.stop_code, "stop-reason": strategy.stop_reason} \
         if strategy.stop_code else {"status": "completed"}
-    recorder.finish({"adapter": str(adapter_dir), **outcome, "resumed-after-round": offset,
-                     "excluded-nodes": {str(k): v for k, v in strategy.excluded.items()}})
+    recorder.finish({"adapter": ADAPTER_DIR, **outcome, "resumed-after-round": offset,
+                     "excluded-nodes": {str(k): v for k, v in strategy.excluded.items()},
+                     "settings": settings.to_config()})
+    write_model_card(adapter_dir, card_info(meta, settings, recorder.rounds, outcome["status"]))
+    write_report(Path(settings.results_dir))

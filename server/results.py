@@ -1,23 +1,42 @@
-"""The run's results directory: metrics.jsonl (a line per round), summary.json, adapter/.
+"""The run's results directory: metrics.jsonl (a line per round), metrics.csv, TensorBoard events,
+summary.json, adapter/.
 
 Lines are appended and fsync'd as rounds finish, so a crashed run keeps every
-completed round; summary.json is written atomically at the end.
+completed round; metrics.csv is rewritten atomically after each round and
+summary.json at the end. TensorBoard event files (``events.out.tfevents.*``) sit
+in the results directory itself, so ``tensorboard --logdir results/`` shows one run
+per results directory. No file here holds an absolute path of this machine.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedtune.common.durable import write_atomically
+from fedtune.common.errors import ConfigError
+from fedtune.common.model_card import CardInfo, NodeStatement
+
+if TYPE_CHECKING:
+    import datasets
+
+    from fedtune.common.adapter import AdapterMeta
+    from fedtune.common.evaluation import EvalResult
+    from fedtune.common.settings import PrivacySettings, RunSettings
 
 METRICS_FILE = "metrics.jsonl"
+CSV_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 ADAPTER_DIR = "adapter"
+REPORT_FILE = "report.html"
+CSV_FIRST = ("round", "accuracy", "loss", "train-loss", "client-accuracy", "epsilon-max", "epsilon-mean")
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -28,16 +47,163 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     write_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
-class RunRecorder:
-    """Writes one JSON line per round and the final summary."""
+def portable(value: Any) -> Any:
+    """``value`` with every absolute path string replaced by its last component (recursively)."""
+    if isinstance(value, str) and os.path.isabs(value):
+        return Path(value).name
+    if isinstance(value, Mapping):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(v) for v in value]
+    return value
 
-    def __init__(self, out_dir: Path) -> None:
+
+def node_name(row: Mapping[str, Any]) -> str:
+    """How reports name a node: ``client-<partition-id>`` (simulation: its ledger folder), else its node id."""
+    return f"client-{int(row['partition-id'])}" if "partition-id" in row else f"node-{row.get('node-id')}"
+
+
+def eval_fields(result: EvalResult, label_names: list[str]) -> dict[str, Any]:
+    """Round-line fields of a held-out evaluation: per-label precision/recall/F1, confusion matrix, groups."""
+    from fedtune.common.evaluation import label_metrics
+
+    def clean(x: float) -> float | None:
+        return None if math.isnan(x) else round(x, 6)
+
+    per_label = {name: {"precision": clean(m.precision), "recall": clean(m.recall), "f1": clean(m.f1),
+                        "support": m.support}
+                 for name, m in zip(label_names, label_metrics(result.confusion), strict=False)}
+    out: dict[str, Any] = {"num-examples": result.num_examples, "labels": label_names,
+                           "confusion": result.confusion, "per-label": per_label}
+    if result.group_confusion:
+        out["groups"] = {g: {"num-examples": sum(map(sum, cm)),
+                             "accuracy": round(sum(cm[i][i] for i in range(len(cm))) / max(1, sum(map(sum, cm))), 6),
+                             "confusion": cm}
+                         for g, cm in result.group_confusion.items()}
+    return out
+
+
+def held_out_groups(dataset: datasets.Dataset, column: str) -> list[str] | None:
+    """The group of each held-out example (``report-group-column``), or None when no column is set."""
+    if not column:
+        return None
+    if column not in dataset.column_names:
+        raise ConfigError(f"report-group-column '{column}' is not a column of the data; columns are: "
+                          f"{', '.join(c for c in dataset.column_names if c != 'text')}")
+    return [str(v) for v in dataset[column]]
+
+
+def card_info(meta: AdapterMeta, settings: RunSettings, rounds: list[dict[str, Any]], status: str) -> CardInfo:
+    """The model card's facts, from the run's round lines (the replies the server received)."""
+    from fedtune.common.evaluation import LabelMetrics
+
+    last = next((r for r in reversed(rounds) if r.get("per-label")), rounds[-1] if rounds else {})
+    def num(x: Any) -> float:
+        return float("nan") if x is None else float(x)
+
+    per_label = [(name, LabelMetrics(num(m.get("precision")), num(m.get("recall")), num(m.get("f1")),
+                                     int(m.get("support", 0))))
+                 for name, m in (last.get("per-label") or {}).items()]
+    return CardInfo(
+        meta=meta, settings=settings, nodes=node_statements(rounds, settings.privacy),
+        rounds=max((int(r["round"]) for r in rounds), default=0),
+        num_clients=len({node_name(row) for r in rounds for row in r.get("clients", [])}),
+        held_out_examples=int(last.get("num-examples", 0)), accuracy=last.get("accuracy"), loss=last.get("loss"),
+        per_label=per_label, status=status,
+    )
+
+
+def node_statements(rounds: list[dict[str, Any]], privacy: PrivacySettings) -> list[NodeStatement]:
+    """Each node's privacy parameters, from the replies it sent (its last reported epsilon wins)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for line in sorted(rounds, key=lambda r: r["round"]):
+        for row in line.get("clients", []):
+            if "epsilon" not in row:
+                continue
+            acc = seen.setdefault(node_name(row), {"steps": 0, "rounds": 0})
+            acc["row"] = row
+            if row.get("status") == "trained":
+                acc["steps"] += int(row.get("steps", 0))
+                acc["rounds"] += 1
+    out = []
+    for name, acc in sorted(seen.items()):
+        row = acc["row"]
+        eps = float(row["epsilon"])
+        sigma = row.get("noise-multiplier")
+        out.append(NodeStatement(
+            node=name, epsilon=eps if math.isfinite(eps) else None,
+            delta=float(row.get("delta", privacy.delta)), budget=_float(row.get("epsilon-budget")),
+            accountant=str(row.get("accountant", privacy.accountant)),
+            clip_norm=float(row.get("clip-norm", privacy.clip_norm)),
+            noise_multiplier=float(sigma) if sigma else None, sample_rate=_float(row.get("sample-rate")),
+            steps=acc["steps"], rounds=acc["rounds"],
+            examples=int(row["num-examples"]) if "num-examples" in row else None,
+        ))
+    return out
+
+
+def _float(x: Any) -> float | None:
+    return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
+
+
+def csv_rows(rounds: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Flat columns: the scalar fields of each round line, then recall/precision per label."""
+    flat = []
+    for line in rounds:
+        row = {k: v for k, v in line.items() if isinstance(v, int | float | str | type(None))}
+        for label, m in (line.get("per-label") or {}).items():
+            row[f"recall:{label}"] = m.get("recall")
+            row[f"precision:{label}"] = m.get("precision")
+        flat.append(row)
+    keys = [k for k in CSV_FIRST if any(k in r for r in flat)]
+    keys += sorted({k for r in flat for k in r} - set(keys))
+    return keys, flat
+
+
+def write_csv(path: Path, rounds: list[dict[str, Any]]) -> None:
+    keys, flat = csv_rows(rounds)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    write_atomically(path, buf.getvalue())
+
+
+def scalars(line: dict[str, Any]) -> dict[str, float]:
+    """TensorBoard tag -> value for one round line (finite numbers only)."""
+    out: dict[str, Any] = {
+        "accuracy/held-out": line.get("accuracy"), "loss/held-out": line.get("loss"),
+        "loss/train": line.get("train-loss"), "accuracy/clients": line.get("client-accuracy"),
+    }
+    for label, m in (line.get("per-label") or {}).items():
+        out[f"recall/{label}"] = m.get("recall")
+        out[f"precision/{label}"] = m.get("precision")
+    for row in line.get("clients", []):
+        out[f"epsilon/{node_name(row)}"] = row.get("epsilon")
+    out |= {f"bytes/{k}": v for k, v in line.items() if k.startswith("bytes")}
+    return {k: float(v) for k, v in out.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+class RunRecorder:
+    """Writes one JSON line per round (and its CSV row and TensorBoard scalars) and the final summary."""
+
+    def __init__(self, out_dir: Path, *, tensorboard: bool = True) -> None:
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = out_dir / METRICS_FILE
         self.metrics_path.write_text("")
         self.started = time.monotonic()
         self.rounds: list[dict[str, Any]] = []
+        self._tensorboard = tensorboard
+        self._writer: Any = None
+
+    def _tb(self) -> Any:
+        if self._writer is None and self._tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package; heavy import
+
+            self._writer = SummaryWriter(log_dir=str(self.out_dir), flush_secs=5)
+        return self._writer
 
     def record_round(self, line: dict[str, Any]) -> dict[str, Any]:
         line = {k: _finite_or_none(v) for k, v in line.items()} | {
@@ -48,9 +214,20 @@ class RunRecorder:
             fh.flush()
             os.fsync(fh.fileno())
         self.rounds.append(line)
+        write_csv(self.out_dir / CSV_FILE, self.rounds)
+        if writer := self._tb():
+            for tag, value in scalars(line).items():
+                writer.add_scalar(tag, value, global_step=int(line["round"]))
+            writer.flush()
         return line
 
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        self.close()
         last = self.rounds[-1] if self.rounds else {}
         first = self.rounds[0] if self.rounds else {}
         summary = {
@@ -61,7 +238,7 @@ class RunRecorder:
             "epsilon-max": max((r["epsilon-max"] for r in self.rounds if r.get("epsilon-max") is not None),
                                default=None),
             "elapsed-s": round(time.monotonic() - self.started, 2),
-            **extra,
+            **portable(extra),
         }
         write_json_atomic(self.out_dir / SUMMARY_FILE, summary)
         return summary

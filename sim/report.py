@@ -1,22 +1,90 @@
-"""Reading a results directory back: the per-round table and the plot."""
+"""Reading a results directory back: the per-round table, the plot, and the run report with the audit.
+
+``write_run_report(results_dir)`` is what ``fedtune-sim`` calls at the end of a run: in simulation
+the nodes' ledgers sit beside the results, so the report carries the audit's verdict.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from rich.table import Table
 
-from fedtune.server.results import METRICS_FILE
+from fedtune.client.sim_nodes import SimulationNodes
+from fedtune.common.durable import write_atomically
+from fedtune.common.errors import FedtuneError
+from fedtune.server.report import CONFIG_FILE, AuditVerdict, read_rounds, write_report
+from fedtune.server.results import portable
+
+__all__ = ["audit_verdict", "plot", "read_rounds", "round_table", "write_run_report"]
+LEDGER = "ledger.jsonl"
+PUBLIC_KEY = "ledger-signing.pub"
 
 
-def read_rounds(results_dir: Path) -> list[dict[str, Any]]:
-    path = results_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _first_module(*names: str) -> ModuleType | None:
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+    return None
+
+
+def _ledger_dirs(results_dir: Path) -> list[Path]:
+    nodes = SimulationNodes.read(results_dir)
+    root = nodes.client_state_dir(results_dir, 0).parent
+    return sorted((d for d in root.glob("client-*") if (d / LEDGER).is_file()),
+                  key=lambda d: (len(d.name), d.name))
+
+
+def audit_verdict(results_dir: Path) -> AuditVerdict:
+    """Audit the simulated nodes' ledgers in-process (each against the public key beside it)."""
+    audit_mod = _first_module("fedtune.audit.audit", "fedtune.common.audit")
+    keys_mod = _first_module("fedtune.audit.ledger_key", "fedtune.common.ledger_key")
+    dirs = _ledger_dirs(results_dir)
+    if audit_mod is None or keys_mod is None:
+        return AuditVerdict(None, "the audit module is not installed")
+    if not dirs:
+        return AuditVerdict(None, "no node ledgers beside these results")
+    try:
+        keys = {}
+        for d in dirs:
+            public = keys_mod.load_public_key(d / PUBLIC_KEY)
+            keys[keys_mod.key_id(public)] = public
+        report = audit_mod.audit([d / LEDGER for d in dirs], keys)
+    except FedtuneError as err:
+        return AuditVerdict(False, f"the audit could not run: {err}")
+    rows = []
+    for d, ledger in zip(dirs, report.ledgers, strict=True):
+        last = ledger.entries[-1] if ledger.entries else None
+        rows.append({"ledger": d.name, "ok": ledger.ok, "entries": len(ledger.entries),
+                     "epsilon": last.recorded if last else None, "opacus": last.opacus if last else None,
+                     "dp-accounting": last.independent if last else None,
+                     "problems": [f"line {p.line}: {p.message}" for p in ledger.problems]})
+    bad = [r["ledger"] for r in rows if not r["ok"]]
+    summary = (f"all {len(rows)} ledgers verified: chains, signatures, epsilon recomputed with Opacus and "
+               f"dp-accounting within tolerance {report.tolerance:g}, every epsilon within its budget"
+               if report.ok else f"{len(bad)} of {len(rows)} ledgers have problems: {', '.join(bad)}")
+    return AuditVerdict(bool(report.ok), summary, rows)
+
+
+def write_run_report(results_dir: Path) -> Path:
+    """Write ``results_dir/report.html`` with the audit's verdict; returns its path.
+
+    Also rewrites ``config.json`` without absolute paths (paths become their last component) if it
+    has any, so that no artifact of the run names a path of this machine.
+    """
+    config = results_dir / CONFIG_FILE
+    if config.is_file():
+        raw = json.loads(config.read_text())
+        if portable(raw) != raw:
+            write_atomically(config, json.dumps(portable(raw), indent=2) + "\n")
+    return write_report(results_dir, audit_verdict(results_dir))
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
