@@ -1,0 +1,195 @@
+"""Repair of a torn ledger that never under-counts: keep the bytes, charge the round.
+
+A torn last line is an append that was interrupted before its fsync returned. The
+node only trains after the append returns, so the round most likely never trained;
+but "most likely" is not a privacy guarantee. The repair therefore
+
+1. moves the torn bytes, verbatim, to an evidence file next to the ledger
+   (``ledger.jsonl.torn-<sha256 prefix>``, written and fsync'd before anything else),
+2. truncates the ledger to its last complete line, and
+3. appends a signed ``repair`` entry that charges the torn round as spent:
+   - its own DP event, when the torn bytes still hold it (a canonical entry lists
+     ``event`` after ``accountant``, ``budget``, ``dataset``, ``decision``,
+     ``delta`` and the epsilons, about 300-500 bytes into the line);
+   - a torn refusal (``"decision":"refused"`` readable) charges nothing: a refused
+     round never trains;
+   - otherwise, when the torn bytes name the run, the most expensive event that run
+     charged before (a run keeps one noise level, so its rounds cost the same);
+   - otherwise the repair is refused, with the reason: charging a guess could
+     under-count, and the ledger stays torn (the node keeps refusing to train).
+
+Every step can be re-run after a crash: a pending evidence file whose digest no
+repair entry names is finished on the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fedtune.common.accounting import DpEvent, accountant_record, opacus_epsilon
+from fedtune.common.durable import fsync_dir, write_atomically
+from fedtune.common.errors import PrivacyError
+from fedtune.common.ledger import Entry, Ledger, LedgerSession, parse_chunks, read, verify
+from fedtune.common.ledger_key import key_id
+from fedtune.common.ledger_schema import DuplicateField, event_from_json, event_to_json, loads
+
+EVIDENCE_SUFFIX = ".torn-"
+
+
+@dataclass(frozen=True)
+class Repair:
+    """What a repair did: the evidence file and the signed entry that charged (or refused) the torn round."""
+
+    evidence: Path
+    entry: Entry
+    recovered: str  # torn-line | run-maximum | refusal
+
+
+def _field(torn: bytes, name: str, pattern: str) -> str | None:
+    match = re.search(rb'"' + name.encode() + rb'":(' + pattern.encode() + rb")[,}]", torn)
+    return match.group(1).decode() if match else None
+
+
+def _recovered(torn: bytes) -> dict[str, Any]:
+    """Whatever complete fields of a canonical entry the torn prefix still holds."""
+    out: dict[str, Any] = {}
+    for name in ("dataset", "decision", "run", "run_key", "fingerprint"):
+        text = _field(torn, name, r'"[^"\\]{0,256}"')
+        if text is not None:
+            out[name] = text[1:-1]
+    round_text = _field(torn, "round", r"\d{1,12}")
+    if round_text is not None:
+        out["round"] = int(round_text)
+    for name in ("delta", "budget"):
+        number = _field(torn, name, r"[0-9][0-9.e+-]{0,30}")
+        try:
+            value = float(number) if number is not None else math.nan
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value > 0:
+            out[name] = value
+    accountant = re.match(rb'\{"accountant":\{"library":"opacus","name":"(prv|rdp)"', torn)
+    if accountant:
+        out["accountant"] = accountant.group(1).decode()
+    event_text = _field(torn, "event", r"\{[^{}]{0,1024}\}")
+    if event_text is not None:
+        with contextlib.suppress(PrivacyError, ValueError, DuplicateField):  # invalid: treated as absent
+            out["event"] = event_from_json(loads(event_text.encode()))
+    return out
+
+
+def _run_maximum(history: list[Entry], run: str, delta: float, accountant: str) -> DpEvent | None:
+    """The most expensive single event ``run`` charged (by its epsilon alone)."""
+    events = [event_from_json(e["event"]) for e in history
+              if e["run"] == run and e["decision"] == "charged" and e["event"] is not None]
+    costs = [(opacus_epsilon([e], delta, accountant), e) for e in events if e is not None]
+    return max(costs, key=lambda c: c[0])[1] if costs else None
+
+
+def _charge_fields(session: LedgerSession, torn: bytes, evidence: Path) -> tuple[dict[str, Any], str]:
+    """The repair entry's fields: the torn round charged as spent (or a readable refusal)."""
+    got = _recovered(torn)
+    history = session.entries
+    last = history[-1] if history else None
+    policy = session.policy
+    dataset = got.get("dataset") or (policy.dataset if policy else last["dataset"] if last else None)
+    if dataset is None:
+        raise PrivacyError("the torn line does not name its dataset and the ledger has no header or earlier "
+                           "round to take it from: nothing can be charged safely, so nothing is repaired")
+    delta = policy.delta if policy else float(last["delta"]) if last else got.get("delta")
+    accountant = policy.accountant if policy else str(last["accountant"]["name"]) if last else got.get("accountant")
+    if delta is None or accountant is None:
+        raise PrivacyError("the torn line is the ledger's first and does not hold its delta and accountant: "
+                           "nothing can be charged safely, so nothing is repaired")
+    mine = [e for e in history if e["dataset"] == dataset]
+    event, recovered = got.get("event"), "torn-line"
+    if got.get("decision") == "refused":
+        event, recovered = None, "refusal"
+    elif event is None and got.get("run"):
+        event, recovered = _run_maximum(mine, got["run"], delta, accountant), "run-maximum"
+    if event is None and recovered != "refusal":
+        raise PrivacyError(
+            f"the torn line ({len(torn)} bytes, kept in {evidence}) holds neither its DP event nor a run that "
+            "charged before: any charge would be a guess that might under-count, so the ledger is not repaired. "
+            "See docs/ledger.md, 'Torn last line'")
+    charged = [event_from_json(e["event"]) for e in mine if e["decision"] == "charged"]
+    if any(e is None for e in charged):
+        before = after = math.inf
+    else:
+        before = opacus_epsilon([e for e in charged if e is not None], delta, accountant)
+        after = before if event is None else opacus_epsilon([*[e for e in charged if e], event], delta, accountant)
+    budget = policy.budget if policy else float(last["budget"]) if last else got.get("budget", math.inf)
+    fields = {
+        "run": got.get("run", ""), "run_key": got.get("run_key", ""), "round": got.get("round", 0),
+        "dataset": dataset, "fingerprint": got.get("fingerprint", ""),
+        "decision": "refused" if recovered == "refusal" else "charged",
+        "reason": f"repair: torn line charged as spent ({recovered})", "event": event_to_json(event),
+        "delta": delta, "accountant": accountant_record(accountant),
+        "epsilon": after if math.isfinite(after) else None,
+        "epsilon_round": after - before if math.isfinite(after) else None, "budget": budget,
+        "repair": {"evidence": evidence.name, "sha256": hashlib.sha256(torn).hexdigest(), "bytes": len(torn),
+                   "recovered": recovered},
+    }
+    return fields, recovered
+
+
+def _pending(path: Path, repaired: set[str]) -> tuple[Path, bytes] | None:
+    """An evidence file of an interrupted repair (no repair entry names its digest yet)."""
+    for candidate in sorted(path.parent.glob(path.name + EVIDENCE_SUFFIX + "*")):
+        if candidate.name.endswith(".tmp"):
+            continue
+        data = candidate.read_bytes()
+        if hashlib.sha256(data).hexdigest() not in repaired:
+            return candidate, data
+    return None
+
+
+def _cut_torn_line(path: Path, key: ed25519.Ed25519PrivateKey) -> tuple[Path, bytes] | None:
+    """Keep the torn bytes as evidence (durably), then truncate the ledger to its last complete line."""
+    parsed = read(path)
+    if not parsed.torn_bytes:
+        return None
+    torn_problem = parsed.problems[-1]  # parse_chunks reports the torn tail last
+    public = key.public_key()
+    others = [p for p in verify(parsed, {key_id(public): public}) if p is not torn_problem]
+    if others:
+        raise PrivacyError([f"ledger {path} {p}" for p in others[:20]]
+                           + ["only a torn last line can be repaired; anything else means the ledger was changed"])
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        torn = os.pread(fd, size - parsed.complete_bytes, parsed.complete_bytes)
+        evidence = path.with_name(path.name + EVIDENCE_SUFFIX + hashlib.sha256(torn).hexdigest()[:16])
+        write_atomically(evidence, torn)
+        os.ftruncate(fd, parsed.complete_bytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+    return evidence, torn
+
+
+def repair_torn_ledger(path: Path, key: ed25519.Ed25519PrivateKey, *, witness: Path | None = None) -> Repair:
+    """Repair a ledger whose only problem is a torn last line (see the module docstring); PrivacyError otherwise."""
+    if (cut := _cut_torn_line(path, key)) is None:
+        entries = [e for _, e in parse_chunks([path.read_bytes()], path).entries] if path.exists() else []
+        repaired = {e["repair"]["sha256"] for e in entries
+                    if e.get("kind") == "repair" and isinstance(e.get("repair"), dict)}
+        cut = _pending(path, repaired)
+        if cut is None:
+            raise PrivacyError(f"ledger {path} has no torn last line: nothing to repair")
+    evidence, torn = cut
+    with Ledger(path, key, witness=witness).session() as session:
+        fields, recovered = _charge_fields(session, torn, evidence)
+        entry = session.write("repair", fields)
+    return Repair(evidence, entry, recovered)
+
