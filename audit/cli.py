@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from rich.console import Console
 
 from fedtune.audit.fleet import AuditReport, audit, to_json
-from fedtune.audit.ledger_audit import DEFAULT_TOLERANCE, LedgerSpec
+from fedtune.audit.ledger_audit import DEFAULT_MAX_DELTA, DEFAULT_TOLERANCE, LedgerSpec
 from fedtune.audit.policy import AuditPolicy, read_policy
 from fedtune.audit.roster import RosterNode, node_identity, read_roster
 from fedtune.common.errors import ConfigError, FedtuneError
@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"ledger file, or a node state directory holding {LEDGER_FILE}")
     p.add_argument("--public-key", "-k", action="append", type=Path, default=[], metavar="PEM",
                    help="a node's Ed25519 public key (SubjectPublicKeyInfo PEM); repeat for each node")
-    p.add_argument("--node", action="append", type=node_identity, default=[], metavar="ID",
+    p.add_argument("--node", action="append", default=[], metavar="ID",
                    help="the node each LEDGER must belong to (sha256:<hex> or simulation:client-<n>), in order")
     p.add_argument("--roster", type=Path, metavar="FILE",
                    help="TOML roster: node identity -> public key (and ledger, policy); see fedtune.audit.roster")
@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"relative disagreement allowed between recorded and recomputed epsilon, at most "
                         f"{DEFAULT_TOLERANCE} (budgets are always strict)")
+    p.add_argument("--max-delta", type=float, default=DEFAULT_MAX_DELTA,
+                   help=f"fail any policy whose delta is above this (default {DEFAULT_MAX_DELTA:g})")
     p.add_argument("--strict-rng", action="store_true",
                    help="fail (not only warn) on rounds whose noise came from a seeded generator")
     p.add_argument("--json", action="store_true", help="print a machine-readable report on stdout")
@@ -82,15 +84,15 @@ def _per_ledger(values: list, count: int, what: str) -> list:
 
 def _specs(args: argparse.Namespace, roster: list[RosterNode] | None) -> list[LedgerSpec]:
     paths = [_ledger_path(p) for p in args.ledgers]
-    nodes = _per_ledger(args.node, len(paths), "--node")
+    nodes = [node_identity(n) if n else None for n in _per_ledger(args.node, len(paths), "--node")]
     policies: list[AuditPolicy | None] = [read_policy(p) if p else None
                                           for p in _per_ledger(args.policy, len(paths), "--policy")]
     table = {n.node: n.key for n in roster} if roster is not None else None
-    specs = [LedgerSpec(p, n, pol, table) for p, n, pol in zip(paths, nodes, policies, strict=True)]
+    specs = [LedgerSpec(p, n, pol, table, args.max_delta) for p, n, pol in zip(paths, nodes, policies, strict=True)]
     for node in roster or []:
         if node.ledger is not None:
             specs.append(LedgerSpec(_ledger_path(node.ledger), node.node,
-                                    read_policy(node.policy) if node.policy else None, table))
+                                    read_policy(node.policy) if node.policy else None, table, args.max_delta))
     if not specs:
         raise ConfigError("no ledger to audit: give LEDGER files or a roster whose nodes name their ledger")
     return specs
@@ -107,6 +109,8 @@ def _keys(args: argparse.Namespace, roster: list[RosterNode] | None) -> dict[str
 
 
 def _run(args: argparse.Namespace) -> AuditReport:
+    if not 0 < args.max_delta < 1:
+        raise ConfigError(f"--max-delta must be in (0, 1), got {args.max_delta}")
     roster = read_roster(args.roster) if args.roster else None
     keys, specs = _keys(args, roster), _specs(args, roster)
     server_key = load_public_key(args.server_key) if args.server_key else None

@@ -45,6 +45,9 @@ DEFAULT_TOLERANCE = 0.01  # relative; measured agreement is ~0.2% (PRV vs PLD) a
 # so at small epsilons PRV sits ~0.01 above dp-accounting's PLD (e.g. 1.237 vs 1.227).
 ABSOLUTE_SLACK = 0.01
 MIN_REPLAY_SIGMA = 0.3  # below this the PRV accountant needs GBs; the node never plans under 0.5
+# (epsilon, delta)-DP lets a mechanism release an example outright with probability delta; a delta near 1/N
+# is no guarantee at all. The audit fails any policy delta above this (NIST SP 800-226: delta << 1/N).
+DEFAULT_MAX_DELTA = 1e-4
 MAX_LISTED = 20  # problems listed per ledger; the rest are counted ("and N more")
 MAX_KEPT = 1000  # problems kept in memory per ledger (all are counted)
 
@@ -105,6 +108,7 @@ class LedgerSpec:
     node: str | None = None  # expected node identity (--node, or the roster's for this ledger file)
     policy: AuditPolicy | None = None  # the auditor's limits (--policy); else the signed header's
     roster: Mapping[str, str] | None = None  # node identity -> ledger key id (--roster)
+    max_delta: float = DEFAULT_MAX_DELTA  # the largest policy delta accepted as a DP guarantee
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,8 @@ def _policy_entry(number: int, entry: Entry, state: _Replay, spec: LedgerSpec, r
     """A header or policy entry: the new limits, unless the auditor's --policy overrides them."""
     node_limits = Limits.from_entry(number, entry)
     report.limits.append(node_limits)
+    if node_limits.delta > spec.max_delta:
+        report.problems.add(Problem(number, _delta_problem(node_limits, spec.max_delta)))
     if not state.auditor:
         state.limits = node_limits
         return
@@ -255,6 +261,12 @@ def _policy_entry(number: int, entry: Entry, state: _Replay, spec: LedgerSpec, r
     if policy.dataset_id and entry["dataset"] != policy.dataset_id:
         report.problems.add(Problem(number, f"the node's policy is for dataset {entry['dataset'][:64]!r}, but "
                                             f"{policy.source} names {policy.dataset_id[:64]!r}"))
+
+
+def _delta_problem(limits: Limits, max_delta: float) -> str:
+    return (f"the policy's delta {limits.delta:g} is above {max_delta:g}, the largest delta this audit accepts "
+            "(--max-delta): with a delta that large, (epsilon, delta)-DP allows releasing an example outright "
+            "with probability delta")
 
 
 def _charge_entry(number: int, entry: Entry, state: _Replay, tolerance: float, strict_rng: bool,
@@ -326,6 +338,8 @@ def audit_ledger(spec: LedgerSpec, keys: Mapping[str, ed25519.Ed25519PublicKey],
     state = _Replay(Limits.of(spec.policy) if spec.policy else None, has_header, spec.policy is not None)
     if state.limits is not None:
         report.limits.append(state.limits)
+        if state.limits.delta > spec.max_delta:
+            report.problems.add(Problem(0, _delta_problem(state.limits, spec.max_delta)))
     if spec.policy is None and not has_header and valid:
         report.problems.add(Problem(1, "no signed header and no --policy: budget and delta cannot come from the "
                                        "ledger's own entries; give the node's policy file with --policy"))
