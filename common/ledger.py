@@ -186,7 +186,7 @@ def _file_problem(fd: int, path: Path) -> str | None:
 def read(path: Path) -> ParsedLedger:
     """Parse a ledger file for auditing; every problem (a symlink, a binary file, a bad line) is reported."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as err:
         reason = "is a symbolic link; give the ledger file itself" if path.is_symlink() else \
             f"cannot be read: {err.strerror or err}"
@@ -382,7 +382,7 @@ class Ledger:
         """Lock, read and verify the whole ledger; refuse to go on if anything is wrong with it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as err:
             raise PrivacyError(f"ledger {self.path} cannot be opened: {err.strerror or err}") from err
         try:

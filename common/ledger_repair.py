@@ -164,7 +164,7 @@ def _cut_torn_line(path: Path, key: ed25519.Ed25519PrivateKey) -> tuple[Path, by
     if others:
         raise PrivacyError([f"ledger {path} {p}" for p in others[:20]]
                            + ["only a torn last line can be repaired; anything else means the ledger was changed"])
-    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         size = os.fstat(fd).st_size
         torn = os.pread(fd, size - parsed.complete_bytes, parsed.complete_bytes)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +64,14 @@ class Witness:
     def read(self) -> WitnessMark | None:
         """The recorded mark, or None when there is no witness file yet."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
         except OSError as err:
             raise PrivacyError(f"ledger witness {self.path} cannot be read: {err.strerror or err}") from err
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise PrivacyError(f"ledger witness {self.path} is not a regular file")
             raw = os.read(fd, MAX_WITNESS_BYTES + 1)
         finally:
             os.close(fd)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,10 +119,12 @@ class RecordCheck:
 
 def _read_bytes(path: Path) -> bytes:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as err:
         raise PrivacyError(f"run record {path} cannot be read: {err.strerror or err}") from err
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PrivacyError(f"run record {path} is not a regular file")
         if os.fstat(fd).st_size > MAX_RECORD_BYTES:
             raise PrivacyError(f"run record {path} is larger than {MAX_RECORD_BYTES} bytes; not read")
         return os.read(fd, MAX_RECORD_BYTES + 1)
