@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace) -> AuditReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)
     err = Console(stderr=True)
     try:
         report = _run(args)

@@ -164,7 +164,7 @@ def parse_chunks(chunks: Iterable[bytes], path: Path) -> ParsedLedger:
     return parsed
 
 
-def _fd_chunks(fd: int, size: int) -> Iterator[bytes]:
+def fd_chunks(fd: int, size: int) -> Iterator[bytes]:
     offset = 0
     while offset < size:
         chunk = os.pread(fd, min(CHUNK, size - offset), offset)
@@ -174,7 +174,7 @@ def _fd_chunks(fd: int, size: int) -> Iterator[bytes]:
         yield chunk
 
 
-def _file_problem(fd: int, path: Path) -> str | None:
+def file_problem(fd: int, path: Path) -> str | None:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         return "not a regular file"
@@ -192,9 +192,9 @@ def read(path: Path) -> ParsedLedger:
             f"cannot be read: {err.strerror or err}"
         return ParsedLedger(path, problems=[Problem(0, reason)])
     try:
-        if (problem := _file_problem(fd, path)) is not None:
+        if (problem := file_problem(fd, path)) is not None:
             return ParsedLedger(path, problems=[Problem(0, problem)])
-        parsed = parse_chunks(_fd_chunks(fd, os.fstat(fd).st_size), path)
+        parsed = parse_chunks(fd_chunks(fd, os.fstat(fd).st_size), path)
     finally:
         os.close(fd)
     if not parsed.entries and not parsed.problems:
@@ -387,9 +387,9 @@ class Ledger:
             raise PrivacyError(f"ledger {self.path} cannot be opened: {err.strerror or err}") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if (problem := _file_problem(fd, self.path)) is not None:
+            if (problem := file_problem(fd, self.path)) is not None:
                 raise PrivacyError(f"ledger {self.path}: {problem}")
-            parsed = parse_chunks(_fd_chunks(fd, os.fstat(fd).st_size), self.path)
+            parsed = parse_chunks(fd_chunks(fd, os.fstat(fd).st_size), self.path)
             public = self.key.public_key()
             if problems := verify(parsed, {key_id(public): public}):
                 raise PrivacyError(

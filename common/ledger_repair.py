@@ -18,13 +18,16 @@ but "most likely" is not a privacy guarantee. The repair therefore
    - otherwise the repair is refused, with the reason: charging a guess could
      under-count, and the ledger stays torn (the node keeps refusing to train).
 
-Every step can be re-run after a crash: a pending evidence file whose digest no
-repair entry names is finished on the next run.
+The charge is worked out before anything is written, so a refused repair changes
+nothing; all of it happens under the ledger's lock. Every step can be re-run after
+a crash: a pending evidence file whose digest no repair entry names is finished on
+the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import math
 import os
@@ -38,9 +41,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from fedtune.common.accounting import DpEvent, accountant_record, opacus_epsilon
 from fedtune.common.durable import fsync_dir, write_atomically
 from fedtune.common.errors import PrivacyError
-from fedtune.common.ledger import Entry, Ledger, LedgerSession, parse_chunks, read, verify
+from fedtune.common.ledger import Entry, LedgerSession, fd_chunks, file_problem, parse_chunks, verify
 from fedtune.common.ledger_key import key_id
 from fedtune.common.ledger_schema import DuplicateField, event_from_json, event_to_json, loads
+from fedtune.common.ledger_witness import Witness
 
 EVIDENCE_SUFFIX = ".torn-"
 
@@ -142,8 +146,9 @@ def _charge_fields(session: LedgerSession, torn: bytes, evidence: Path) -> tuple
     return fields, recovered
 
 
-def _pending(path: Path, repaired: set[str]) -> tuple[Path, bytes] | None:
+def _pending(path: Path, entries: list[Entry]) -> tuple[Path, bytes] | None:
     """An evidence file of an interrupted repair (no repair entry names its digest yet)."""
+    repaired = {e["repair"]["sha256"] for e in entries if e["kind"] == "repair"}
     for candidate in sorted(path.parent.glob(path.name + EVIDENCE_SUFFIX + "*")):
         if candidate.name.endswith(".tmp"):
             continue
@@ -153,43 +158,56 @@ def _pending(path: Path, repaired: set[str]) -> tuple[Path, bytes] | None:
     return None
 
 
-def _cut_torn_line(path: Path, key: ed25519.Ed25519PrivateKey) -> tuple[Path, bytes] | None:
-    """Keep the torn bytes as evidence (durably), then truncate the ledger to its last complete line."""
-    parsed = read(path)
-    if not parsed.torn_bytes:
-        return None
-    torn_problem = parsed.problems[-1]  # parse_chunks reports the torn tail last
+def _evidence_path(path: Path, torn: bytes) -> Path:
+    return path.with_name(path.name + EVIDENCE_SUFFIX + hashlib.sha256(torn).hexdigest()[:16])
+
+
+def _verified(fd: int, path: Path, key: ed25519.Ed25519PrivateKey) -> tuple[list[Entry], int, int]:
+    """The complete entries (everything but a torn tail must verify), their byte length, the file size."""
+    if (problem := file_problem(fd, path)) is not None:
+        raise PrivacyError(f"ledger {path}: {problem}")
+    size = os.fstat(fd).st_size
+    parsed = parse_chunks(fd_chunks(fd, size), path)
+    torn_problem = parsed.problems[-1] if parsed.torn_bytes else None  # parse_chunks reports the torn tail last
     public = key.public_key()
-    others = [p for p in verify(parsed, {key_id(public): public}) if p is not torn_problem]
-    if others:
+    if others := [p for p in verify(parsed, {key_id(public): public}) if p is not torn_problem]:
         raise PrivacyError([f"ledger {path} {p}" for p in others[:20]]
                            + ["only a torn last line can be repaired; anything else means the ledger was changed"])
-    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        size = os.fstat(fd).st_size
-        torn = os.pread(fd, size - parsed.complete_bytes, parsed.complete_bytes)
-        evidence = path.with_name(path.name + EVIDENCE_SUFFIX + hashlib.sha256(torn).hexdigest()[:16])
-        write_atomically(evidence, torn)
-        os.ftruncate(fd, parsed.complete_bytes)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(path.parent)
-    return evidence, torn
+    return [e for _, e in parsed.entries], parsed.complete_bytes, size
 
 
 def repair_torn_ledger(path: Path, key: ed25519.Ed25519PrivateKey, *, witness: Path | None = None) -> Repair:
-    """Repair a ledger whose only problem is a torn last line (see the module docstring); PrivacyError otherwise."""
-    if (cut := _cut_torn_line(path, key)) is None:
-        entries = [e for _, e in parse_chunks([path.read_bytes()], path).entries] if path.exists() else []
-        repaired = {e["repair"]["sha256"] for e in entries
-                    if e.get("kind") == "repair" and isinstance(e.get("repair"), dict)}
-        cut = _pending(path, repaired)
-        if cut is None:
-            raise PrivacyError(f"ledger {path} has no torn last line: nothing to repair")
-    evidence, torn = cut
-    with Ledger(path, key, witness=witness).session() as session:
-        fields, recovered = _charge_fields(session, torn, evidence)
-        entry = session.write("repair", fields)
-    return Repair(evidence, entry, recovered)
+    """Repair a ledger whose only problem is a torn last line (see the module docstring); PrivacyError otherwise.
 
+    Everything happens under the ledger's lock. The charge is worked out first: when the repair is
+    refused, nothing has changed. Then the evidence is made durable, the torn tail cut, the entry appended.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as err:
+        raise PrivacyError(f"ledger {path} cannot be opened: {err.strerror or err}") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        entries, complete, size = _verified(fd, path, key)
+        guard = Witness(witness) if witness is not None else None
+        session = LedgerSession(fd, path, entries, key, guard)
+        if guard is not None:
+            guard.check(session.key_id, entries, path)
+        pending = None if size > complete else _pending(path, entries)
+        if size == complete and pending is None:
+            raise PrivacyError(f"ledger {path} has no torn last line: nothing to repair")
+        if pending is not None:  # a repair that crashed after cutting the line: finish it
+            evidence, torn = pending
+        else:
+            torn = os.pread(fd, size - complete, complete)
+            evidence = _evidence_path(path, torn)
+        fields, recovered = _charge_fields(session, torn, evidence)  # may refuse: nothing changed yet
+        if pending is None:
+            write_atomically(evidence, torn)  # the torn bytes, verbatim, durable before the ledger changes
+            os.ftruncate(fd, complete)
+            os.fsync(fd)
+        entry = session.write("repair", fields)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+    return Repair(evidence, entry, recovered)
