@@ -84,6 +84,8 @@ def _recovered(torn: bytes) -> dict[str, Any]:
     accountant = re.match(rb'\{"accountant":\{"library":"opacus","name":"(prv|rdp)"', torn)
     if accountant:
         out["accountant"] = accountant.group(1).decode()
+    if b'"event":null,' in torn:  # a round trained without DP: its epsilon is unbounded
+        out["no_dp"] = True
     event_text = _field(torn, "event", r"\{[^{}]{0,1024}\}")
     if event_text is not None:
         with contextlib.suppress(PrivacyError, ValueError, DuplicateField):  # invalid: treated as absent
@@ -99,39 +101,53 @@ def _run_maximum(history: list[Entry], run: str, delta: float, accountant: str) 
     return max(costs, key=lambda c: c[0])[1] if costs else None
 
 
+def _torn_event(got: dict[str, Any], mine: list[Entry], delta: float, accountant: str,
+                torn: bytes, evidence: Path) -> tuple[DpEvent | None, str]:
+    """What to charge for the torn round, and how it was recovered; PrivacyError when only a guess is left."""
+    if got.get("decision") == "refused":
+        return None, "refusal"
+    if got.get("no_dp"):
+        return None, "no-dp"
+    if got.get("event") is not None:
+        return got["event"], "torn-line"
+    if got.get("run") and (event := _run_maximum(mine, got["run"], delta, accountant)) is not None:
+        return event, "run-maximum"
+    raise PrivacyError(
+        f"the torn line ({len(torn)} bytes, kept in {evidence}) holds neither its DP event nor a run that charged "
+        "before: any charge would be a guess that might under-count, so the ledger is not repaired. See "
+        "docs/ledger.md, 'Torn last line'")
+
+
+def _limits(session: LedgerSession, got: dict[str, Any]) -> tuple[str, float, str, float]:
+    """(dataset, delta, accountant, budget) the repair is charged under: the policy in force, else the ledger's."""
+    policy, history = session.policy, session.entries
+    last = history[-1] if history else None
+    if policy is not None:
+        return got.get("dataset") or policy.dataset, policy.delta, policy.accountant, policy.budget
+    if last is not None:
+        return (got.get("dataset") or last["dataset"], float(last["delta"]), str(last["accountant"]["name"]),
+                float(last["budget"]))
+    if all(k in got for k in ("dataset", "delta", "accountant", "budget")):
+        return got["dataset"], got["delta"], got["accountant"], got["budget"]
+    raise PrivacyError("the torn line is the ledger's first and does not hold its dataset, delta, accountant and "
+                       "budget: nothing can be charged safely, so nothing is repaired")
+
+
 def _charge_fields(session: LedgerSession, torn: bytes, evidence: Path) -> tuple[dict[str, Any], str]:
     """The repair entry's fields: the torn round charged as spent (or a readable refusal)."""
     got = _recovered(torn)
-    history = session.entries
-    last = history[-1] if history else None
-    policy = session.policy
-    dataset = got.get("dataset") or (policy.dataset if policy else last["dataset"] if last else None)
-    if dataset is None:
-        raise PrivacyError("the torn line does not name its dataset and the ledger has no header or earlier "
-                           "round to take it from: nothing can be charged safely, so nothing is repaired")
-    delta = policy.delta if policy else float(last["delta"]) if last else got.get("delta")
-    accountant = policy.accountant if policy else str(last["accountant"]["name"]) if last else got.get("accountant")
-    if delta is None or accountant is None:
-        raise PrivacyError("the torn line is the ledger's first and does not hold its delta and accountant: "
-                           "nothing can be charged safely, so nothing is repaired")
-    mine = [e for e in history if e["dataset"] == dataset]
-    event, recovered = got.get("event"), "torn-line"
-    if got.get("decision") == "refused":
-        event, recovered = None, "refusal"
-    elif event is None and got.get("run"):
-        event, recovered = _run_maximum(mine, got["run"], delta, accountant), "run-maximum"
-    if event is None and recovered != "refusal":
-        raise PrivacyError(
-            f"the torn line ({len(torn)} bytes, kept in {evidence}) holds neither its DP event nor a run that "
-            "charged before: any charge would be a guess that might under-count, so the ledger is not repaired. "
-            "See docs/ledger.md, 'Torn last line'")
-    charged = [event_from_json(e["event"]) for e in mine if e["decision"] == "charged"]
-    if any(e is None for e in charged):
-        before = after = math.inf
+    dataset, delta, accountant, budget = _limits(session, got)
+    mine = [e for e in session.entries if e["dataset"] == dataset]
+    event, recovered = _torn_event(got, mine, delta, accountant, torn, evidence)
+    history = [event_from_json(e["event"]) for e in mine if e["decision"] == "charged"]
+    events = [e for e in history if e is not None]
+    before = math.inf if len(events) < len(history) else opacus_epsilon(events, delta, accountant)
+    if recovered == "refusal":
+        after = before
+    elif recovered == "no-dp" or event is None or math.isinf(before):
+        after = math.inf
     else:
-        before = opacus_epsilon([e for e in charged if e is not None], delta, accountant)
-        after = before if event is None else opacus_epsilon([*[e for e in charged if e], event], delta, accountant)
-    budget = policy.budget if policy else float(last["budget"]) if last else got.get("budget", math.inf)
+        after = opacus_epsilon([*events, event], delta, accountant)
     fields = {
         "run": got.get("run", ""), "run_key": got.get("run_key", ""), "round": got.get("round", 0),
         "dataset": dataset, "fingerprint": got.get("fingerprint", ""),

@@ -177,7 +177,7 @@ REPAIR: dict[str, Check] = {
     "evidence": _text(MAX_ID, re.compile(r"[A-Za-z0-9._-]+")),
     "sha256": _text(64, HEX64),
     "bytes": _number(1, 2**40, integer=True),
-    "recovered": _text(MAX_ID, choices=("torn-line", "run-maximum", "refusal")),
+    "recovered": _text(MAX_ID, choices=("torn-line", "no-dp", "run-maximum", "refusal")),
 }
 COMMON: dict[str, Check] = {
     "format": _text(MAX_ID, choices=(FORMAT,)), "kind": _text(MAX_ID, choices=KINDS),
