@@ -71,6 +71,7 @@ def test_what_one_run_can_show() -> None:
     assert max_lower_bound(1000, 1e-5) < 8.0
     assert epsilon_lower_bound(1000, 50, 50, 1e-5) > 2.0
     assert max_lower_bound(200, 1e-5, guesses=50) == pytest.approx(epsilon_lower_bound(200, 50, 50, 1e-5))
+    assert epsilon_lower_bound(12000, 12000, 12000, 1e-5) < 8.0 < epsilon_lower_bound(15000, 15000, 15000, 1e-5)
 
 
 def test_guesses_count_top_and_bottom() -> None:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.client.policy import NodePolicy, PlanRequest
-from fedtune.client.privacy import epsilon_of
-from fedtune.client.round import NodePrivacy, RunRef, charge_round
 from fedtune.audit.fleet import audit
 from fedtune.audit.ledger_audit import LedgerSpec
 from fedtune.audit.policy import AuditPolicy
+from fedtune.client.policy import NodePolicy, PlanRequest
+from fedtune.client.privacy import epsilon_of
+from fedtune.client.round import NodePrivacy, RunRef, charge_round
 from fedtune.common.errors import PrivacyError
 from fedtune.common.ledger import event_from_json
 from fedtune.common.ledger_key import key_id
