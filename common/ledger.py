@@ -61,7 +61,8 @@ __all__ = ["FORMAT", "GENESIS", "LEDGER_FILE", "Entry", "Ledger", "LedgerHeader"
 GENESIS = "0" * 64
 LEDGER_FILE = "ledger.jsonl"
 MAX_LINE_BYTES = 64 * 1024  # an entry is ~1.3 KB; anything this long is not one
-MAX_LEDGER_BYTES = 64 * 1024 * 1024  # ~50,000 rounds; larger files are refused unread
+MAX_LEDGER_BYTES = 32 * 1024 * 1024  # ~25,000 rounds; larger files are refused unread
+MAX_LINES = 100_000  # lines read at most (with the byte limit, this bounds the memory a ledger can take)
 CHUNK = 1024 * 1024
 ACCOUNTING_KINDS = ("round", "repair")  # entries that charge or refuse a round
 
@@ -140,7 +141,7 @@ def parse_chunks(chunks: Iterable[bytes], path: Path) -> ParsedLedger:
 
     for chunk in chunks:
         start = 0
-        while True:
+        while number <= MAX_LINES:
             newline = chunk.find(b"\n", start)
             piece = chunk[start:] if newline < 0 else chunk[start:newline]
             seen += len(piece) + (newline >= 0)
@@ -157,6 +158,9 @@ def parse_chunks(chunks: Iterable[bytes], path: Path) -> ParsedLedger:
                 finish(bytes(buf))
             number, buf, overlong, start = number + 1, bytearray(), 0, newline + 1
             parsed.complete_bytes = seen
+        if number > MAX_LINES:
+            parsed.problems.append(Problem(0, f"more than {MAX_LINES} lines: lines after {MAX_LINES} are not read"))
+            return parsed
     parsed.torn_bytes = overlong or len(buf)
     if parsed.torn_bytes:
         parsed.problems.append(Problem(number, f"torn last line: {parsed.torn_bytes} bytes without a newline "

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.audit.cli import main
-from fedtune.common.ledger import MAX_LEDGER_BYTES, MAX_LINE_BYTES, canonical
+from fedtune.common.ledger import MAX_LEDGER_BYTES, MAX_LINE_BYTES, MAX_LINES, canonical
 from tests.unit.audit.ledgers import NODE_A, Node, charge, make_node
 
 Lines = list[bytes]
@@ -128,7 +128,10 @@ def test_file_level_problems(base: Node, tmp_path: Path, capsys: pytest.CaptureF
         fh.truncate(1024**3)
     fifo = tmp_path / "fifo.jsonl"
     os.mkfifo(fifo)
+    many = tmp_path / "many.jsonl"
+    many.write_bytes(b"{}\n" * (MAX_LINES + 5))
     for path, message in ((empty, "file: the ledger is empty"), (link, "file: is a symbolic link"),
+                          (many, f"file: more than {MAX_LINES} lines: lines after {MAX_LINES} are not read"),
                           (huge, f"file: {1024**3} bytes; a ledger is at most {MAX_LEDGER_BYTES} bytes"),
                           (fifo, "file: not a regular file")):
         code, text = _audit(path, base, capsys)
