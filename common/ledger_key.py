@@ -34,6 +34,23 @@ def key_id(public: ed25519.Ed25519PublicKey) -> str:
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:32]
 
 
+def node_identity(auth_public_key: Path) -> str:
+    """A node's identity as ledger headers name it: ``sha256:`` + sha256 of its authentication public key
+    (the OpenSSH ``node.pub`` that ``fedtune-certs node`` makes, or a PEM key), in DER SubjectPublicKeyInfo form,
+    so that the file's comment or format does not change it."""
+    try:
+        data = auth_public_key.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"node public key {auth_public_key} cannot be read: {err.strerror or err}") from err
+    try:
+        key = serialization.load_ssh_public_key(data) if data.startswith(b"ssh-") or data.startswith(b"ecdsa-") \
+            else serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise ConfigError(f"node public key {auth_public_key} is not an OpenSSH or PEM public key") from err
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
 def public_pem(public: ed25519.Ed25519PublicKey) -> bytes:
     return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 

@@ -237,3 +237,22 @@ def test_reading_is_bounded_and_never_follows_symlinks(tmp_path: Path) -> None:
     problems = verify(read(ledger.path), {key_id(key.public_key()): key.public_key()})
     assert [str(p) for p in problems] == [f"line 2: longer than {MAX_LINE_BYTES} bytes ({MAX_LINE_BYTES + 10} "
                                           "bytes); not a ledger entry, not read"]
+
+
+def test_node_identity_is_the_same_for_openssh_and_pem(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedtune.common.ledger_key import node_identity
+    from fedtune.common.ledger_schema import NODE_ID
+
+    public = ec.generate_private_key(ec.SECP384R1()).public_key()
+    (tmp_path / "node.pub").write_bytes(public.public_bytes(serialization.Encoding.OpenSSH,
+                                                            serialization.PublicFormat.OpenSSH) + b" node-a\n")
+    (tmp_path / "node.pem").write_bytes(public.public_bytes(serialization.Encoding.PEM,
+                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
+    identity = node_identity(tmp_path / "node.pub")
+    assert NODE_ID.fullmatch(identity) and identity == node_identity(tmp_path / "node.pem")
+    (tmp_path / "junk.pub").write_text("junk")
+    with pytest.raises(ConfigError, match="is not an OpenSSH or PEM public key"):
+        node_identity(tmp_path / "junk.pub")
