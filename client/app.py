@@ -59,7 +59,8 @@ def train(msg: Message, context: Context) -> Message:
         request = _request(msg)
         config, policy = _node(context)
         reply, update = train_round(request, record_to_arrays(msg.content[ARRAYS]), config=config,
-                                    node=NodePrivacy.open(policy, config.state_dir), run_id=str(context.run_id))
+                                    node=NodePrivacy.open(policy, config.state_dir, node=config.node,
+                                                          witness=config.witness), run_id=str(context.run_id))
         if update is None:
             log.warning("refused round %s: code %s", request.server_round, reply.code)
         return reply.to_content(None if update is None else arrays_to_record(update))

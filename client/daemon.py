@@ -75,8 +75,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", default=DEFAULT_METRICS, metavar="HOST:PORT",
                    help=f"serve this node's Prometheus /metrics here, on its own network (default {DEFAULT_METRICS}; "
                         "'off' to disable)")
+    p.add_argument("--witness", type=Path, metavar="FILE",
+                   help="the ledger's witness (its newest line and hash), kept outside STATE_DIR so that restoring "
+                        "an old copy of the ledger is detected (default: STATE_DIR.witness.json beside STATE_DIR)")
     p.add_argument("--check", action="store_true", help="only run the checks, then exit")
+    p.add_argument("--repair-ledger", action="store_true",
+                   help="repair a torn last ledger line (an interrupted append): keep its bytes as evidence, charge "
+                        "that round as spent, re-sign; then exit (see docs/ledger.md, 'Recovery')")
+    p.add_argument("--adopt-witness", action="store_true",
+                   help="start the witness at the ledger's current head (first start of a node whose ledger "
+                        "predates its witness); then exit")
     return p
+
+
+def _ledger_command(opts: NodeOptions, repair: bool) -> int:
+    """--repair-ledger / --adopt-witness: one operator action on the ledger, then exit."""
+    from fedtune.common.ledger import Ledger
+    from fedtune.common.ledger_key import load_private_key
+    from fedtune.common.ledger_repair import repair_torn_ledger
+
+    try:
+        key = load_private_key(opts.ledger_key_path())
+        if repair:
+            done = repair_torn_ledger(opts.ledger_path, key, witness=opts.witness_path)
+            print(f"fedtune-client: repaired {opts.ledger_path}: line {done.entry['seq']} charges the torn round "
+                  f"({done.recovered}); the torn bytes are kept in {done.evidence}")
+        else:
+            head = Ledger(opts.ledger_path, key, witness=opts.witness_path).adopt_witness()
+            print(f"fedtune-client: witness {opts.witness_path} starts at line {head.seq if head else 0}")
+    except FedtuneError as err:
+        print(format_problems(problems_of(err), prog="fedtune-client"), file=sys.stderr)
+        return exit_codes.FAILED
+    return exit_codes.OK
 
 
 def options(args: argparse.Namespace) -> NodeOptions:
@@ -87,7 +117,7 @@ def options(args: argparse.Namespace) -> NodeOptions:
         text_column=args.text_column, label_column=args.label_column,
         labels=tuple(x.strip() for x in args.labels.split(",") if x.strip()),
         log_file=args.log_file, runtime_port=args.runtime_port, max_restarts=args.max_restarts,
-        connect_retries=args.connect_retries, stall_timeout_s=args.stall_timeout,
+        connect_retries=args.connect_retries, stall_timeout_s=args.stall_timeout, witness=args.witness,
     )
 
 
@@ -114,6 +144,8 @@ def _check(opts: NodeOptions, only: bool) -> int | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     opts = options(args)
+    if args.repair_ledger or args.adopt_witness:
+        return _ledger_command(opts, args.repair_ledger)
     if args.metrics_address != "off":
         from fedtune.common.monitoring import metrics_address_problems
 

@@ -22,7 +22,7 @@ from fedtune.common import tls
 from fedtune.common.data import read_table, validate
 from fedtune.common.errors import ConfigError, FedtuneError, quote
 from fedtune.common.ledger import LEDGER_FILE, Ledger
-from fedtune.common.ledger_key import KEY_FILE
+from fedtune.common.ledger_key import KEY_FILE, load_or_create_key, private_key_identity, public_identity
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class NodeOptions:
     max_restarts: int = 0  # restarts of a failed SuperNode before giving up (0 = forever)
     connect_retries: int = 8  # SuperNode's own retries per connection attempt before the daemon takes over
     stall_timeout_s: float = 120.0  # SuperNode failing to connect and silent this long: restart it
+    witness: Path | None = None  # the ledger's witness (default: beside STATE_DIR, outside it)
 
     @property
     def log_path(self) -> Path:
@@ -61,14 +62,35 @@ class NodeOptions:
         return self.state_dir / LEDGER_FILE
 
     @property
+    def witness_path(self) -> Path:
+        """Kept outside the state directory, so restoring that directory from an old backup is detected."""
+        return self.witness or self.state_dir.parent / f"{self.state_dir.name}.witness.json"
+
+    def ledger_key_path(self) -> Path:
+        """The ledger's signing key: the policy's ``ledger-key``, else ``STATE_DIR/ledger-signing.key``."""
+        if self.policy is not None and self.policy.is_file() and (named := load_policy(self.policy).ledger_key):
+            return Path(named)
+        return self.state_dir / KEY_FILE
+
+    def identity(self) -> str:
+        """The node identity its ledger header names: its authentication key, else (``--insecure`` test nodes)
+        its ledger key, created here if the node has none yet."""
+        if self.node_key is not None:
+            return private_key_identity(self.node_key)
+        return public_identity(load_or_create_key(self.ledger_key_path()).public_key())
+
+    @property
     def node_config(self) -> str:
-        """``--node-config`` for flower-supernode: the ClientApp's node settings."""
-        pairs = {"data-path": self.data.resolve(), "state-dir": self.state_dir.resolve()}
+        """``--node-config`` for flower-supernode: the ClientApp's node settings (all the node's own)."""
+        pairs: dict[str, object] = {
+            "data-path": self.data.resolve(), "state-dir": self.state_dir.resolve(),
+            "witness": self.witness_path.resolve(), "text-column": self.text_column,
+            "label-column": self.label_column, "node": self.identity()}
         if self.policy is not None:
             pairs["policy"] = self.policy.resolve()
         for key, value in pairs.items():
             if '"' in str(value) or "'" in str(value) or " " in str(value):
-                raise ConfigError(f"{key} path {value} contains quotes or spaces; move it to a plain path")
+                raise ConfigError(f"{key} {quote(value)} contains quotes or spaces; use a plain path or column name")
         return " ".join(f'{k}="{v}"' for k, v in pairs.items())
 
 
@@ -121,7 +143,7 @@ def _ledger_problems(opts: NodeOptions) -> list[str]:
     if not isinstance(loaded, ed25519.Ed25519PrivateKey):
         return []
     try:
-        Ledger(opts.ledger_path, loaded).entries()
+        Ledger(opts.ledger_path, loaded, witness=opts.witness_path).entries()
     except FedtuneError as err:
         return list(err.problems)
     except OSError as err:

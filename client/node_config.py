@@ -9,7 +9,8 @@ read for any of this.
 
 Keys: ``data-path``, ``state-dir``, ``policy`` (all required), ``text-column``, ``label-column``
 (default ``text`` / ``label``), ``node`` (the node's identity in its ledger header: the sha256 of its
-authentication key, or ``simulation:client-<id>``), and — simulation only — ``insecure-seed``.
+authentication key, or ``simulation:client-<id>``), ``witness`` (the ledger's witness file, kept outside
+the state directory) and — simulation only — ``insecure-seed``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class NodeConfig:
     text_column: str = "text"
     label_column: str = "label"
     node: str = ""  # identity written into the ledger header
+    witness: Path | None = None  # the ledger's witness (newest line and hash), outside state_dir
     simulated: bool = False
     # Simulation only (fedtune-sim --insecure-reproducible-seed): sampling and noise drawn from a seeded
     # generator, so a run can be repeated exactly. Recorded in every ledger entry; never in deployment.
@@ -54,6 +56,7 @@ class NodeConfig:
             data_path=Path(str(raw["data-path"])), state_dir=Path(str(raw["state-dir"])),
             policy=Path(str(raw["policy"])), text_column=str(raw.get("text-column", "text")),
             label_column=str(raw.get("label-column", "label")), node=str(raw.get("node", "")),
+            witness=Path(str(raw["witness"])) if raw.get("witness") else None,
             simulated=simulated, insecure_seed=None if seed is None else int(seed),
             partition_id=int(raw[SIMULATED]) if SIMULATED in raw else None,
         )

@@ -22,7 +22,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fedtune.client.policy import NodePolicy, PlanRequest
-from fedtune.common.accounting import DpEvent, opacus_epsilon
+from fedtune.common.accounting import (  # noqa: F401 - steps_per_round is part of this module's API
+    COUNTERPART,
+    DpEvent,
+    dp_accounting_epsilon,
+    opacus_epsilon,
+    steps_per_round,
+)
 from fedtune.common.errors import PrivacyError
 
 History = Sequence[DpEvent | None]  # the dataset's charged rounds; None = a round trained without DP
@@ -32,20 +38,12 @@ History = Sequence[DpEvent | None]  # the dataset's charged rounds; None = a rou
 MIN_PLANNED_SIGMA = 0.5
 MAX_PLANNED_SIGMA = 50.0  # more noise than this drowns any update: treat the budget as exhausted
 PLAN_TOLERANCE = 0.005  # planned epsilon is within 0.5% of its target, from below
+# The budget must hold under the independent accountant too (fedtune-audit replays both). dp-accounting's RDP
+# sits up to ~0.2% above Opacus' RDP; PLD sits below Opacus' PRV (which reports the top of its estimate).
+PLAN_MARGIN = {"prv": 0.0, "rdp": 0.01}
+INDEPENDENT_CHECK_ZONE = 0.03  # near the budget, the projection is checked with dp-accounting as well
 BRACKET_TOLERANCE = 0.02  # RDP only brackets the search: 2% is enough
 BUDGET_SLACK = 1e-9  # accountant round-off allowed when comparing a projection with the budget
-
-
-def steps_per_round(num_examples: int, batch_size: int, local_epochs: float) -> tuple[float, int]:
-    """Sample rate and local steps for ``local_epochs`` expected passes over the data.
-
-    q = 1 / ceil(N / B), exactly the rate Opacus' Poisson ``DPDataLoader`` uses for a
-    loader of batch size B over N examples, so accounting and sampling agree.
-    """
-    if num_examples <= 0:
-        raise PrivacyError("a client with no training examples cannot train")
-    batches = math.ceil(num_examples / batch_size)
-    return 1.0 / batches, max(1, round(local_epochs * batches))
 
 
 def epsilon_of(history: History, delta: float, accountant: str) -> float:
@@ -53,6 +51,13 @@ def epsilon_of(history: History, delta: float, accountant: str) -> float:
     if any(e is None for e in history):
         return math.inf
     return opacus_epsilon([e for e in history if e is not None], delta, accountant)
+
+
+def independent_epsilon_of(history: History, delta: float, accountant: str) -> float:
+    """The same history under Google dp-accounting's counterpart accountant (the auditor's second opinion)."""
+    if any(e is None for e in history):
+        return math.inf
+    return dp_accounting_epsilon([e for e in history if e is not None], delta, COUNTERPART[accountant])
 
 
 def _bisect(epsilon_at: Callable[[float], float], target: float, lo: float, hi: float, tolerance: float) -> float:
@@ -149,7 +154,8 @@ def _plan_run(policy: NodePolicy, request: PlanRequest, history: History) -> flo
         raise PlanInfeasible(f"the requested run epsilon {request.epsilon:g} cannot be met: {err}") from err
     if policy.noise_plan == "spread":
         try:
-            sigma = max(sigma, plan_noise(history, policy.max_epsilon, policy.delta, run, policy.accountant))
+            target = policy.max_epsilon * (1 - PLAN_MARGIN.get(policy.accountant, 0.0))
+            sigma = max(sigma, plan_noise(history, target, policy.delta, run, policy.accountant))
         except PrivacyError as err:
             raise BudgetExhausted(f"budget exhausted: {err} over the run's remaining {request.rounds_left} "
                                f"round(s) of {request.steps} steps") from err
@@ -185,8 +191,11 @@ def decide(policy: NodePolicy, request: PlanRequest, history: History, run_sigma
                        f"{budget - before:.4g}; the policy's maximum is {policy.max_noise_multiplier:g} (an update "
                        "that noisy has no utility; the budget is kept)", before, budget, event=event, exhausted=True)
     after = epsilon_of([*history, event], policy.delta, policy.accountant)
-    if after > budget + BUDGET_SLACK:
-        return _refuse("BUDGET_EXHAUSTED", f"budget: epsilon would reach {after:.4f} > budget {budget:.4f} "
-                       f"(spent {before:.4f})", before, budget, event=event, projected=after, exhausted=True)
+    worst = after if after <= budget * (1 - INDEPENDENT_CHECK_ZONE) else max(
+        after, independent_epsilon_of([*history, event], policy.delta, policy.accountant))
+    if worst > budget + BUDGET_SLACK:
+        return _refuse("BUDGET_EXHAUSTED", f"budget: epsilon would reach {worst:.4f} > budget {budget:.4f} "
+                       f"(spent {before:.4f}; the larger of Opacus and dp-accounting)", before, budget, event=event,
+                       projected=after, exhausted=True)
     # Composition is sublinear, so a next round costs at most about this one: an estimate (metrics only).
     return Decision(True, "", "", event, before, after, after, budget, exhausted=budget - after < after - before)

@@ -28,7 +28,7 @@ from fedtune.common.accounting import accountant_record
 from fedtune.common.adapter import Arrays, load_arrays, to_arrays
 from fedtune.common.device import pick_device
 from fedtune.common.errors import ConfigError, ModelError
-from fedtune.common.ledger import LEDGER_FILE, Entry, Ledger, event_from_json, event_to_json
+from fedtune.common.ledger import LEDGER_FILE, Entry, Ledger, LedgerHeader, event_from_json, event_to_json
 from fedtune.common.ledger_key import KEY_FILE, load_or_create_key
 from fedtune.common.model import build_model, load_base
 from fedtune.common.wire import RoundRequest, TrainReply
@@ -55,12 +55,19 @@ class NodePrivacy:
     ledger: Ledger
 
     @classmethod
-    def open(cls, policy: NodePolicy, state_dir: Path) -> NodePrivacy:
-        """Ledger at ``state_dir/ledger.jsonl``; key from the policy or ``state_dir``, created on first use."""
+    def open(cls, policy: NodePolicy, state_dir: Path, *, node: str = "", witness: Path | None = None) -> NodePrivacy:
+        """Ledger at ``state_dir/ledger.jsonl``; key from the policy or ``state_dir``, created on first use.
+
+        With ``node`` (the node's identity) the ledger is bound to it and to the policy by a signed header;
+        with ``witness`` a ledger found behind its witness (truncated, or restored from an old copy) is refused.
+        """
         if not policy.dataset_id:
             raise ConfigError(f"{policy.source}: dataset-id is required (the budget key; the server cannot set it)")
         key_path = Path(policy.ledger_key) if policy.ledger_key else state_dir / KEY_FILE
-        return cls(policy, Ledger(state_dir / LEDGER_FILE, load_or_create_key(key_path)))
+        header = LedgerHeader(node, policy.dataset_id, policy.max_epsilon, policy.delta, policy.accountant) \
+            if node else None
+        return cls(policy, Ledger(state_dir / LEDGER_FILE, load_or_create_key(key_path), header=header,
+                                  witness=witness))
 
 
 def _finite(x: float | None) -> float | None:
@@ -106,7 +113,8 @@ def _round_cost(decision: Decision) -> float:
     return math.inf if math.isinf(decision.epsilon_after) else decision.epsilon_after - decision.epsilon_before
 
 
-def _reply(decision: Decision, entry: Entry, num_examples: int, train_loss: float | None = None) -> TrainReply:
+def _reply(decision: Decision, entry: Entry, num_examples: int, node: str,
+           train_loss: float | None = None) -> TrainReply:
     event = decision.event
     return TrainReply(
         status="trained" if decision.charged else "refused", code=decision.code, num_examples=num_examples,
@@ -114,7 +122,7 @@ def _reply(decision: Decision, entry: Entry, num_examples: int, train_loss: floa
         epsilon_round=_round_cost(decision),
         epsilon_budget=decision.budget, noise_multiplier=event.noise_multiplier if event is not None else 0.0,
         exhausted=decision.exhausted, ledger_key=str(entry["key"]), ledger_seq=int(entry["seq"]),
-        ledger_head=str(entry["hash"]), train_loss=train_loss)
+        ledger_head=str(entry["hash"]), node=node, train_loss=train_loss)
 
 
 def plan_request(request: RoundRequest, num_examples: int) -> PlanRequest:
@@ -142,7 +150,7 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
     run = RunRef(run_id, request.run_key, resumed=request.resumed_after_round > 0)
     decision, entry = charge_round(node, plan, run=run, fingerprint=rows.fingerprint, rng=seeds.kind)
     if not decision.charged:
-        return _reply(decision, entry, rows.num_train), None
+        return _reply(decision, entry, rows.num_train, config.node), None
     dp = None if decision.event is None else DpParams(decision.event.noise_multiplier, decision.event.clip_norm)
 
     device = pick_device()
@@ -161,4 +169,4 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
         raise ModelError("training left every adapter tensor unchanged (see opacus#820); refusing to reply",
                          code="TRAIN")
     loss = result.loss if node.policy.release_train_loss and math.isfinite(result.loss) else None
-    return _reply(decision, entry, rows.num_train, loss), update
+    return _reply(decision, entry, rows.num_train, config.node, loss), update

@@ -154,7 +154,10 @@ def train(
         examples += len(labels)
     opacus_eps = None
     if private is not None:
-        opacus_eps = float(private.engine.get_epsilon(dp.delta)) if private.engine.accountant.history else 0.0
+        if dp.noise_multiplier == 0:
+            opacus_eps = math.inf  # clipping without noise: no privacy guarantee at all
+        else:
+            opacus_eps = float(private.engine.get_epsilon(dp.delta)) if private.engine.accountant.history else 0.0
         module._close()  # remove Opacus hooks; the PeftModel stays usable
     mean_loss = sum(losses) / len(losses) if losses else math.nan
     return TrainResult(loss=mean_loss, steps=steps, examples=examples, opacus_epsilon=opacus_eps)

@@ -70,6 +70,19 @@ class DpEvent:
             raise PrivacyError(problems)
 
 
+def steps_per_round(num_examples: int, batch_size: int, local_epochs: float) -> tuple[float, int]:
+    """Sample rate and local steps for ``local_epochs`` expected passes over ``num_examples``.
+
+    q = 1 / ceil(N / B), exactly the rate Opacus' Poisson ``DPDataLoader`` uses for a
+    loader of batch size B over N examples, so accounting and sampling agree. Anyone who
+    knows N and the plan (the server does: N is a disclosed field of the reply) can derive both.
+    """
+    if num_examples <= 0:
+        raise PrivacyError("a client with no training examples cannot train")
+    batches = math.ceil(num_examples / batch_size)
+    return 1.0 / batches, max(1, round(local_epochs * batches))
+
+
 def merged(events: Iterable[DpEvent]) -> list[tuple[float, float, int]]:
     """(sigma, q, steps) with equal (sigma, q) summed: composition commutes, and one
     entry per mechanism keeps PRV/PLD fast and numerically stable over long ledgers."""

@@ -12,6 +12,7 @@ import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -34,6 +35,39 @@ def key_id(public: ed25519.Ed25519PublicKey) -> str:
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:32]
 
 
+def node_identity(auth_public_key: Path) -> str:
+    """A node's identity as ledger headers name it: ``sha256:`` + sha256 of its authentication public key
+    (the OpenSSH ``node.pub`` that ``fedtune-certs node`` makes, or a PEM key), in DER SubjectPublicKeyInfo form,
+    so that the file's comment or format does not change it."""
+    try:
+        data = auth_public_key.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"node public key {auth_public_key} cannot be read: {err.strerror or err}") from err
+    try:
+        key = serialization.load_ssh_public_key(data) if data.startswith(b"ssh-") or data.startswith(b"ecdsa-") \
+            else serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise ConfigError(f"node public key {auth_public_key} is not an OpenSSH or PEM public key") from err
+    return public_identity(key)
+
+
+def public_identity(key: Any) -> str:
+    """``sha256:`` + sha256 of a public key in DER SubjectPublicKeyInfo form (see :func:`node_identity`)."""
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def private_key_identity(path: Path) -> str:
+    """The identity of the node whose private key (OpenSSH or PEM) is at ``path``."""
+    try:
+        data = path.read_bytes()
+        key = (serialization.load_ssh_private_key(data, password=None) if b"OPENSSH PRIVATE KEY" in data
+               else serialization.load_pem_private_key(data, password=None))
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise ConfigError(f"node key {path} cannot be read as an unencrypted private key") from err
+    return public_identity(key.public_key())
+
+
 def public_pem(public: ed25519.Ed25519PublicKey) -> bytes:
     return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -53,7 +87,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         os.close(dir_fd)
 
 
-def _load_private(path: Path) -> ed25519.Ed25519PrivateKey:
+def load_private_key(path: Path) -> ed25519.Ed25519PrivateKey:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise ConfigError(f"ledger key {path} is readable by others (mode {mode:04o}); run: chmod 600 {path}")
@@ -75,7 +109,7 @@ def load_or_create_key(path: Path) -> ed25519.Ed25519PrivateKey:
                                 serialization.NoEncryption())
         with contextlib.suppress(FileExistsError):  # another process created it first: use theirs
             _write_new(path, pem, PRIVATE_MODE)
-    key = _load_private(path)
+    key = load_private_key(path)
     pub = public_path(path)
     if not pub.exists():
         with contextlib.suppress(FileExistsError):

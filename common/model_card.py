@@ -145,8 +145,8 @@ No training example leaves a node: this card and the server hold no rows of anyo
 ## Federation
 
 - {info.num_clients} nodes took part; {info.rounds} federated rounds completed of {s.plan.num_rounds} planned
-  (status: {info.status}); fraction of nodes sampled per round {s.plan.fraction_train:g}, at least
-  {s.plan.min_clients} per round.
+  (status: {info.status}); fraction of nodes sampled per round {s.federation.fraction_train:g}, at least
+  {s.federation.min_clients} per round.
 - Partitioning (simulation): {split}.
 - Local training per round: {s.plan.local_epochs:g} epoch(s), expected batch size {s.plan.batch_size},
   optimiser {s.plan.optimizer} (learning rate {s.plan.learning_rate:g}, LoRA x{s.plan.lora_lr_scale:g}).

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal, get_args, get_type_hints
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.common.errors import FedtuneError
+from fedtune.common.ledger_schema import NODE_ID
 from fedtune.common.settings import LoraSettings, ModelSettings, PrivacySettings, TrainPlan, key_of
 
 WIRE_VERSION = 1
@@ -203,9 +204,10 @@ class TrainReply:
     ledger_key: str  # "ed25519:<hex>": the key that signs the node's ledger
     ledger_seq: int  # sequence number of the ledger entry recording this round (the receipt)
     ledger_head: str  # hash of that entry
+    node: str = ""  # the node's identity (sha256 of its authentication key, or simulation:client-<id>)
     train_loss: float | None = None  # only when the node's policy releases it (a disclosed leak)
 
-    STATUS_KEYS: ClassVar[tuple[str, ...]] = ("wire-version", "status", "code", "ledger-key", "ledger-head")
+    STATUS_KEYS: ClassVar[tuple[str, ...]] = ("wire-version", "status", "code", "ledger-key", "ledger-head", "node")
     METRIC_KEYS: ClassVar[tuple[str, ...]] = (
         "num-examples", "epsilon", "epsilon-round", "epsilon-budget", "noise-multiplier", "exhausted", "ledger-seq")
     OPTIONAL_METRICS: ClassVar[tuple[str, ...]] = ("train-loss",)
@@ -225,7 +227,8 @@ class TrainReply:
             metrics["train-loss"] = self.train_loss
         content = RecordDict({
             STATUS: ConfigRecord({"wire-version": WIRE_VERSION, "status": self.status, "code": self.code,
-                                  "ledger-key": self.ledger_key, "ledger-head": self.ledger_head}),
+                                  "ledger-key": self.ledger_key, "ledger-head": self.ledger_head,
+                                  "node": self.node}),
             METRICS: MetricRecord(metrics)})
         if arrays is not None:
             content[ARRAYS] = arrays
@@ -250,6 +253,7 @@ class TrainReply:
                 ledger_key=_check_type("ledger-key", str, status["ledger-key"]),
                 ledger_seq=_check_type("ledger-seq", int, metrics["ledger-seq"]),
                 ledger_head=_check_type("ledger-head", str, status["ledger-head"]),
+                node=_check_type("node", str, status["node"]),
                 train_loss=_check_type("train-loss", float, metrics["train-loss"]) if "train-loss" in metrics else None,
             )
         except ValueError as err:
@@ -257,6 +261,8 @@ class TrainReply:
         bad = []
         if not _KEY_ID.match(reply.ledger_key) or not _HEX64.match(reply.ledger_head) or reply.ledger_seq < 1:
             bad.append("ledger receipt (key, seq, head) is malformed")
+        if reply.node and not NODE_ID.fullmatch(reply.node):
+            bad.append("node identity is malformed")
         if reply.status == "trained" and (reply.code or reply.num_examples < 1):
             bad.append("a trained reply needs num-examples >= 1 and no code")
         if reply.epsilon < 0 or reply.epsilon_round < 0 or reply.noise_multiplier < 0:

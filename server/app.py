@@ -35,6 +35,7 @@ from fedtune.common.wire import RoundRequest
 from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR, Checkpoint, CheckpointStore, RoundOffset, run_key
 from fedtune.server.report import write_report
 from fedtune.server.results import ADAPTER_DIR, RunRecorder, card_info, eval_fields, held_out_groups
+from fedtune.server.run_record import record_key, write_record
 from fedtune.server.strategy import AdapterFedAvg, weighted_mean
 
 log = logging.getLogger("fedtune.server")
@@ -94,7 +95,9 @@ def main(grid: Grid, context: Context) -> None:
     test_tensors = _encoded(test, base, settings.model.max_seq_len)
     groups = held_out_groups(test.dataset, settings.data.report_group_column)
     model = build_model(base, len(test.label_names), settings.lora, device, seed=settings.federation.seed)
-    recorder = RunRecorder(Path(settings.results_dir))
+    results_dir = Path(settings.results_dir)
+    recorder = RunRecorder(results_dir)
+    signing = record_key(results_dir)  # signs the run record: every node's ledger head, per round
     # Checkpoints are a server-side deployment setting (fedtune-server sets the variable), not a run setting.
     store = CheckpointStore(Path(os.environ[ENV_CHECKPOINT_DIR])) if os.environ.get(ENV_CHECKPOINT_DIR) else None
     key = run_key(settings.to_config())
@@ -117,6 +120,7 @@ def main(grid: Grid, context: Context) -> None:
                                      | eval_fields(result, test.label_names))
         log.info("round %s: held-out accuracy %.4f, loss %.4f, max epsilon %s", server_round,
                  result.accuracy, result.loss, line["epsilon-max"])
+        write_record(results_dir, str(context.run_id), key, strategy.train_rows, signing)
         if store:
             store.save(Checkpoint(
                 server_round=server_round, run_key=key, arrays=record_to_arrays(arrays),

@@ -139,7 +139,9 @@ class Federation:
     """Starts the SuperLink, registers nodes, submits and follows the run."""
 
     def __init__(self, opts: ServerOptions) -> None:
+        from fedtune.common.receipts import RECORD_KEY_FILE
         from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR  # imports torch/PEFT: only once a run starts
+        from fedtune.server.run_record import ENV_RECORD_KEY
 
         self.opts = opts
         self.home = opts.work_dir / "flwr-home"
@@ -148,7 +150,8 @@ class Federation:
         self.owner = f"fedtune-server:{opts.work_dir}"
         self.token_file = opts.work_dir / "control.token"
         self.env = flower_env(self.home, self.owner) | {ENV_CHECKPOINT_DIR: str(opts.checkpoint_dir),
-                                                         TOKEN_ENV: str(self.token_file)}
+                                                         TOKEN_ENV: str(self.token_file),
+                                                         ENV_RECORD_KEY: str(opts.work_dir / RECORD_KEY_FILE)}
         self.cli = FlwrCli(self.env, opts.work_dir)
         self.proc = None
         self.run_id: int | None = None

@@ -20,9 +20,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedtune.common.accounting import steps_per_round
 from fedtune.common.durable import write_atomically
 from fedtune.common.errors import ConfigError
 from fedtune.common.model_card import CardInfo, NodeStatement
+from fedtune.common.settings import TrainPlan
 
 if TYPE_CHECKING:
     import datasets
@@ -59,8 +61,12 @@ def portable(value: Any) -> Any:
 
 
 def node_name(row: Mapping[str, Any]) -> str:
-    """How reports name a node: ``client-<partition-id>`` (simulation: its ledger folder), else its node id."""
-    return f"client-{int(row['partition-id'])}" if "partition-id" in row else f"node-{row.get('node-id')}"
+    """How reports name a node: ``client-<id>`` in simulation (its ledger folder), else the start of its identity
+    (the sha256 of its authentication key), else its Flower node id."""
+    node = str(row.get("node") or "")
+    if node.startswith("simulation:"):
+        return node.split(":", 1)[1]
+    return f"node-{node.split(':', 1)[1][:12]}" if node else f"node-{row.get('node-id')}"
 
 
 def eval_fields(result: EvalResult, label_names: list[str]) -> dict[str, Any]:
@@ -105,7 +111,7 @@ def card_info(meta: AdapterMeta, settings: RunSettings, rounds: list[dict[str, A
                                      int(m.get("support", 0))))
                  for name, m in (last.get("per-label") or {}).items()]
     return CardInfo(
-        meta=meta, settings=settings, nodes=node_statements(rounds, settings.privacy),
+        meta=meta, settings=settings, nodes=node_statements(rounds, settings.privacy, settings.plan),
         rounds=max((int(r["round"]) for r in rounds), default=0),
         num_clients=len({node_name(row) for r in rounds for row in r.get("clients", [])}),
         held_out_examples=int(last.get("num-examples", 0)), accuracy=last.get("accuracy"), loss=last.get("loss"),
@@ -113,8 +119,11 @@ def card_info(meta: AdapterMeta, settings: RunSettings, rounds: list[dict[str, A
     )
 
 
-def node_statements(rounds: list[dict[str, Any]], privacy: PrivacySettings) -> list[NodeStatement]:
-    """Each node's privacy parameters, from the replies it sent (its last reported epsilon wins)."""
+def node_statements(rounds: list[dict[str, Any]], privacy: PrivacySettings,
+                    plan: TrainPlan | None = None) -> list[NodeStatement]:
+    """Each node's privacy parameters, from the replies it sent (its last reported epsilon wins); the sampling
+    rate and steps follow from its reported number of examples and the run's plan."""
+    plan = plan or TrainPlan()
     seen: dict[str, dict[str, Any]] = {}
     for line in sorted(rounds, key=lambda r: r["round"]):
         for row in line.get("clients", []):
@@ -123,7 +132,9 @@ def node_statements(rounds: list[dict[str, Any]], privacy: PrivacySettings) -> l
             acc = seen.setdefault(node_name(row), {"steps": 0, "rounds": 0})
             acc["row"] = row
             if row.get("status") == "trained":
-                acc["steps"] += int(row.get("steps", 0))
+                acc["q"], steps = steps_per_round(int(row.get("num-examples", 1)) or 1, plan.batch_size,
+                                                  plan.local_epochs)
+                acc["steps"] += int(row.get("steps", steps))
                 acc["rounds"] += 1
     out = []
     for name, acc in sorted(seen.items()):
@@ -135,7 +146,7 @@ def node_statements(rounds: list[dict[str, Any]], privacy: PrivacySettings) -> l
             delta=float(row.get("delta", privacy.delta)), budget=_float(row.get("epsilon-budget")),
             accountant=str(row.get("accountant", privacy.accountant)),
             clip_norm=float(row.get("clip-norm", privacy.clip_norm)),
-            noise_multiplier=float(sigma) if sigma else None, sample_rate=_float(row.get("sample-rate")),
+            noise_multiplier=float(sigma) if sigma else None, sample_rate=_float(row.get("sample-rate", acc.get("q"))),
             steps=acc["steps"], rounds=acc["rounds"],
             examples=int(row["num-examples"]) if "num-examples" in row else None,
         ))

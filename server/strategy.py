@@ -76,7 +76,7 @@ def _train_row(msg: Message, reference: Arrays) -> tuple[ClientRow, Arrays | Non
         "epsilon-round": reply.epsilon_round, "epsilon-budget": reply.epsilon_budget,
         "epsilon-remaining": reply.epsilon_budget - reply.epsilon, "noise-multiplier": reply.noise_multiplier,
         "exhausted": reply.exhausted, "ledger-key": reply.ledger_key, "ledger-seq": reply.ledger_seq,
-        "ledger-head": reply.ledger_head,
+        "ledger-head": reply.ledger_head, "node": reply.node,
     }
     if reply.train_loss is not None:
         row["train-loss"] = reply.train_loss

@@ -11,17 +11,25 @@ deployed node: its data, policy, budget key and randomness are its own, never th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomli_w
 
 from fedtune.client.node_config import ENV_SIM_NODES, write_simulation_nodes
 from fedtune.client.policy import NodePolicy, load_policy, policy_toml
 from fedtune.common.data import LabelledData, federation_split, load_labelled
 from fedtune.common.errors import ConfigError
+from fedtune.common.ledger import LEDGER_FILE
+from fedtune.common.ledger_key import KEY_FILE, load_or_create_key, public_path
 from fedtune.common.partition import load_partition
+from fedtune.common.receipts import RECORD_KEY_FILE
 from fedtune.common.settings import RunSettings
+from fedtune.server.run_record import ENV_RECORD_KEY
 
 NODES_FILE = "nodes.json"
+ROSTER_FILE = "roster.toml"  # OUT/clients/roster.toml: fedtune-audit --roster
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,14 @@ class SimulatedNodes:
 
     def state(self, pid: int) -> Path:
         return (self.state_dir or self.out / "clients") / f"client-{pid}"
+
+    def witness(self, pid: int) -> Path:
+        """Beside the node's state directory, not in it (as fedtune-client keeps it)."""
+        return (self.state_dir or self.out / "clients") / f"client-{pid}.witness.json"
+
+    @property
+    def roster(self) -> Path:
+        return self.out / "clients" / ROSTER_FILE
 
     def policy_file(self, pid: int) -> Path | None:
         if self.policy_dir is None:
@@ -79,6 +95,7 @@ def prepare(settings: RunSettings, nodes: SimulatedNodes) -> dict[str, str]:
     d, seed = settings.data, settings.federation.seed
     pool, _ = federation_split(load_labelled(d), d.test_fraction, seed, d.max_train_examples)
     configs: dict[int, dict[str, object]] = {}
+    roster: list[dict[str, str]] = []
     for pid in range(nodes.num_clients):
         part = LabelledData(load_partition(pool.dataset, d, nodes.num_clients, pid, seed), pool.label_names)
         data_path = nodes.client_dir(pid) / "data.parquet"
@@ -87,14 +104,29 @@ def prepare(settings: RunSettings, nodes: SimulatedNodes) -> dict[str, str]:
         if policy is None:
             policy = nodes.client_dir(pid) / "policy.toml"
             policy.write_text(policy_toml(default_policy(settings, pid)))
-        else:
-            load_policy(policy)  # a bad policy file is an operator mistake: report it before anything starts
+        loaded = load_policy(policy)  # a bad policy file is an operator mistake: report it before anything starts
+        # The node's ledger key, made now (as `fedtune-certs node` does for a deployed node) so the roster names it.
+        key = Path(loaded.ledger_key) if loaded.ledger_key else nodes.state(pid) / KEY_FILE
+        load_or_create_key(key)
         config: dict[str, object] = {
             "data-path": str(data_path.resolve()), "state-dir": str(nodes.state(pid).resolve()),
             "policy": str(policy.resolve()), "text-column": "text", "label-column": "label",
-            "node": f"simulation:client-{pid}"}
+            "node": f"simulation:client-{pid}", "witness": str(nodes.witness(pid).resolve())}
         if nodes.insecure_seed is not None:
             config["insecure-seed"] = nodes.insecure_seed
         configs[pid] = config
+        roster.append({"id": f"simulation:client-{pid}", "public-key": _relative(public_path(key), nodes.roster),
+                       "ledger": _relative(nodes.state(pid) / LEDGER_FILE, nodes.roster),
+                       "policy": _relative(policy, nodes.roster)})
+    nodes.roster.write_text(tomli_w.dumps({"node": roster}))
     path = write_simulation_nodes(nodes.out / "flower" / NODES_FILE, configs)
-    return {ENV_SIM_NODES: str(path.resolve())}
+    return {ENV_SIM_NODES: str(path.resolve()), ENV_RECORD_KEY: str((nodes.out / "flower" / RECORD_KEY_FILE).resolve())}
+
+
+def _relative(path: Path, roster: Path) -> str:
+    """A roster path relative to the roster when it lies below the results directory (portable results)."""
+    try:
+        return os.path.relpath(path.resolve(), roster.parent.resolve()) if path.resolve().is_relative_to(
+            roster.parent.parent.resolve()) else str(path.resolve())
+    except ValueError:
+        return str(path.resolve())

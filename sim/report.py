@@ -6,59 +6,48 @@ the nodes' ledgers sit beside the results, so the report carries the audit's ver
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from rich.table import Table
 
-from fedtune.client.sim_nodes import SimulationNodes
+from fedtune.audit.fleet import audit
+from fedtune.audit.ledger_audit import LedgerSpec
+from fedtune.audit.policy import read_policy
+from fedtune.audit.roster import read_roster
 from fedtune.common.durable import write_atomically
 from fedtune.common.errors import FedtuneError
+from fedtune.common.ledger_key import load_public_key
 from fedtune.server.report import CONFIG_FILE, AuditVerdict, read_rounds, write_report
-from fedtune.server.results import portable
+from fedtune.server.results import node_name, portable
+from fedtune.server.run_record import PUBLIC_FILE
+from fedtune.sim.nodes import ROSTER_FILE
 
 __all__ = ["audit_verdict", "plot", "read_rounds", "round_table", "write_run_report"]
-LEDGER = "ledger.jsonl"
-PUBLIC_KEY = "ledger-signing.pub"
-
-
-def _first_module(*names: str) -> ModuleType | None:
-    for name in names:
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
-    return None
-
-
-def _ledger_dirs(results_dir: Path) -> list[Path]:
-    nodes = SimulationNodes.read(results_dir)
-    root = nodes.client_state_dir(results_dir, 0).parent
-    return sorted((d for d in root.glob("client-*") if (d / LEDGER).is_file()),
-                  key=lambda d: (len(d.name), d.name))
 
 
 def audit_verdict(results_dir: Path) -> AuditVerdict:
-    """Audit the simulated nodes' ledgers in-process (each against the public key beside it)."""
-    audit_mod = _first_module("fedtune.audit.audit", "fedtune.common.audit")
-    keys_mod = _first_module("fedtune.audit.ledger_key", "fedtune.common.ledger_key")
-    dirs = _ledger_dirs(results_dir)
-    if audit_mod is None or keys_mod is None:
-        return AuditVerdict(None, "the audit module is not installed")
-    if not dirs:
-        return AuditVerdict(None, "no node ledgers beside these results")
+    """Audit the simulated nodes' ledgers in-process, as ``fedtune-audit --roster clients/roster.toml
+    --server-record RUN_DIR`` would: signatures, binding to each node and its policy, epsilon recomputed,
+    and every receipt in the server's signed run record found in the ledgers."""
+    roster_path = results_dir / "clients" / ROSTER_FILE
+    if not roster_path.is_file():
+        return AuditVerdict(None, "no node roster beside these results")
     try:
-        keys = {}
-        for d in dirs:
-            public = keys_mod.load_public_key(d / PUBLIC_KEY)
-            keys[keys_mod.key_id(public)] = public
-        report = audit_mod.audit([d / LEDGER for d in dirs], keys)
+        roster = read_roster(roster_path)
+        table = {n.node: n.key for n in roster}
+        specs = [LedgerSpec(n.ledger, n.node, read_policy(n.policy) if n.policy else None, table)
+                 for n in roster if n.ledger is not None and n.ledger.is_file()]
+        if not specs:
+            return AuditVerdict(None, "no node ledgers beside these results")
+        record = results_dir if (results_dir / PUBLIC_FILE).is_file() else None
+        report = audit(specs, {n.key: n.public_key for n in roster}, record_dir=record,
+                       server_key=load_public_key(results_dir / PUBLIC_FILE) if record else None)
     except FedtuneError as err:
         return AuditVerdict(False, f"the audit could not run: {err}")
+    dirs = [s.path.parent for s in specs]
     rows = []
     for d, ledger in zip(dirs, report.ledgers, strict=True):
         last = ledger.entries[-1] if ledger.entries else None
@@ -69,7 +58,8 @@ def audit_verdict(results_dir: Path) -> AuditVerdict:
     bad = [r["ledger"] for r in rows if not r["ok"]]
     summary = (f"all {len(rows)} ledgers verified: chains, signatures, epsilon recomputed with Opacus and "
                f"dp-accounting within tolerance {report.tolerance:g}, every epsilon within its budget"
-               if report.ok else f"{len(bad)} of {len(rows)} ledgers have problems: {', '.join(bad)}")
+               if report.ok else f"{len(bad)} of {len(rows)} ledgers have problems: {', '.join(bad)}"
+               if bad else "the server's run record disagrees with the ledgers: " + "; ".join(report.problems))
     return AuditVerdict(bool(report.ok), summary, rows)
 
 
@@ -129,7 +119,7 @@ def plot(rounds: list[dict[str, Any]], out: Path, budget: float | None) -> Path:
         for c in r.get("clients", []):
             eps = c.get("epsilon")
             if eps is not None and math.isfinite(eps):
-                per_client.setdefault(c.get("partition-id", c.get("node-id")), []).append((r["round"], eps))
+                per_client.setdefault(node_name(c), []).append((r["round"], eps))
     for key, points in sorted(per_client.items(), key=lambda kv: str(kv[0])):
         ax_eps.plot(*zip(*points, strict=True), marker=".", label=f"client {key}")
     if budget is not None:

@@ -13,7 +13,7 @@ def make_results(out, *, groups: bool = True, with_bytes: bool = True, tensorboa
     recorder = RunRecorder(out, tensorboard=tensorboard)
     for rnd, acc in enumerate([0.5, 0.7, 0.8]):
         clients = [] if rnd == 0 else [
-            {"node-id": 100 + i, "partition-id": i, "status": "trained", "epsilon": 2.5 * rnd + i,
+            {"node-id": 100 + i, "node": f"simulation:client-{i}", "status": "trained", "epsilon": 2.5 * rnd + i,
              "epsilon-budget": 8.0, "noise-multiplier": 0.8, "sample-rate": 0.2, "steps": 5, "num-examples": 90}
             for i in range(2)]
         result = EvalResult(loss=0.6, accuracy=acc, num_examples=40, confusion=[[15, 5], [3, 17]],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.common.audit_cli import main as audit_main
+from fedtune.audit.cli import main as audit_main
 from fedtune.sim.cli import main as sim_main
 
 POLICIES = {
@@ -100,4 +100,6 @@ def test_second_run_continues_budgets_from_the_ledgers(first_run: dict, tiny_mod
     assert _ledger(state, 0)[-1]["decision"] == "refused"  # still out of budget in the new run
     ledgers = [str(state / f"client-{i}") for i in range(3)]
     keys = [arg for i in range(3) for arg in ("-k", str(state / f"client-{i}" / "ledger-signing.pub"))]
-    assert audit_main([*ledgers, *keys, "--html", str(out / "audit.html")]) == 0, capsys.readouterr().out
+    policies = [arg for name in ("client-0", "client-1", "default") for arg in
+                ("--policy", str(first_run["policies"] / f"{name}.toml"))]
+    assert audit_main([*ledgers, *keys, *policies, "--html", str(out / "audit.html")]) == 0, capsys.readouterr().out

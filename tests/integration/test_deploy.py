@@ -220,14 +220,17 @@ def test_server_resumes_after_a_crash_and_the_run_completes(scenario: Scenario) 
 def test_ledgers_verify_and_every_training_is_charged_once(scenario: Scenario) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    from fedtune.common.audit import audit_ledger
+    from fedtune.audit.ledger_audit import LedgerSpec, audit_ledger
+    from fedtune.audit.policy import read_policy
     from fedtune.common.ledger_key import key_id
 
     final_run = json.loads((scenario.srv / "current-run.json").read_text())["run-id"]
     for name in "ab":
         pub = serialization.load_pem_public_key((scenario.certs / "nodes" / name / "ledger-signing.pub").read_bytes())
-        report = audit_ledger(scenario.node_dir(name) / "state" / "ledger.jsonl", {key_id(pub): pub})
-        assert report.problems == [], [str(p) for p in report.problems]
+        spec = LedgerSpec(scenario.node_dir(name) / "state" / "ledger.jsonl",
+                          policy=read_policy(scenario.node_dir(name) / "policy.toml"))
+        report = audit_ledger(spec, {key_id(pub): pub})
+        assert report.ok, [str(p) for p in report.problems.listed()]
         charged = [(str(e["run"]), int(e["round"])) for e in _ledger(scenario, name) if e["decision"] == "charged"]
         assert len(charged) == len(set(charged)), f"node {name} charged one training twice: {charged}"
         assert (str(scenario.first_run_id), 1) in charged and (str(final_run), 2) in charged

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from fedtune.audit.fleet import audit
+from fedtune.audit.ledger_audit import LedgerSpec
+from fedtune.audit.policy import AuditPolicy
 from fedtune.client.policy import NodePolicy, PlanRequest
 from fedtune.client.privacy import epsilon_of
 from fedtune.client.round import NodePrivacy, RunRef, charge_round
-from fedtune.common.audit import audit
 from fedtune.common.errors import ConfigError, PrivacyError
 from fedtune.common.ledger import event_from_json
 from fedtune.common.ledger_key import key_id
@@ -54,7 +56,8 @@ def test_charges_are_durable_before_training_and_refusals_follow(tmp_path: Path)
     assert [e["decision"] for e in lines] == ["charged", "refused"]
     assert lines[0]["epsilon"] <= 6.0 and lines[1]["epsilon"] == lines[0]["epsilon"] < lines[1]["projected"]
     public = node.ledger.key.public_key()
-    assert audit([tmp_path / "ledger.jsonl"], {key_id(public): public}).ok
+    policy = AuditPolicy(6.0, 1e-5, "prv", "", "the node's policy")
+    assert audit([LedgerSpec(tmp_path / "ledger.jsonl", policy=policy)], {key_id(public): public}).ok
 
 
 def test_budgets_are_per_dataset_id_not_per_fingerprint(tmp_path: Path) -> None:

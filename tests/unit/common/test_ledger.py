@@ -1,4 +1,4 @@
-"""The ledger file format: chain, signatures, torn lines, locking, and the node's signing key."""
+"""The ledger file format: chain, signatures, torn lines, locking, header binding, and the node's signing key."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,15 @@ from fedtune.common.accounting import DpEvent
 from fedtune.common.errors import ConfigError, PrivacyError
 from fedtune.common.ledger import (
     GENESIS,
+    MAX_LINE_BYTES,
     Ledger,
+    LedgerHeader,
     canonical,
     entry_hash,
     event_from_json,
     event_to_json,
     read,
+    sign,
     verify,
 )
 from fedtune.common.ledger_key import key_id, load_or_create_key, load_public_key, public_path
@@ -80,7 +84,8 @@ def test_torn_last_line_is_reported_and_blocks_the_node(tmp_path: Path) -> None:
 def test_malformed_entry_is_not_appended(tmp_path: Path) -> None:
     ledger, _ = make_ledger(tmp_path, 1)
     bad = fields(2) | {"decision": "maybe"}
-    with pytest.raises(PrivacyError, match="decision must be charged or refused"), ledger.session() as s:
+    with pytest.raises(PrivacyError, match="field 'decision' must be one of charged, refused"), \
+            ledger.session() as s:
         s.append(bad)
     assert len(ledger.entries()) == 1
 
@@ -112,8 +117,12 @@ def test_event_json_roundtrip_and_unknown_mechanisms() -> None:
     event = DpEvent(0.125, 0.9, 24, 1.0)
     assert event_from_json(json.loads(json.dumps(event_to_json(event)))) == event
     assert event_from_json(None) is None
-    with pytest.raises(PrivacyError, match="only poisson"):
+    with pytest.raises(PrivacyError, match="field 'event.sampling' must be one of poisson, got 'shuffle'"):
         event_from_json(event_to_json(event) | {"sampling": "shuffle"})
+    with pytest.raises(PrivacyError, match="field 'event.mechanism' must be one of subsampled-gaussian"):
+        event_from_json(event_to_json(event) | {"mechanism": "laplace"})
+    with pytest.raises(PrivacyError, match="unknown field 'event.extra'"):
+        event_from_json(event_to_json(event) | {"extra": 1})
 
 
 @pytest.mark.parametrize(("q", "sigma", "steps"), [(0.0, 1.0, 1), (0.1, 0.0, 1), (0.1, 1.0, 0), (1.5, 1.0, 3)])
@@ -146,3 +155,104 @@ def test_loose_key_permissions_and_foreign_public_key_are_refused(tmp_path: Path
     assert other is not None
     with pytest.raises(ConfigError, match="does not belong"):
         load_or_create_key(path)
+
+
+HEADER = LedgerHeader("simulation:client-3", "d" * 64, 8.0, 1e-5, "rdp")
+
+
+def bound_fields(i: int = 1) -> dict:
+    return fields(i) | {"rng": "secrets", "released": ["train-loss"]}
+
+
+def test_a_new_ledger_starts_with_its_signed_header(tmp_path: Path) -> None:
+    key = load_or_create_key(tmp_path / "ledger-signing.key")
+    ledger = Ledger(tmp_path / "ledger.jsonl", key, header=HEADER)
+    with ledger.session() as s:
+        assert s.header == HEADER and s.policy == HEADER and s.entries == []
+        entry = s.append(bound_fields(1))
+        assert s.head is not None and (s.head.seq, s.head.head) == (2, entry["hash"])
+    parsed = read(ledger.path)
+    kinds = [(e["kind"], e["seq"]) for _, e in parsed.entries]
+    assert kinds == [("header", 1), ("round", 2)]
+    assert parsed.entries[0][1]["node"] == "simulation:client-3"
+    assert verify(parsed, {key_id(key.public_key()): key.public_key()}) == []
+    assert [e["seq"] for e in ledger.entries()] == [2]  # entries(): the rounds, not the header
+
+
+def test_a_policy_change_is_recorded_and_the_old_call_keeps_working(tmp_path: Path) -> None:
+    key = load_or_create_key(tmp_path / "ledger-signing.key")
+    with Ledger(tmp_path / "ledger.jsonl", key, header=HEADER).session() as s:
+        s.append(bound_fields(1))
+    looser = replace(HEADER, budget=10.0)
+    with Ledger(tmp_path / "ledger.jsonl", key, header=looser).session() as s:
+        assert s.policy == looser and s.header == HEADER
+        with pytest.raises(PrivacyError, match="field 'budget' is 8.0, but the policy in force says 10.0"):
+            s.append(bound_fields(2))
+        s.append(bound_fields(2) | {"budget": 10.0})
+    with Ledger(tmp_path / "ledger.jsonl", key, header=looser).session() as s:
+        pass  # unchanged policy: nothing written
+    with Ledger(tmp_path / "ledger.jsonl", key).session() as s:  # Ledger(path, key): no binding, appends rounds
+        s.append(bound_fields(3) | {"budget": 10.0})
+    kinds = [e["kind"] for _, e in read(tmp_path / "ledger.jsonl").entries]
+    assert kinds == ["header", "round", "policy", "round", "round"]
+
+
+def test_a_bound_ledger_needs_rng_and_released_and_refuses_another_node(tmp_path: Path) -> None:
+    key = load_or_create_key(tmp_path / "ledger-signing.key")
+    ledger = Ledger(tmp_path / "ledger.jsonl", key, header=HEADER)
+    with pytest.raises(PrivacyError, match="missing field 'rng'"), ledger.session() as s:
+        s.append(fields(1))
+    other = Ledger(tmp_path / "ledger.jsonl", key, header=replace(HEADER, node="simulation:client-4"))
+    with pytest.raises(PrivacyError, match="belongs to node simulation:client-3; this node is simulation:client-4"), \
+            other.session():
+        pass
+
+
+def test_header_fields_are_validated() -> None:
+    with pytest.raises(PrivacyError, match="ledger header field 'node' has an unexpected form"):
+        LedgerHeader("hospital-a", "d", 8.0, 1e-5, "prv")
+    with pytest.raises(PrivacyError, match="ledger header field 'delta' must be in"):
+        LedgerHeader("simulation:client-1", "d", 8.0, 1.5, "prv")
+
+
+def test_format_1_ledger_is_refused_naming_the_line(tmp_path: Path) -> None:
+    key = load_or_create_key(tmp_path / "ledger-signing.key")
+    old = sign(fields(1) | {"format": "fedtune-ledger/1", "seq": 1, "prev": GENESIS, "time": "t",
+                             "key": key_id(key.public_key())}, key)
+    (tmp_path / "ledger.jsonl").write_bytes(canonical(old) + b"\n")
+    with pytest.raises(PrivacyError, match="line 1: format fedtune-ledger/1 is no longer accepted"), \
+            Ledger(tmp_path / "ledger.jsonl", key, header=HEADER).session():
+        pass
+
+
+def test_reading_is_bounded_and_never_follows_symlinks(tmp_path: Path) -> None:
+    ledger, key = make_ledger(tmp_path, 1)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(ledger.path)
+    assert [str(p) for p in read(link).problems] == ["file: is a symbolic link; give the ledger file itself"]
+    with pytest.raises(PrivacyError, match="cannot be opened"), Ledger(link, key).session():
+        pass
+    with open(ledger.path, "ab") as fh:
+        fh.write(b"x" * (MAX_LINE_BYTES + 10) + b"\n")
+    problems = verify(read(ledger.path), {key_id(key.public_key()): key.public_key()})
+    assert [str(p) for p in problems] == [f"line 2: longer than {MAX_LINE_BYTES} bytes ({MAX_LINE_BYTES + 10} "
+                                          "bytes); not a ledger entry, not read"]
+
+
+def test_node_identity_is_the_same_for_openssh_and_pem(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedtune.common.ledger_key import node_identity
+    from fedtune.common.ledger_schema import NODE_ID
+
+    public = ec.generate_private_key(ec.SECP384R1()).public_key()
+    (tmp_path / "node.pub").write_bytes(public.public_bytes(serialization.Encoding.OpenSSH,
+                                                            serialization.PublicFormat.OpenSSH) + b" node-a\n")
+    (tmp_path / "node.pem").write_bytes(public.public_bytes(serialization.Encoding.PEM,
+                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
+    identity = node_identity(tmp_path / "node.pub")
+    assert NODE_ID.fullmatch(identity) and identity == node_identity(tmp_path / "node.pem")
+    (tmp_path / "junk.pub").write_text("junk")
+    with pytest.raises(ConfigError, match="is not an OpenSSH or PEM public key"):
+        node_identity(tmp_path / "junk.pub")

@@ -21,9 +21,9 @@ from fedtune.server.results import (
 
 def _line(rnd: int, acc: float) -> dict:
     clients = [] if rnd == 0 else [
-        {"node-id": 11, "partition-id": 0, "status": "trained", "epsilon": 1.5 * rnd, "epsilon-budget": 8.0,
+        {"node-id": 11, "node": "simulation:client-0", "status": "trained", "epsilon": 1.5 * rnd, "epsilon-budget": 8.0,
          "noise-multiplier": 0.9, "sample-rate": 0.25, "steps": 4, "num-examples": 100},
-        {"node-id": 12, "partition-id": 1, "status": "refused" if rnd == 2 else "trained", "epsilon": 2.0,
+        {"node-id": 12, "node": "simulation:client-1", "status": "refused" if rnd == 2 else "trained", "epsilon": 2.0,
          "epsilon-budget": 2.0, "noise-multiplier": 1.1, "sample-rate": 0.5, "steps": 2, "num-examples": 50},
     ]
     result = EvalResult(loss=1.0 / (rnd + 1), accuracy=acc, num_examples=10, confusion=[[4, 1], [2, 3]],
@@ -79,7 +79,8 @@ def test_node_statements_take_each_nodes_last_reply():
     assert nodes["client-0"].epsilon == 3.0 and nodes["client-0"].steps == 8 and nodes["client-0"].rounds == 2
     assert nodes["client-1"].epsilon == 2.0 and nodes["client-1"].rounds == 1 and nodes["client-1"].steps == 2
     assert nodes["client-0"].delta == 1e-6 and nodes["client-0"].accountant == "rdp"
-    no_dp = [{"round": 1, "clients": [{"partition-id": 3, "status": "trained", "epsilon": math.inf, "steps": 1}]}]
+    no_dp = [{"round": 1, "clients": [{"node": "simulation:client-3", "status": "trained", "epsilon": math.inf,
+                                       "steps": 1}]}]
     assert node_statements(no_dp, PrivacySettings())[0].epsilon is None
 
 

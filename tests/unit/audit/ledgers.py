@@ -1,0 +1,126 @@
+"""Real signed ledgers for tests, written through the ledger API the node uses (no client code).
+
+A node charges rounds the way client/round.py does: project the dataset's epsilon with
+Opacus (the policy's accountant), charge when it fits the budget, refuse otherwise, and
+append a signed entry. With the default event, rounds 1-3 are charged (epsilon 5.05,
+6.55, 7.73 under PRV at delta 1e-5) and round 4 is refused (it would reach 8.76 > 8).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from fedtune.common.accounting import DpEvent, accountant_record, opacus_epsilon
+from fedtune.common.ledger import Entry, Ledger, LedgerHeader, canonical, event_from_json, event_to_json, sign
+from fedtune.common.ledger_key import load_or_create_key, public_path
+
+NODE_A = "sha256:" + "a1" * 32
+NODE_B = "sha256:" + "b2" * 32
+DATASET = "ward-7-notes"
+EVENT = DpEvent(0.25, 0.9, 4, 1.0)  # one round: q 0.25, sigma 0.9, 4 steps
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node's state directory: its ledger key, ledger and (outside the state directory) witness."""
+
+    root: Path
+    header: LedgerHeader
+    key: ed25519.Ed25519PrivateKey
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state / "ledger.jsonl"
+
+    @property
+    def public_key(self) -> Path:
+        return public_path(self.state / "ledger-signing.key")
+
+    @property
+    def witness(self) -> Path:
+        return self.root / "witness" / "ledger.witness.json"
+
+    def ledger(self, header: LedgerHeader | None = None) -> Ledger:
+        return Ledger(self.ledger_path, self.key, header=header or self.header, witness=self.witness)
+
+    def policy_file(self, **overrides: Any) -> Path:
+        values = {"max-epsilon": self.header.budget, "delta": self.header.delta,
+                  "accountant": self.header.accountant, "dataset-id": self.header.dataset} | overrides
+        path = self.root / "policy.toml"
+        path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+                        + 'noise-plan = "spread"\nrequire-dp = true\n')  # keys the auditor ignores
+        return path
+
+
+def make_node(root: Path, node: str = NODE_A, *, budget: float = 8.0, delta: float = 1e-5,
+              accountant: str = "prv", dataset: str = DATASET) -> Node:
+    key = load_or_create_key(root / "state" / "ledger-signing.key")
+    return Node(root, LedgerHeader(node, dataset, budget, delta, accountant), key)
+
+
+def charge(node: Node, server_round: int, event: DpEvent | None = EVENT, *, run: str = "9",
+           rng: str = "secrets", header: LedgerHeader | None = None) -> Entry:
+    """Decide and append one round like a node: charged if the projection fits the budget, else refused."""
+    policy = header or node.header
+    with node.ledger(policy).session() as s:
+        mine = [e for e in s.entries if e["dataset"] == policy.dataset and e["decision"] == "charged"]
+        history = [event_from_json(e["event"]) for e in mine]
+        before = opacus_epsilon([e for e in history if e], policy.delta, policy.accountant)
+        after = opacus_epsilon([*[e for e in history if e], event], policy.delta, policy.accountant) if event \
+            else float("inf")
+        charged = after <= policy.budget
+        return s.append({
+            "run": run, "run_key": "rk", "round": server_round, "dataset": policy.dataset, "fingerprint": "f" * 64,
+            "decision": "charged" if charged else "refused",
+            "reason": "" if charged else f"budget: epsilon would reach {after:.4f} > budget {policy.budget:.4f}",
+            "event": event_to_json(event), "delta": policy.delta, "accountant": accountant_record(policy.accountant),
+            "epsilon": after if charged else before, "epsilon_round": after - before if charged else 0.0,
+            "projected": after, "budget": policy.budget,
+            "request": {"epsilon": 8.0, "delta": 1e-5, "num_rounds": 4, "local_steps": 4},
+            "rng": rng, "released": ["train-loss"],
+        })
+
+
+def four_rounds(node: Node) -> list[Entry]:
+    """Header, rounds 1-3 charged, round 4 refused: five signed lines."""
+    return [charge(node, r) for r in (1, 2, 3, 4)]
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(raw) for raw in path.read_text().splitlines()]
+
+
+def write(path: Path, entries: Sequence[dict]) -> None:
+    path.write_bytes(b"".join(canonical(e) + b"\n" for e in entries))
+
+
+def rechain(entries: list[dict], key: ed25519.Ed25519PrivateKey, start: int,
+            edit: Callable[[dict], dict] = lambda e: e) -> list[dict]:
+    """Edit entry ``start`` (0-based) and re-sign it and every later one with ``key``: a consistent forgery."""
+    out = list(entries)
+    for i in range(start, len(out)):
+        changed = edit(out[i]) if i == start else out[i]
+        out[i] = sign(changed | {"prev": out[i - 1]["hash"] if i else "0" * 64}, key)
+    return out
+
+
+def flip_signature_bits(sig: str) -> str:
+    """The same signature bytes, written with other unused low bits in the last base64 character."""
+    raw = base64.b64decode(sig)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    last = alphabet.index(sig[-3])  # 64 bytes -> 86 characters + "==": the last 4 bits of char 86 are unused
+    flipped = sig[:-3] + alphabet[last ^ 0b0011] + sig[-2:]
+    assert base64.b64decode(flipped) == raw and flipped != sig
+    return flipped
+
