@@ -19,11 +19,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from fedtune.common import exit_codes
 from fedtune.common.errors import ConfigError, FedtuneError, RunError, format_problems
 from fedtune.common.settings import RunSettings, help_table
-from fedtune.server.results import SUMMARY_FILE
+from fedtune.server.results import SUMMARY_FILE, portable
 from fedtune.sim.nodes import SimulatedNodes, prepare
 from fedtune.sim.output import ResultsDir
 from fedtune.sim.preflight import preflight
-from fedtune.sim.report import plot, read_rounds, round_table
+from fedtune.sim.report import plot, read_rounds, round_table, write_run_report
 from fedtune.sim.runner import LocalSimulation, SimulationSpec, handle_signals, write_app_dir
 
 console = Console(stderr=True)
@@ -111,7 +111,7 @@ def _run(settings: RunSettings, args: argparse.Namespace, out: Path) -> dict[str
     nodes = SimulatedNodes(out, args.clients, args.policy_dir, args.state_dir, args.insecure_reproducible_seed)
     env = prepare(settings, nodes)
     (out / "config.json").write_text(json.dumps(
-        {"num-clients": args.clients, **settings.to_config()}, indent=2) + "\n")
+        portable({"num-clients": args.clients, **settings.to_config()}), indent=2) + "\n")
     cpus = args.cpus_per_client or os.cpu_count() or 1
     work = out / "flower"  # FLWR_HOME, the generated app and the SuperLink log stay with the results
     spec = SimulationSpec(
@@ -171,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     rounds = read_rounds(out)
     Console().print(round_table(rounds))
     png = plot(rounds, out / "metrics.png", settings.privacy.epsilon if settings.privacy.dp else None)
-    console.print(f"results: {out} (metrics.jsonl, summary.json, adapter/, {png.name})", markup=False)
+    report = write_run_report(out)
+    console.print(f"results: {out} (metrics.jsonl, summary.json, adapter/, {png.name}, {report.name}; audit the "
+                  f"ledgers: fedtune-audit --roster {out}/clients/roster.toml --server-record {out} "
+                  f"--server-key {out}/server-record.pub)", markup=False, highlight=False)
     console.print(f"final held-out accuracy {summary.get('final-accuracy')}, max epsilon {summary.get('epsilon-max')}")
     if summary.get("status") == "stopped-early":
         console.print(f"stopped early: {summary.get('stop-reason')}", markup=False, highlight=False)

@@ -54,7 +54,7 @@ def audit_verdict(results_dir: Path) -> AuditVerdict:
         rows.append({"ledger": d.name, "ok": ledger.ok, "entries": len(ledger.entries),
                      "epsilon": last.recorded if last else None, "opacus": last.opacus if last else None,
                      "dp-accounting": last.independent if last else None,
-                     "problems": [f"line {p.line}: {p.message}" for p in ledger.problems]})
+                     "problems": [f"line {p.line}: {p.message}" for p in ledger.problems.listed()]})
     bad = [r["ledger"] for r in rows if not r["ok"]]
     summary = (f"all {len(rows)} ledgers verified: chains, signatures, epsilon recomputed with Opacus and "
                f"dp-accounting within tolerance {report.tolerance:g}, every epsilon within its budget"
