@@ -162,6 +162,7 @@ def train(
     loader = DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=True, generator=sampler)
     optim = make_optimizer(model, optimizer, learning_rate, lora_lr_scale)
     module: nn.Module = model
+    model.train()  # Opacus refuses a module in eval mode (a model that was just evaluated)
     private = None
     if dp is not None:
         private = privatize(model, optim, loader, dp, noise)

@@ -36,10 +36,11 @@ HEAD = "classifier"  # the head's name in AutoModelForTokenClassification (saved
 def encode_tokens(base: BaseModel, data: LabelledData, max_len: int) -> Encoded:
     """input_ids / attention_mask / labels [N, max_len]; a word's tag on its first sub-word, else IGNORE."""
     tok = base.tokenizer
-    words, tags = data.dataset["tokens"], data.dataset["tags"]
+    words = [list(w) for w in data.dataset["tokens"]]
+    tags = [list(t) for t in data.dataset["tags"]]
     full = tok(words, is_split_into_words=True, add_special_tokens=True)
     context = int(getattr(base.encoder.config, "max_position_embeddings", 0) or 1 << 30)
-    lines = data.dataset["line"] if "line" in data.dataset.column_names else range(1, len(words) + 1)
+    lines = list(data.dataset["line"]) if "line" in data.dataset.column_names else range(1, len(words) + 1)
     problems = [f"{data.origin or 'data'} line {line}: {len(ids)} sub-word tokens, longer than the model's "
                 f"context of {context}"
                 for line, ids in zip(lines, full["input_ids"], strict=True) if len(ids) > context]
@@ -133,13 +134,19 @@ class Ner:
 
         if len(labels) < 2:
             raise ModelError(f"ner needs at least 2 tags, got {list(labels)}")
+        from transformers.utils import logging as hf_logging
+
         torch.manual_seed(seed)  # LoRA A init; identical on every node that uses the same seed
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the new head is "missing" from the checkpoint, as intended
         try:
             model = AutoModelForTokenClassification.from_pretrained(
                 base.path, num_labels=len(labels), id2label=dict(enumerate(labels)),
                 label2id={name: i for i, name in enumerate(labels)}, attn_implementation="eager")
         except (OSError, ValueError) as err:
             raise ModelError(f"could not load a token classifier from {base.path}: {err}") from err
+        finally:
+            hf_logging.set_verbosity(verbosity)
         model.requires_grad_(False)
         head = getattr(model, HEAD)
         nn.init.zeros_(head.weight)

@@ -88,7 +88,7 @@ def encode_pairs(base: BaseModel, data: LabelledData, max_len: int) -> Encoded:
     texts = [format_pair(tok, p, r) for p, r in zip(data.dataset["prompt"], data.dataset["response"], strict=True)]
     prompts = tok([t[0] for t in texts], add_special_tokens=False)["input_ids"]
     responses = tok([t[1] for t in texts], add_special_tokens=False)["input_ids"]
-    lines = data.dataset["line"] if "line" in data.dataset.column_names else range(1, len(texts) + 1)
+    lines = list(data.dataset["line"]) if "line" in data.dataset.column_names else range(1, len(texts) + 1)
     context = _context(base)
     problems = [f"{data.origin or 'data'} line {line}: {len(p) + len(r)} tokens, longer than the model's "
                 f"context of {context}" for line, p, r in zip(lines, prompts, responses, strict=True)
