@@ -236,7 +236,8 @@ def generate(model: nn.Module, base: BaseModel, prompts: Sequence[str], *, devic
     for prompt in prompts:
         ids = tok(format_pair(tok, prompt)[0], add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
         new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=stop or None, pad_token_id=tok.pad_token_id)
+                             do_sample=False, eos_token_id=stop or None, pad_token_id=tok.pad_token_id,
+                             use_cache=True)
         out.append(tok.decode(new[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return out
 
