@@ -9,6 +9,7 @@ snippets split by movie, DP-SGD at epsilon 8, delta 1e-5 per client.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -128,7 +129,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
 
 def _run(settings: RunSettings, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Prepare the simulated nodes, run the federation into ``out``; return the summary."""
-    settings = RunSettings.from_config(settings.to_config() | {"results-dir": str(out.resolve())})
+    settings = dataclasses.replace(settings, results_dir=str(out.resolve()))
     nodes = SimulatedNodes(out, args.clients, args.policy_dir, args.state_dir, args.insecure_reproducible_seed)
     env = prepare(settings, nodes)
     (out / "config.json").write_text(json.dumps(
