@@ -59,7 +59,9 @@ def load_decoder(model_path: str) -> BaseModel:
 
 
 def _chatml(tokenizer: Any) -> bool:
-    return "<|im_start|>" in tokenizer.get_vocab() and "<|im_end|>" in tokenizer.get_vocab()
+    """Whether the vocabulary has ChatML's two markers (a token lookup: ``get_vocab`` copies the vocabulary)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")]
+    return all(isinstance(i, int) and i != tokenizer.unk_token_id for i in ids)
 
 
 def format_pair(tokenizer: Any, prompt: str, response: str | None = None) -> tuple[str, str]:
