@@ -7,6 +7,7 @@ snippets split by movie, DP-SGD at epsilon 8, delta 1e-5 per client.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -118,7 +119,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
 
 def _run(settings: RunSettings, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Prepare the simulated nodes, run the federation (or the central baseline) into ``out``; return the summary."""
-    settings = RunSettings.from_config(settings.to_config() | {"results-dir": str(out.resolve())})
+    settings = dataclasses.replace(settings, results_dir=str(out.resolve()))
     if args.central:
         return _run_central(settings, args, out)
     nodes = SimulatedNodes(out, args.clients, args.policy_dir, args.state_dir, args.insecure_reproducible_seed)

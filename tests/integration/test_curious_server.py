@@ -1,0 +1,66 @@
+"""A scripted curious coordinator against the real ClientApp, through Flower's real simulation engine.
+
+The coordinator (tests/integration/curious_app/curious.py) asks the same round twice with the same
+weights and run seed, then with another run key and class order, then with labels that do not match
+the node's data. It must not be able to cancel the noise, open a new budget, or read a row.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from fedtune.common.settings import RunSettings
+from fedtune.common.wire import TrainReply
+from fedtune.sim.nodes import SimulatedNodes, prepare
+from fedtune.sim.runner import LocalSimulation, SimulationSpec
+
+APP = Path(__file__).parent / "curious_app"
+
+
+def test_a_curious_server_learns_nothing_it_should_not(tiny_model_dir, sentiment_csv, tmp_path):
+    app_dir = tmp_path / "app"
+    shutil.copytree(APP, app_dir)
+    settings = RunSettings.from_config({"dataset": str(sentiment_csv), "partition-by": "group", "epsilon": 8.0,
+                                        "model-path": str(tiny_model_dir)})
+    env = prepare(settings, SimulatedNodes(tmp_path / "out", 1))
+    out = tmp_path / "observed.json"
+    spec = SimulationSpec(app_dir=app_dir, run_config={"out": str(out), "model": str(tiny_model_dir)},
+                          num_clients=1, cpus_per_client=2, work_dir=tmp_path / "flower", env=env)
+    with LocalSimulation(spec) as sim:
+        run_id = sim.submit()
+        status = sim.wait(run_id, timeout_s=600)
+        log = sim.save_logs(run_id, tmp_path / "run.log").read_text()
+    assert status.endswith("completed"), log[-3000:]
+    seen = json.loads(out.read_text())
+    first, second, reordered, bad = seen["replies"]
+
+    # 1. Node-secret noise: the difference of two answers to the identical request is noise-sized, not zero.
+    assert seen["diff"] > 0.1 * seen["step"] > 0
+
+    # 2. Only the contract's fields left the node, in every reply.
+    allowed_status, allowed_metrics = set(TrainReply.STATUS_KEYS), set(TrainReply.METRIC_KEYS)
+    for reply in (first, second, reordered):
+        assert set(reply["config"]) == {"status"} and set(reply["metrics"]) == {"metrics"}
+        assert set(reply["config"]["status"]) == allowed_status
+        assert set(reply["metrics"]["metrics"]) <= allowed_status | allowed_metrics | {"train-loss"}
+        assert reply["arrays"] == ["arrays"]
+
+    # 3. A new run key and another class order spend the same budget: epsilon keeps growing.
+    eps = [r["metrics"]["metrics"]["epsilon"] for r in (first, second, reordered)]
+    assert eps[0] < eps[1] < eps[2] <= 8.0
+    ledger = [json.loads(x) for x in (tmp_path / "out" / "clients" / "client-0" / "ledger.jsonl").read_text()
+              .splitlines()]
+    rounds = [e for e in ledger if e.get("kind") == "round"]
+    assert len(rounds) == 3 and {e["dataset"] for e in rounds} == {"sentiment/client-0"}  # bad labels: no charge
+    assert {e["rng"] for e in rounds} == {"secrets"}
+
+    # 4. Labels that do not match: a code and a fixed message, no row, no column name, no path.
+    assert bad["config"]["status"]["code"] == "DATA_LABELS" and not bad["arrays"] and not bad["metrics"]
+    text = json.dumps(bad)
+    rows = pd.read_csv(sentiment_csv)["text"]
+    assert not any(row in text for row in rows) and "/" not in text.replace("see node log", "")
+    assert not any(row in log for row in rows)  # nor in anything the run's log (server side) shows
