@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pytest
+
+from fedtune.client.node_data import LOCAL_TEST_FRACTION
 from fedtune.common import exit_codes
 from fedtune.common.data import federation_split, load_labelled
 from fedtune.common.settings import DataSettings
@@ -20,6 +24,7 @@ def _lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_federated_dp_run_that_diverges_stops_with_exit_5_and_keeps_its_ledger_charges(
         tiny_model_dir, sentiment_csv, tmp_path, capsys):
     out = tmp_path / "diverged"
@@ -40,6 +45,7 @@ def test_a_federated_dp_run_that_diverges_stops_with_exit_5_and_keeps_its_ledger
     assert "stopped early: training diverged" in err and "majority class" in err
 
 
+@pytest.mark.slow
 def test_central_baseline_trains_on_the_whole_pool_and_no_dp_beats_dp(tiny_model_dir, sentiment_csv, tmp_path):
     common = ("--central", "--rounds", "2", "--local-epochs", "2", "--set", "learning-rate=0.5")
     dp, no_dp = tmp_path / "central-dp", tmp_path / "central-no-dp"
@@ -50,7 +56,9 @@ def test_central_baseline_trains_on_the_whole_pool_and_no_dp_beats_dp(tiny_model
     for path, summary in summaries.items():
         lines = _lines(path)
         assert summary["mode"] == "central" and summary["status"] == "completed" and len(lines) == 3
-        assert [c["num-examples"] for line in lines[1:] for c in line["clients"]] == [len(pool.dataset)] * 2
+        # the whole pool less the node's local test split, the share every simulated node keeps back
+        trained = len(pool.dataset) - math.ceil(LOCAL_TEST_FRACTION * len(pool.dataset))
+        assert [c["num-examples"] for line in lines[1:] for c in line["clients"]] == [trained] * 2
         assert lines[-1]["num-examples"] == len(test.dataset)  # the federated run's held-out set
     assert 0 < summaries[dp]["epsilon-max"] <= 8.0 and summaries[no_dp]["epsilon-max"] == float("inf")
     assert summaries[no_dp]["final-accuracy"] >= summaries[dp]["final-accuracy"]
