@@ -14,7 +14,8 @@ Every point of the grid is a real ``fedtune-sim`` run (a subprocess) with its ow
 Repeat ``r`` runs with ``--seed SEED+r`` (split, initial adapter, client sampling), and the nodes' noise
 is their own secret randomness, so repeats differ. A point is finished once its results directory holds
 a ``summary.json`` (written at the end of a run, whichever way it ended); a re-run of the same command skips
-finished points and runs the rest. The grid's fedtune-sim options are recorded in ``OUT/sweep.json``: a
+finished points and runs the rest (a run that ends without a summary, e.g. because Ray could not start, is
+tried ``--retries`` more times). The grid's fedtune-sim options are recorded in ``OUT/sweep.json``: a
 sweep directory never mixes points run with different options. Results: ``sweep.csv`` (one row per run),
 ``sweep.md`` (mean +- std over seeds, the command line, the majority class and the gap to central
 non-private), ``sweep.png`` (accuracy against epsilon).
@@ -112,6 +113,7 @@ class Sweep:
     sim_options: list[str]  # passed to every fedtune-sim run
     baseline: str  # the non-private mode of the epsilon=inf points
     jobs: int
+    retries: int = 0  # extra tries of a point whose run ended without a summary (e.g. Ray failed to start)
 
     def point_dir(self, point: Point) -> Path:
         return self.out / "points" / point.name
@@ -121,13 +123,18 @@ class Sweep:
                 "--out", str(self.point_dir(point)), "--overwrite"]
 
     def run_point(self, point: Point) -> int:
-        """Run one point as a fedtune-sim subprocess (its output in OUT/logs/<point>.log); its exit code."""
+        """Run one point as a fedtune-sim subprocess (its output in OUT/logs/<point>.log), tried again up to
+        ``retries`` times while a run ends without a summary; the last exit code."""
         log = self.out / "logs" / f"{point.name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as fh:
-            fh.write("$ " + shlex.join(self.command(point)) + "\n")
-            fh.flush()
-            return subprocess.run(self.command(point), stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
+            for attempt in range(self.retries + 1):
+                fh.write(f"$ {shlex.join(self.command(point))}  # try {attempt + 1}\n")
+                fh.flush()
+                code = subprocess.run(self.command(point), stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
+                if finished(self.point_dir(point)) is not None:
+                    break
+        return code
 
 
 def _check_options(out: Path, sim_options: list[str], baseline: str, command: str) -> None:
@@ -188,6 +195,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=("off", "clip-only"), default="off",
                    help="what epsilon=inf runs: off (tuned non-private optimiser, default) or clip-only")
     p.add_argument("--jobs", type=int, default=1, help="points run in parallel (default 1: sequential)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="run a point again this many times when its run ends without a summary, e.g. when Ray "
+                        "could not start on a loaded machine (default 1)")
     p.add_argument("--out", type=Path, default=Path("sweeps/latest"), help="sweep directory (default sweeps/latest)")
     p.add_argument("--report-only", action="store_true", help="only rewrite sweep.csv/.md/.png from finished points")
     return p
@@ -211,6 +221,8 @@ def build(argv: Sequence[str] | None) -> tuple[Sweep, argparse.Namespace]:
         problems.append(f"--repeats must be >= 1, got {args.repeats}")
     if args.jobs < 1:
         problems.append(f"--jobs must be >= 1, got {args.jobs}")
+    if args.retries < 0:
+        problems.append(f"--retries must be >= 0, got {args.retries}")
     try:
         points = grid(parse_epsilons(args.epsilon), args.repeats, args.seed, _modes(args))
     except ConfigError as err:
@@ -218,7 +230,7 @@ def build(argv: Sequence[str] | None) -> tuple[Sweep, argparse.Namespace]:
         points = []
     if problems:
         raise ConfigError(problems)
-    return Sweep(args.out.absolute(), points, sim_options, args.baseline, args.jobs), args
+    return Sweep(args.out.absolute(), points, sim_options, args.baseline, args.jobs, args.retries), args
 
 
 def _check_sim_options(sweep: Sweep) -> None:

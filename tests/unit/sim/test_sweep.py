@@ -35,11 +35,13 @@ def test_the_grid_always_holds_the_central_non_private_reference_once():
 
 def test_options_the_sweep_sets_per_point_are_refused_all_at_once():
     with pytest.raises(ConfigError) as err:
-        build(["--epsilon", "1", "--repeats", "0", "--dp-mode=off", "--no-dp", "--out", "x", "--jobs", "0"])
+        build(["--epsilon", "1", "--repeats", "0", "--dp-mode=off", "--no-dp", "--out", "x", "--jobs", "0",
+               "--retries", "-1"])
     problems = err.value.problems
     assert any("--dp-mode is set by fedtune-sweep" in p for p in problems)
     assert any("--no-dp is set by fedtune-sweep" in p for p in problems)
     assert "--repeats must be >= 1, got 0" in problems and "--jobs must be >= 1, got 0" in problems
+    assert "--retries must be >= 0, got -1" in problems
 
 
 def _finish(out: Path, name: str, accuracy: float, epsilon: float, status: str = "completed") -> None:
