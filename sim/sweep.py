@@ -137,8 +137,9 @@ class Sweep:
         return code
 
 
-def _check_options(out: Path, sim_options: list[str], baseline: str, command: str) -> None:
-    """A sweep directory holds points of one set of fedtune-sim options (and one baseline mode)."""
+def _check_options(out: Path, sim_options: list[str], baseline: str, command: str, *, record: bool = True) -> None:
+    """A sweep directory holds points of one set of fedtune-sim options (and one baseline mode); ``record`` writes
+    this command into ``sweep.json``."""
     recorded: dict[str, Any] = {"fedtune-sim-options": sim_options, "baseline": baseline}
     path = out / OPTIONS_FILE
     if path.is_file():
@@ -150,16 +151,9 @@ def _check_options(out: Path, sim_options: list[str], baseline: str, command: st
             earlier = shlex.join(before.get("fedtune-sim-options") or [])
             raise ConfigError(f"{out} holds a sweep run with other options ({earlier} --baseline "
                               f"{before.get('baseline')}); choose a new --out, or give the same fedtune-sim options")
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(recorded | {"command": command}, indent=2) + "\n")
-
-
-def recorded_command(out: Path) -> str | None:
-    """The command line of the sweep's latest run (from sweep.json)."""
-    try:
-        return str(json.loads((out / OPTIONS_FILE).read_text())["command"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    if record:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(recorded | {"command": command}, indent=2) + "\n")
 
 
 def run(sweep: Sweep) -> dict[str, int]:
@@ -199,7 +193,8 @@ def parser() -> argparse.ArgumentParser:
                    help="run a point again this many times when its run ends without a summary, e.g. when Ray "
                         "could not start on a loaded machine (default 1)")
     p.add_argument("--out", type=Path, default=Path("sweeps/latest"), help="sweep directory (default sweeps/latest)")
-    p.add_argument("--report-only", action="store_true", help="only rewrite sweep.csv/.md/.png from finished points")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite sweep.csv/.md/.png from this grid's finished points (same fedtune-sim options)")
     return p
 
 
@@ -249,12 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedtune.sim.sweep_report import write_outputs
 
     raw = list(sys.argv[1:] if argv is None else argv)
-    command = "fedtune-sweep " + shlex.join(raw)
+    command = "fedtune-sweep " + shlex.join(a for a in raw if a != "--report-only")  # the command that runs the grid
     try:
         sweep, args = build(raw)
         if not args.report_only:
             _check_sim_options(sweep)
-            _check_options(sweep.out, sweep.sim_options, sweep.baseline, command)
+        _check_options(sweep.out, sweep.sim_options, sweep.baseline, command, record=not args.report_only)
     except FedtuneError as err:
         console.print(format_problems(err.problems, prog="fedtune-sweep"), markup=False, highlight=False)
         return exit_codes.BAD_INPUT
@@ -263,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("interrupted: finished points are kept; run the same command again to go on")
         return exit_codes.INTERRUPTED
-    paths = write_outputs(sweep, recorded_command(sweep.out) or command)
+    paths = write_outputs(sweep, command)
     console.print(f"sweep: {len(sweep.points)} points, {len(codes)} run now; {', '.join(str(p) for p in paths)}",
                   markup=False, highlight=False)
     missing = [p.name for p in sweep.points if finished(sweep.point_dir(p)) is None]

@@ -123,7 +123,7 @@ def gap_sentence(table: list[Cell]) -> str:
     return ("Gap to central non-private: " + "; ".join(parts) + ".") if parts else ""
 
 
-def markdown(rows: Sequence[dict[str, Any]], command: str, baseline: str) -> str:
+def markdown(rows: Sequence[dict[str, Any]], command: str, baseline: str, missing: Sequence[str] = ()) -> str:
     table = cells(rows)
     lines = [f"Produced by: `{command}`", "",
              "| setting | ε requested | ε spent (max over nodes, mean over runs) | held-out accuracy (mean ± std) "
@@ -140,6 +140,9 @@ def markdown(rows: Sequence[dict[str, Any]], command: str, baseline: str) -> str
     if sentence := gap_sentence(table):
         lines.append("")
         lines.append(sentence)
+    if missing:
+        lines.append("")
+        lines.append(f"Not finished ({len(missing)} of the grid's points, left out above): {', '.join(missing)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -192,5 +195,8 @@ def write_outputs(sweep: Sweep, command: str) -> list[Path]:
     rows = point_rows(sweep)
     sweep.out.mkdir(parents=True, exist_ok=True)
     write_csv(sweep.out / CSV_FILE, rows)
-    write_atomically(sweep.out / TABLE_FILE, markdown(rows, command, sweep.baseline))
+    from fedtune.sim.sweep import finished
+
+    missing = [p.name for p in sweep.points if finished(sweep.point_dir(p)) is None]
+    write_atomically(sweep.out / TABLE_FILE, markdown(rows, command, sweep.baseline, missing))
     return [sweep.out / CSV_FILE, sweep.out / TABLE_FILE, plot(sweep.out / PLOT_FILE, rows, sweep.baseline)]

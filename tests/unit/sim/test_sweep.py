@@ -88,6 +88,17 @@ def test_a_sweep_directory_refuses_points_run_with_other_options(tmp_path, capsy
     assert "holds a sweep run with other options (--clients 2 --baseline off)" in err
 
 
+def test_report_only_names_the_grid_command_and_the_unfinished_points(tmp_path):
+    out = tmp_path / "sweep"
+    _finish(out, "federated-eps8-seed42", 0.7, 7.9)
+    argv = ["--epsilon", "8", "--repeats", "1", "--out", str(out), "--clients", "2", "--report-only"]
+    assert main(argv) == exit_codes.FAILED
+    assert not (out / "logs").exists()
+    table = (out / TABLE_FILE).read_text()
+    assert f"Produced by: `fedtune-sweep --epsilon 8 --repeats 1 --out {out} --clients 2`" in table
+    assert "Not finished (1 of the grid's points, left out above): central-epsinf-seed42." in table
+
+
 def test_the_table_names_the_clip_only_baseline():
     rows = [{"mode": "federated", "epsilon": "inf", "seed": 1, "status": "completed", "stop-code": "",
              "final-accuracy": 0.8, "epsilon-spent": math.inf, "majority-accuracy": 0.5}]
