@@ -48,6 +48,7 @@ class PlanRequest:
     sample_rate: float  # q of this node's Poisson sampler
     steps: int  # local DP-SGD steps this round
     clip_norm: float
+    dp_mode: str = "dp"  # dp | clip-only | off: how the server asks to train (only dp is private)
 
     @property
     def rounds_left(self) -> int:
@@ -117,7 +118,8 @@ class NodePolicy:
         Noise is checked after planning (see ``client/privacy.py``)."""
         out = []
         if self.require_dp and not request.dp:
-            out.append(("POLICY_DP_REQUIRED", "the plan asks for training without DP; the policy requires DP-SGD"))
+            out.append(("POLICY_DP_REQUIRED", f"the plan asks for training without DP (dp-mode {request.dp_mode}); "
+                                              "the policy requires DP-SGD"))
         if request.dp and request.delta > self.delta:
             out.append(("POLICY_DELTA", f"the plan asks for delta {request.delta:g}; the policy allows at most "
                                         f"{self.delta:g}"))

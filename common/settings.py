@@ -19,6 +19,9 @@ LoraVariant = Literal["lora", "ffa"]
 AccountantName = Literal["prv", "rdp"]
 OptimizerName = Literal["sgd", "adamw"]
 TaskName = Literal["classify", "ner", "sft"]
+# dp: DP-SGD (clipping + noise, accounted). clip-only: the same pipeline with noise multiplier 0 (no privacy; isolates
+# the cost of the noise). off: plain non-private training with the non-private optimiser (no clipping, no noise).
+DpMode = Literal["dp", "clip-only", "off"]
 
 
 def _help(text: str, default: Any) -> Any:
@@ -86,11 +89,19 @@ class LoraSettings:
 class PrivacySettings:
     """Sample-level DP-SGD for each client (Opacus)."""
 
-    dp: bool = _help("Train with DP-SGD; false = non-private baseline (epsilon reported as inf).", True)
+    dp_mode: DpMode = _help(
+        "dp: DP-SGD (clipping + noise). clip-only: the DP pipeline with noise multiplier 0, same optimiser (no "
+        "privacy; isolates the cost of the noise). off: non-private training with the nonprivate-* optimiser (the "
+        "baseline; fedtune-sim --no-dp). Both non-private modes report epsilon inf and need require-dp = false.", "dp")
     epsilon: float = _help("Each client's total epsilon budget for this run (> 0).", 8.0)
     delta: float = _help("Each client's delta, in (0, 1); well below 1 / examples.", 1e-5)
     clip_norm: float = _help("Per-sample gradient clipping norm C (> 0).", 1.0)
     accountant: AccountantName = _help("Opacus accountant: prv (tight) or rdp.", "prv")
+
+    @property
+    def dp(self) -> bool:
+        """Whether the run asks for a privacy guarantee (clip-only and off have none)."""
+        return self.dp_mode == "dp"
 
     def problems(self) -> list[str]:
         out = []
@@ -113,6 +124,11 @@ class TrainPlan:
     optimizer: OptimizerName = _help("Local optimiser: sgd (momentum 0.9; best under DP) or adamw.", "sgd")
     learning_rate: float = _help("Learning rate of the classifier head.", 2.0)
     lora_lr_scale: float = _help("LoRA factors' learning rate = learning-rate x this (> 0).", 0.1)
+    nonprivate_optimizer: OptimizerName = _help(
+        "Local optimiser of non-private training (dp-mode off): adamw (tuned baseline) or sgd (momentum 0.9).", "adamw")
+    nonprivate_learning_rate: float = _help("Head learning rate of non-private training (dp-mode off).", 5e-3)
+    nonprivate_lora_lr_scale: float = _help(
+        "LoRA factors' learning rate under dp-mode off = nonprivate-learning-rate x this (> 0).", 0.2)
 
     def problems(self) -> list[str]:
         out = []
@@ -124,8 +140,11 @@ class TrainPlan:
             out.append(f"batch-size must be > 0, got {self.batch_size}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             out.append(f"learning-rate must be > 0, got {self.learning_rate}")
-        if not (self.lora_lr_scale > 0 and math.isfinite(self.lora_lr_scale)):
-            out.append(f"lora-lr-scale must be > 0, got {self.lora_lr_scale}")
+        for key, value in (("lora-lr-scale", self.lora_lr_scale),
+                           ("nonprivate-learning-rate", self.nonprivate_learning_rate),
+                           ("nonprivate-lora-lr-scale", self.nonprivate_lora_lr_scale)):
+            if not (value > 0 and math.isfinite(value)):
+                out.append(f"{key} must be > 0, got {value}")
         return out
 
 
@@ -144,6 +163,9 @@ class FederationSettings:
                                      "then the run stops early (resumable).", 600.0)
     round_timeout: float = _help("Seconds a round waits for replies; nodes that have not answered by then "
                                  "are left out of that round.", 600.0)
+    divergence_factor: float = _help(
+        "Stop the run as diverged (exit 5) when the held-out loss rises above this many times its round-0 value; "
+        "a non-finite loss always stops it. 0 = check non-finite losses only.", 3.0)
 
     def problems(self) -> list[str]:
         out = []
@@ -156,6 +178,8 @@ class FederationSettings:
         for name, value in (("node-wait-timeout", self.node_wait_timeout), ("round-timeout", self.round_timeout)):
             if not (value > 0 and math.isfinite(value)):
                 out.append(f"{name} must be > 0 seconds, got {value}")
+        if not (self.divergence_factor == 0 or (self.divergence_factor > 1 and math.isfinite(self.divergence_factor))):
+            out.append(f"divergence-factor must be 0 (off) or > 1, got {self.divergence_factor}")
         return out
 
 
@@ -215,6 +239,7 @@ class RunSettings:
     def from_config(cls, config: Mapping[str, Any]) -> RunSettings:
         """Parse a flat kebab-case mapping; report every bad or unknown key at once."""
         problems: list[str] = []
+        config = _legacy_dp(config, problems)
         known = {key_of(f.name) for s in SECTIONS for f in dataclasses.fields(s)} | {"results-dir"}
         problems += [f"unknown setting '{k}' (known: {', '.join(sorted(known))})" for k in config if k not in known]
         parts = {}
@@ -242,6 +267,24 @@ class RunSettings:
                 out[key_of(f.name)] = getattr(section, f.name)
         out["results-dir"] = self.results_dir
         return out
+
+
+def _legacy_dp(config: Mapping[str, Any], problems: list[str]) -> Mapping[str, Any]:
+    """Accept the older ``dp = true|false`` key: true is dp-mode dp, false is dp-mode off (unless dp-mode names
+    the other non-private mode, clip-only)."""
+    if "dp" not in config:
+        return config
+    out = {k: v for k, v in config.items() if k != "dp"}
+    try:
+        private = _coerce("dp", bool, config["dp"])
+    except ValueError as err:
+        problems.append(str(err))
+        return out
+    if "dp-mode" not in out:
+        out["dp-mode"] = "dp" if private else "off"
+    elif private != (out["dp-mode"] == "dp"):
+        problems.append(f"dp={str(private).lower()} contradicts dp-mode={out['dp-mode']!r}; give dp-mode only")
+    return out
 
 
 def key_of(name: str) -> str:

@@ -36,6 +36,7 @@ MAX_LABELS = 512
 LIMITS: dict[str, float] = {
     "max-seq-len": 8192, "lora-rank": 1024, "lora-alpha": 1e6, "num-rounds": 100_000, "local-epochs": 1000,
     "batch-size": 1_000_000, "learning-rate": 1e3, "lora-lr-scale": 1e3, "epsilon": 1e4, "clip-norm": 1e6,
+    "nonprivate-learning-rate": 1e3, "nonprivate-lora-lr-scale": 1e3,
 }
 
 # Codes a node may send instead of a result; the text is fixed here, the detail stays in the node's log.

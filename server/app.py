@@ -31,10 +31,17 @@ from fedtune.common.settings import RunSettings
 from fedtune.common.tasks import get_task
 from fedtune.common.wire import RoundRequest
 from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR, Checkpoint, CheckpointStore, RoundOffset, run_key
+from fedtune.server.divergence import (
+    STOP_CODE,
+    DivergenceGuard,
+    baseline_fields,
+    diverged_reason,
+    spent_epsilon,
+)
 from fedtune.server.report import write_report
 from fedtune.server.results import ADAPTER_DIR, RunRecorder, card_info, eval_fields, held_out_groups
 from fedtune.server.run_record import record_key, write_record
-from fedtune.server.strategy import AdapterFedAvg, weighted_mean
+from fedtune.server.strategy import AdapterFedAvg, ClientRow, weighted_mean
 
 log = logging.getLogger("fedtune.server")
 app = ServerApp()
@@ -54,9 +61,9 @@ def _headline(rounds: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return {f"initial-{name}": rounds[0].get(name), f"final-{name}": rounds[-1].get(name)}
 
 
-def _round_line(server_round: int, strategy: AdapterFedAvg, accuracy: float, loss: float) -> dict[str, Any]:
+def round_line(server_round: int, rows: list[ClientRow], eval_rows: list[ClientRow], accuracy: float,
+               loss: float) -> dict[str, Any]:
     """One metrics.jsonl line: held-out result, clients' aggregates, and every client's row."""
-    rows = strategy.train_rows.get(server_round, [])
     eps = [float(r["epsilon"]) for r in rows if "epsilon" in r]
     return {
         "round": server_round, "accuracy": accuracy, "loss": loss,
@@ -64,7 +71,7 @@ def _round_line(server_round: int, strategy: AdapterFedAvg, accuracy: float, los
         "bytes-received": sum(int(r.get("bytes", 0)) for r in rows),
         "epsilon-max": max(eps) if eps else None,
         "epsilon-mean": sum(eps) / len(eps) if eps else None,
-        "client-accuracy": weighted_mean(strategy.eval_rows.get(server_round, []), "eval-accuracy"),
+        "client-accuracy": weighted_mean(eval_rows, "eval-accuracy"),
         "clients": rows,
     }
 
@@ -112,16 +119,25 @@ def main(grid: Grid, context: Context) -> None:
     _restore(resume, strategy, recorder)
     first_started = resume.first_started if resume else time.time()
     initial = arrays_to_record(resume.arrays) if resume else to_record(model)
+    guard = DivergenceGuard.resumed(settings.federation.divergence_factor, recorder.rounds)
+    kept: dict[str, Any] = {"round": offset, "arrays": initial}  # the last round's adapter (before any divergence)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if resume and server_round == offset:
-            return None  # evaluated and recorded before the interruption
+        if (resume and server_round == offset) or strategy.stop_code == STOP_CODE:
+            return None  # evaluated and recorded before the interruption, or the run has diverged
         load_arrays(model, record_to_arrays(arrays))
         result = task.evaluate(model, base, test, test_tensors, device=device, groups=groups, detail=True)
-        line = recorder.record_round(_round_line(server_round, strategy, result.accuracy, result.loss)
+        rows = strategy.train_rows.get(server_round, [])
+        line = recorder.record_round(round_line(server_round, rows, strategy.eval_rows.get(server_round, []),
+                                                result.accuracy, result.loss)
                                      | eval_fields(result, test.label_names) | result.extra)
         log.info("round %s: held-out accuracy %.4f, loss %.4f, max epsilon %s", server_round,
                  result.accuracy, result.loss, line["epsilon-max"])
+        if why := guard.check(server_round, result.loss, rows):
+            strategy.stop(STOP_CODE, diverged_reason(why, kept_round=int(kept["round"]), private=settings.privacy.dp,
+                                                     epsilon=spent_epsilon(recorder.rounds)))
+        else:
+            kept.update({"round": server_round, "arrays": arrays})
         write_record(results_dir, str(context.run_id), key, strategy.train_rows, signing)
         if store:
             store.save(Checkpoint(
@@ -131,17 +147,19 @@ def main(grid: Grid, context: Context) -> None:
             ))
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
 
-    result = RoundOffset(strategy, offset).start(
+    RoundOffset(strategy, offset).start(
         grid=grid, initial_arrays=initial, num_rounds=settings.plan.num_rounds - offset,
         timeout=settings.federation.round_timeout, evaluate_fn=lambda r, arrays: evaluate_global(r + offset, arrays),
     )
-    final = result.arrays if len(result.arrays) else initial
+    final = kept["arrays"]  # the last aggregate, or the last one before a divergence
     meta = AdapterMeta(task.base_ref(settings.model.model_path, settings.model.base_model_id), test.label_names,
                        settings.model.max_seq_len, task.name)
     adapter_dir = save_adapter(model, record_to_arrays(final), Path(settings.results_dir) / ADAPTER_DIR, meta=meta)
     outcome = {"status": "stopped-early", "stop-code": strategy.stop_code, "stop-reason": strategy.stop_reason} \
         if strategy.stop_code else {"status": "completed"}
-    recorder.finish({"adapter": ADAPTER_DIR, **outcome, "resumed-after-round": offset,
+    recorder.finish({"mode": "federated", "adapter": ADAPTER_DIR, "adapter-round": kept["round"], **outcome,
+                     "resumed-after-round": offset,
+                     **(baseline_fields(test, recorder.rounds) if task.name == "classify" else {}),
                      "excluded-nodes": {str(k): v for k, v in strategy.excluded.items()},
                      "task": task.name, **_headline(recorder.rounds, task.headline),
                      "settings": settings.to_config()})

@@ -58,6 +58,20 @@ def reply_bytes(record: ArrayRecord) -> int:
     return sum(len(array.data) for array in record.values())
 
 
+def reply_row(reply: TrainReply) -> ClientRow:
+    """A training reply's fields as they appear in a round line's client row."""
+    row: ClientRow = {
+        "status": reply.status, "code": reply.code, "num-examples": reply.num_examples, "epsilon": reply.epsilon,
+        "epsilon-round": reply.epsilon_round, "epsilon-budget": reply.epsilon_budget,
+        "epsilon-remaining": reply.epsilon_budget - reply.epsilon, "noise-multiplier": reply.noise_multiplier,
+        "exhausted": reply.exhausted, "ledger-key": reply.ledger_key, "ledger-seq": reply.ledger_seq,
+        "ledger-head": reply.ledger_head, "node": reply.node,
+    }
+    if reply.train_loss is not None:
+        row["train-loss"] = reply.train_loss
+    return row
+
+
 def _train_row(msg: Message, reference: Arrays) -> tuple[ClientRow, Arrays | None]:
     """One training reply -> (row for the metrics log, arrays to aggregate or None)."""
     row: ClientRow = {"node-id": msg.metadata.src_node_id}
@@ -71,15 +85,7 @@ def _train_row(msg: Message, reference: Arrays) -> tuple[ClientRow, Arrays | Non
         return row | {"status": "error", "code": reply.code}, None
     if not isinstance(reply, TrainReply):
         return row | {"status": "rejected", "code": "MALFORMED"}, None
-    row |= {
-        "status": reply.status, "code": reply.code, "num-examples": reply.num_examples, "epsilon": reply.epsilon,
-        "epsilon-round": reply.epsilon_round, "epsilon-budget": reply.epsilon_budget,
-        "epsilon-remaining": reply.epsilon_budget - reply.epsilon, "noise-multiplier": reply.noise_multiplier,
-        "exhausted": reply.exhausted, "ledger-key": reply.ledger_key, "ledger-seq": reply.ledger_seq,
-        "ledger-head": reply.ledger_head, "node": reply.node,
-    }
-    if reply.train_loss is not None:
-        row["train-loss"] = reply.train_loss
+    row |= reply_row(reply)
     if reply.status != "trained":
         return row, None
     record = msg.content.array_records[ARRAYS]
@@ -106,10 +112,11 @@ class AdapterFedAvg(FedAvg):
         self.eval_rows: dict[int, list[ClientRow]] = {}
         self._reference: Arrays = {}
         self.excluded: dict[int, str] = {}  # node id -> why it gets no more work this run
-        self.stop_code: str | None = None  # "budget" (nodes refused) or "nodes" (too few connected in time)
+        self.stop_code: str | None = None  # "budget" (nodes refused), "nodes" (too few connected) or "diverged"
         self.stop_reason: str | None = None
 
-    def _stop(self, code: str, reason: str) -> None:
+    def stop(self, code: str, reason: str) -> None:
+        """Send no more work this run; ``code`` and ``reason`` end up in summary.json."""
         self.stop_code, self.stop_reason = code, reason
         log.warning("%s; the remaining rounds are skipped", reason)
 
@@ -118,14 +125,14 @@ class AdapterFedAvg(FedAvg):
         needed = max(1, self.min_available_nodes)
         connected = wait_for_nodes(grid, needed, self.node_wait_timeout)
         if connected is None:
-            self._stop("nodes", f"stopped before round {server_round}: fewer than {needed} nodes connected within "
+            self.stop("nodes", f"stopped before round {server_round}: fewer than {needed} nodes connected within "
                                 f"{self.node_wait_timeout:g}s")
             return None
         eligible = [n for n in connected if n not in self.excluded]
         if len(eligible) >= max(1, self.min_train_nodes):
             return eligible
         why = "; ".join(f"node {n}: {r}" for n, r in sorted(self.excluded.items()))
-        self._stop("budget", f"stopped before round {server_round}: {len(eligible)} of {len(connected)} nodes can "
+        self.stop("budget", f"stopped before round {server_round}: {len(eligible)} of {len(connected)} nodes can "
                              f"still train, the run needs {max(1, self.min_train_nodes)} (excluded: {why or 'none'})")
         return None
 

@@ -32,12 +32,15 @@ from fedtune.sim.report import plot, read_rounds, round_table, write_run_report
 from fedtune.sim.runner import LocalSimulation, SimulationSpec, handle_signals, write_app_dir
 
 console = Console(stderr=True)
+STOP_CODES = {"budget": exit_codes.STOPPED_BUDGET, "nodes": exit_codes.STOPPED_NODES,
+              "deadline": exit_codes.STOPPED_NODES, "diverged": exit_codes.DIVERGED}
 
 # CLI flag -> setting key (flags are shortcuts; --set reaches every setting).
 FLAGS = {
     "task": "task", "rounds": "num-rounds", "epsilon": "epsilon", "delta": "delta", "partitioner": "partitioner",
     "alpha": "dirichlet-alpha", "seed": "seed", "dataset": "dataset", "model": "model-path",
     "max_train_examples": "max-train-examples", "local_epochs": "local-epochs", "lora_rank": "lora-rank",
+    "dp_mode": "dp-mode",
 }
 
 
@@ -55,7 +58,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="federated rounds (num-rounds)")
     p.add_argument("--epsilon", type=float, help="per-client epsilon budget")
     p.add_argument("--delta", type=float, help="per-client delta")
-    p.add_argument("--no-dp", action="store_true", help="train without DP (non-private baseline)")
+    p.add_argument("--no-dp", action="store_true",
+                   help="the non-private baseline: dp-mode off (no clipping, no noise, the nonprivate-* optimiser)")
+    p.add_argument("--dp-mode", choices=("dp", "clip-only", "off"),
+                   help="dp (DP-SGD), clip-only (the DP pipeline with noise 0) or off (same as --no-dp)")
+    p.add_argument("--central", action="store_true",
+                   help="the central baseline: one node trains on the union of the clients' training data (same "
+                        "split, model, held-out set and accountant), in this process, without Flower")
     p.add_argument("--partitioner", help="iid | dirichlet | natural")
     p.add_argument("--alpha", type=float, help="Dirichlet alpha (dirichlet-alpha)")
     p.add_argument("--seed", type=int, help="seed for splits, initial weights and sampling")
@@ -105,9 +114,11 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     for attr, key in FLAGS.items():
         if getattr(args, attr) is not None:
             overrides[key] = getattr(args, attr)
-    if args.no_dp:
-        overrides["dp"] = False
     problems = []
+    if args.no_dp:
+        if overrides.get("dp-mode", "off") != "off":
+            problems.append(f"--no-dp contradicts --dp-mode {overrides['dp-mode']}; give one")
+        overrides["dp-mode"] = "off"
     for pair in args.set:
         key, sep, value = pair.partition("=")
         key, value = key.strip(), value.strip()
@@ -133,8 +144,10 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
 
 
 def _run(settings: RunSettings, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """Prepare the simulated nodes, run the federation into ``out``; return the summary."""
+    """Prepare the simulated nodes, run the federation (or the central baseline) into ``out``; return the summary."""
     settings = dataclasses.replace(settings, results_dir=str(out.resolve()))
+    if args.central:
+        return _run_central(settings, args, out)
     nodes = SimulatedNodes(out, args.clients, args.policy_dir, args.state_dir, args.insecure_reproducible_seed)
     env = prepare(settings, nodes)
     (out / "config.json").write_text(json.dumps(
@@ -150,6 +163,27 @@ def _run(settings: RunSettings, args: argparse.Namespace, out: Path) -> dict[str
     if not summary_path.exists():
         raise RunError(f"run finished but wrote no {summary_path}")
     return json.loads(summary_path.read_text())
+
+
+def _run_central(settings: RunSettings, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The central baseline: one node with the whole training pool, its own ledger (``clients/client-0``)."""
+    from fedtune.sim.central import run_central  # imports torch and the model code: only when asked
+
+    state = args.state_dir / "central" if args.state_dir else None  # never the ledger of a federated client-0
+    nodes = SimulatedNodes(out, 1, args.policy_dir, state, args.insecure_reproducible_seed)
+    (out / "config.json").write_text(json.dumps(
+        portable({"num-clients": 1, "mode": "central", **settings.to_config()}), indent=2) + "\n")
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("round {task.completed}/{task.total}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("central baseline: round-0 evaluation", total=settings.plan.num_rounds)
+
+        def on_round(server_round: int, line: dict[str, Any]) -> None:
+            acc = line.get("accuracy")
+            progress.update(task, completed=server_round, description=(
+                f"central, held-out acc {acc:.3f}" if isinstance(acc, float) else "central baseline"))
+
+        return run_central(settings, nodes, on_round)
 
 
 def _simulate(spec: SimulationSpec, out: Path, num_rounds: int) -> None:
@@ -208,18 +242,26 @@ def main(argv: list[str] | None = None) -> int:
     Console().print(round_table(rounds))
     png = plot(rounds, out / "metrics.png", settings.privacy.epsilon if settings.privacy.dp else None)
     report = write_run_report(out)
+    record = "" if args.central else f" --server-record {out} --server-key {out}/server-record.pub"
     console.print(f"results: {out} (metrics.jsonl, summary.json, adapter/, {png.name}, {report.name}; audit the "
-                  f"ledgers: fedtune-audit --roster {out}/clients/roster.toml --server-record {out} "
-                  f"--server-key {out}/server-record.pub)", markup=False, highlight=False)
-    headline = get_task(settings.model.task).headline
+                  f"ledgers: fedtune-audit --roster {out}/clients/roster.toml{record})", markup=False, highlight=False)
+    return _verdict(summary, get_task(settings.model.task).headline)
+
+
+def _verdict(summary: dict[str, Any], headline: str) -> int:
+    """Print the outcome (with the majority-class baseline, the task's own metric and any warning) and return
+    the exit code."""
     extra = f", {headline} {summary.get(f'initial-{headline}')} -> {summary.get(f'final-{headline}')}" \
         if f"final-{headline}" in summary else ""
-    console.print(f"final held-out accuracy {summary.get('final-accuracy')}{extra}, max epsilon "
-                  f"{summary.get('epsilon-max')}")
+    majority = f" (majority class {summary['majority-label']!r}: {summary.get('majority-accuracy')})" \
+        if "majority-label" in summary else ""
+    console.print(f"final held-out accuracy {summary.get('final-accuracy')}{majority}{extra}, max epsilon "
+                  f"{summary.get('epsilon-max')}", markup=False, highlight=False)
+    for warning in summary.get("warnings") or []:
+        console.print(f"warning: {warning}", markup=False, highlight=False)
     if summary.get("status") == "stopped-early":
         console.print(f"stopped early: {summary.get('stop-reason')}", markup=False, highlight=False)
-        return exit_codes.STOPPED_NODES if summary.get("stop-code") in ("nodes", "deadline") \
-            else exit_codes.STOPPED_BUDGET
+        return STOP_CODES.get(str(summary.get("stop-code")), exit_codes.STOPPED_BUDGET)
     return exit_codes.OK
 
 

@@ -45,3 +45,25 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as err:
         RunSettings.from_config({"epsilon": -1, "lora-rank": 0, "test-fraction": 2})
     assert len(err.value.problems) == 3
+
+
+@pytest.mark.parametrize(("config", "mode"), [
+    ({}, "dp"), ({"dp-mode": "clip-only"}, "clip-only"), ({"dp": "false"}, "off"), ({"dp": True}, "dp"),
+    ({"dp": False, "dp-mode": "clip-only"}, "clip-only"),  # both non-private: the older key agrees
+])
+def test_dp_mode_and_the_older_dp_key(config, mode):
+    privacy = RunSettings.from_config(config).privacy
+    assert privacy.dp_mode == mode and privacy.dp is (mode == "dp")
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"dp": True, "dp-mode": "off"}, "dp=true contradicts dp-mode='off'"),
+    ({"dp-mode": "noisy"}, "dp-mode must be one of dp, clip-only, off"),
+    ({"divergence-factor": 0.5}, "divergence-factor must be 0 (off) or > 1"),
+    ({"nonprivate-learning-rate": 0}, "nonprivate-learning-rate must be > 0"),
+    ({"nonprivate-optimizer": "lion"}, "nonprivate-optimizer must be one of sgd, adamw"),
+])
+def test_bad_privacy_modes_and_baseline_settings_are_named(config, message):
+    with pytest.raises(ConfigError) as err:
+        RunSettings.from_config(config)
+    assert message in str(err.value)

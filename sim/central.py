@@ -1,0 +1,156 @@
+"""``fedtune-sim --central``: the central baseline, on the same split as the federated run.
+
+One node holds the union of the clients' training data: the training pool that ``fedtune-sim`` would
+partition between the simulated nodes (:func:`fedtune.common.data.federation_split`, the same seed, cap
+and held-out set). It is prepared like any simulated node (:func:`fedtune.sim.nodes.prepare` with one
+client: data file, policy, ledger key, roster) and trains through the node's own code path
+(:func:`fedtune.client.round.train_round`): policy check, noise planned by the node's accountant over the
+whole run, a signed ledger charge before each round, then the real trainer. Under DP the central node has
+its own budget (the run's epsilon and delta), so central DP and federated DP spend the same epsilon per
+dataset. The server side is the ServerApp's: same initial adapter, same held-out evaluation, same
+divergence guard, and the same results directory (metrics.jsonl, summary.json, adapter/, report), with
+``"mode": "central"`` in the summary. No Flower processes are started.
+
+A "round" here is ``local-epochs`` expected passes over the pool, so ``num-rounds`` rounds see each
+training example as often as the federated run does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtune.client.node_config import ENV_SIM_NODES, NodeConfig
+from fedtune.client.policy import load_policy
+from fedtune.client.round import NodePrivacy, train_round
+from fedtune.common.adapter import AdapterMeta, Arrays, load_arrays, save_adapter, to_arrays
+from fedtune.common.data import LabelledData
+from fedtune.common.device import pick_device
+from fedtune.common.errors import FedtuneError, ModelError
+from fedtune.common.model_card import write_model_card
+from fedtune.common.settings import RunSettings
+from fedtune.common.tasks import get_task
+from fedtune.common.wire import RoundRequest
+from fedtune.server.app import held_out, round_line
+from fedtune.server.checkpoint import run_key
+from fedtune.server.divergence import STOP_CODE, DivergenceGuard, baseline_fields, diverged_reason, spent_epsilon
+from fedtune.server.results import ADAPTER_DIR, RunRecorder, card_info, eval_fields, held_out_groups
+from fedtune.server.strategy import ClientRow, reply_row
+from fedtune.sim.nodes import SimulatedNodes, prepare
+
+CENTRAL_NODE = 0  # the central node's partition id (its files are clients/client-0/)
+
+
+@dataclass
+class _Outcome:
+    stop_code: str | None = None
+    stop_reason: str | None = None
+    kept_round: int = 0  # the round whose adapter is saved (the last one before a divergence)
+
+
+def _node(env: dict[str, str]) -> tuple[NodeConfig, NodePrivacy]:
+    raw = json.loads(Path(env[ENV_SIM_NODES]).read_text())[str(CENTRAL_NODE)]
+    config = NodeConfig.parse(raw, simulated=True)
+    policy = load_policy(config.policy)
+    return config, NodePrivacy.open(policy, config.state_dir, node=config.node, witness=config.witness)
+
+
+def _train(request: RoundRequest, arrays: Arrays, config: NodeConfig, node: NodePrivacy,
+           run_id: str) -> tuple[ClientRow, Arrays | None]:
+    """One central round through the node's code path; a non-finite update is a row with code TRAIN."""
+    row: ClientRow = {"node-id": CENTRAL_NODE}
+    try:
+        reply, update = train_round(request, arrays, config=config, node=node, run_id=run_id)
+    except ModelError as err:
+        if err.code != "TRAIN":
+            raise
+        return row | {"status": "error", "code": err.code}, None
+    return row | reply_row(reply), update
+
+
+class CentralRun:
+    """The central training loop; ``on_round(round, line)`` is called after each evaluation (progress)."""
+
+    def __init__(self, settings: RunSettings, nodes: SimulatedNodes) -> None:
+        self.settings = settings
+        self.out = nodes.out
+        self.env = prepare(settings, nodes)
+        self.device = pick_device()
+        self.task = get_task(settings.model.task)
+        self.base = self.task.load_base(settings.model.model_path)
+        self.test: LabelledData = held_out(settings)
+        self.test_tensors = self.task.encode(self.base, self.test, settings.model.max_seq_len)
+        self.groups = held_out_groups(self.test.dataset, settings.data.report_group_column)
+        self.model = self.task.build_model(self.base, self.test.label_names, settings.lora, self.device,
+                                           seed=settings.federation.seed)
+        self.recorder = RunRecorder(self.out)
+
+    def _evaluate(self, server_round: int, arrays: Arrays, rows: list[ClientRow]) -> dict[str, Any]:
+        load_arrays(self.model, arrays)
+        result = self.task.evaluate(self.model, self.base, self.test, self.test_tensors, device=self.device,
+                                    groups=self.groups, detail=True)
+        return self.recorder.record_round(round_line(server_round, rows, [], result.accuracy, result.loss)
+                                          | eval_fields(result, self.test.label_names) | result.extra)
+
+    def run(self, on_round: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        s = self.settings
+        config, node = _node(self.env)
+        request = RoundRequest(server_round=1, run_key=run_key(s.to_config()), resumed_after_round=0,
+                               labels=tuple(self.test.label_names), model=s.model, lora=s.lora, plan=s.plan,
+                               privacy=s.privacy)
+        run_id = f"central-{time.strftime('%Y%m%d-%H%M%S')}-{s.federation.seed}"
+        guard = DivergenceGuard(s.federation.divergence_factor)
+        arrays = kept = to_arrays(self.model)
+        outcome = _Outcome()
+        for server_round in range(s.plan.num_rounds + 1):
+            rows: list[ClientRow] = []
+            if server_round:
+                row, update = _train(request.for_round(server_round), arrays, config, node, run_id)
+                rows, arrays = [row], update if update is not None else arrays
+            line = self._evaluate(server_round, arrays, rows)
+            if on_round is not None:
+                on_round(server_round, line)
+            if stop := self._stop(guard, server_round, line, rows, outcome.kept_round):
+                outcome = stop
+                break
+            kept, outcome.kept_round = arrays, server_round
+        return self._finish(kept, outcome)
+
+    def _stop(self, guard: DivergenceGuard, server_round: int, line: dict[str, Any], rows: list[ClientRow],
+              kept_round: int) -> _Outcome | None:
+        """Why the run stops after this round (diverged, or the node refused), or None."""
+        loss = line["loss"] if line.get("loss") is not None else math.nan  # the recorder wrote NaN as null
+        if why := guard.check(server_round, loss, rows):
+            return _Outcome(STOP_CODE, diverged_reason(why, kept_round=kept_round, private=self.settings.privacy.dp,
+                                                       epsilon=spent_epsilon(self.recorder.rounds)), kept_round)
+        if rows and rows[0].get("status") == "refused":
+            return _Outcome("budget", f"stopped after round {server_round}: the central node refused to train "
+                                      f"({rows[0].get('code')}); see its ledger", kept_round)
+        return None
+
+    def _finish(self, kept: Arrays, outcome: _Outcome) -> dict[str, Any]:
+        s = self.settings
+        meta = AdapterMeta(self.task.base_ref(s.model.model_path, s.model.base_model_id), self.test.label_names,
+                           s.model.max_seq_len, self.task.name)
+        adapter_dir = save_adapter(self.model, kept, self.out / ADAPTER_DIR, meta=meta)
+        status = {"status": "stopped-early", "stop-code": outcome.stop_code, "stop-reason": outcome.stop_reason} \
+            if outcome.stop_code else {"status": "completed"}
+        rounds = self.recorder.rounds
+        baseline = baseline_fields(self.test, rounds) if self.task.name == "classify" else {}
+        summary = self.recorder.finish({"mode": "central", "adapter": ADAPTER_DIR, "adapter-round": outcome.kept_round,
+                                        **status, **baseline, "task": self.task.name, "settings": s.to_config()})
+        write_model_card(adapter_dir, card_info(meta, s, rounds, status["status"]))
+        return summary
+
+
+def run_central(settings: RunSettings, nodes: SimulatedNodes,
+                on_round: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the central baseline into ``nodes.out``; returns the summary. FedtuneError for an operator mistake."""
+    if nodes.num_clients != 1:
+        raise FedtuneError(f"the central baseline has one node, got {nodes.num_clients}")
+    return CentralRun(settings, nodes).run(on_round)
