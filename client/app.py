@@ -20,8 +20,7 @@ from fedtune.client.round import NodePrivacy, train_round
 from fedtune.common.adapter import arrays_to_record, load_arrays, record_to_arrays
 from fedtune.common.device import pick_device
 from fedtune.common.errors import FedtuneError
-from fedtune.common.evaluation import evaluate
-from fedtune.common.model import build_model, load_base
+from fedtune.common.tasks import get_task
 from fedtune.common.wire import ARRAYS, REQUEST, ErrorReply, EvalReply, RoundRequest, WireError
 
 log = logging.getLogger("fedtune.client")
@@ -76,14 +75,16 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         if not policy.release_local_eval or (policy.allowed_models
                                              and not policy.allows_model(request.model.model_path)):
             return EvalReply("declined").to_content()
-        rows = load_rows(config, request.labels, local_eval=True)
+        task = get_task(request.model.task)
+        rows = load_rows(config, request.labels, local_eval=True, task=task.name)
         if len(rows.test.dataset) == 0:
             return EvalReply("declined").to_content()
         device = pick_device()
-        model = build_model(load_base(request.model.model_path), len(request.labels), request.lora, device)
+        base = task.load_base(request.model.model_path)
+        model = task.build_model(base, request.labels, request.lora, device)
         load_arrays(model, record_to_arrays(msg.content[ARRAYS]))
-        result = evaluate(model, *tensors(rows, "test", request.model.model_path, request.model.max_seq_len),
-                          device=device)
+        result = task.evaluate(model, base, rows.test, tensors(rows, "test", request.model.model_path,
+                                                                request.model.max_seq_len), device=device)
         return EvalReply("evaluated", result.num_examples, result.loss, result.accuracy).to_content()
 
     return _answer(msg, handle)

@@ -20,11 +20,11 @@ from typing import Literal
 import torch
 
 from fedtune.client.node_config import NodeConfig
-from fedtune.common.data import LabelledData, holdout_split, read_table, validate
+from fedtune.common.data import LabelledData, holdout_split
 from fedtune.common.errors import DataError
-from fedtune.common.model import encode, load_base
+from fedtune.common.tasks import get_task
 
-Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids [N, T], mask [N, T], labels [N]
+Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids [N, T], mask [N, T], labels [N] or [N, T]
 
 LOCAL_TEST_FRACTION = 0.1
 SPLIT_SEED_FILE = "local-split.seed"
@@ -36,19 +36,13 @@ class NodeRows:
 
     train: LabelledData
     test: LabelledData  # empty unless the policy releases local evaluation
-    fingerprint: str  # sha256 over the training texts and labels; stays on the node (ledger)
+    fingerprint: str  # sha256 over the training examples; stays on the node (ledger)
+    task: str = "classify"
     _tensors: dict[tuple[str, str, int], Tensors] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_train(self) -> int:
         return len(self.train.dataset)
-
-
-def _fingerprint(data: LabelledData) -> str:
-    digest = hashlib.sha256()
-    for text, label in zip(data.dataset["text"], data.dataset["label"], strict=True):
-        digest.update(f"{label}\t{text}\n".encode())
-    return digest.hexdigest()
 
 
 def split_seed(state_dir: Path) -> int:
@@ -64,16 +58,17 @@ def split_seed(state_dir: Path) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _rows(path: str, stamp: tuple[float, int], text_column: str, label_column: str, labels: tuple[str, ...],
-          seed: int | None) -> NodeRows:
-    mine = validate(read_table(Path(path)), text_column, label_column, list(labels), origin=path)
+          seed: int | None, task_name: str = "classify") -> NodeRows:
+    task = get_task(task_name)
+    mine = task.read_file(Path(path), text_column=text_column, label_column=label_column, labels=labels)
     if seed is None or len(mine.dataset) < 10:
-        train, test = mine, LabelledData(mine.dataset.select([]), mine.label_names)
+        train, test = mine, LabelledData(mine.dataset.select([]), mine.label_names, mine.origin)
     else:
         train, test = holdout_split(mine, LOCAL_TEST_FRACTION, seed)
-    return NodeRows(train, test, _fingerprint(train))
+    return NodeRows(train, test, task.fingerprint(train), task_name)
 
 
-def load_rows(config: NodeConfig, labels: tuple[str, ...], *, local_eval: bool) -> NodeRows:
+def load_rows(config: NodeConfig, labels: tuple[str, ...], *, local_eval: bool, task: str = "classify") -> NodeRows:
     """The node's examples, labels mapped onto the run's class names (cached while the file is unchanged)."""
     try:
         info = config.data_path.stat()
@@ -84,7 +79,7 @@ def load_rows(config: NodeConfig, labels: tuple[str, ...], *, local_eval: bool) 
         seed = split_seed(config.state_dir) if config.insecure_seed is None else int.from_bytes(
             hashlib.sha256(f"split/{config.insecure_seed}/{config.node}".encode()).digest()[:7], "big")
     rows = _rows(str(config.data_path), (info.st_mtime, info.st_size), config.text_column, config.label_column,
-                 labels, seed)
+                 labels, seed, task)
     if rows.num_train < 1:
         raise DataError(f"{config.data_path}: no training examples", code="DATA_EMPTY")
     return rows
@@ -95,6 +90,6 @@ def tensors(rows: NodeRows, part: Literal["train", "test"], model_path: str, max
     key = (part, model_path, max_len)
     if key not in rows._tensors:
         data = rows.train if part == "train" else rows.test
-        ids, mask = encode(load_base(model_path).tokenizer, data.dataset["text"], max_len)
-        rows._tensors[key] = (ids, mask, torch.tensor(list(data.dataset["label"]), dtype=torch.long))
+        task = get_task(rows.task)
+        rows._tensors[key] = task.encode(task.load_base(model_path), data, max_len)
     return rows._tensors[key]

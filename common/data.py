@@ -33,6 +33,7 @@ class LabelledData:
 
     dataset: datasets.Dataset
     label_names: list[str]
+    origin: str = ""  # the file or corpus the examples came from (error messages name it with a line)
 
     @property
     def num_labels(self) -> int:
@@ -133,19 +134,23 @@ def validate(
 
 def holdout_split(data: LabelledData, test_fraction: float, seed: int) -> tuple[LabelledData, LabelledData]:
     """Split off a held-out test set (stratified by label when possible), reproducibly."""
-    ds = data.dataset.cast_column("label", datasets.ClassLabel(names=data.label_names))
-    try:
-        parts = ds.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
-    except ValueError:
-        parts = ds.train_test_split(test_size=test_fraction, seed=seed)
-    return LabelledData(parts["train"], data.label_names), LabelledData(parts["test"], data.label_names)
+    if "label" in data.dataset.column_names:  # one class label per example: stratify
+        ds = data.dataset.cast_column("label", datasets.ClassLabel(names=data.label_names))
+        try:
+            parts = ds.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
+        except ValueError:
+            parts = ds.train_test_split(test_size=test_fraction, seed=seed)
+    else:  # token tags or prompt-response pairs
+        parts = data.dataset.train_test_split(test_size=test_fraction, seed=seed)
+    return (LabelledData(parts["train"], data.label_names, data.origin),
+            LabelledData(parts["test"], data.label_names, data.origin))
 
 
 def cap(data: LabelledData, max_examples: int, seed: int) -> LabelledData:
     """Keep at most ``max_examples`` (0 = all), chosen reproducibly at random."""
     if max_examples <= 0 or len(data.dataset) <= max_examples:
         return data
-    return LabelledData(data.dataset.shuffle(seed=seed).select(range(max_examples)), data.label_names)
+    return LabelledData(data.dataset.shuffle(seed=seed).select(range(max_examples)), data.label_names, data.origin)
 
 
 def federation_split(data: LabelledData, test_fraction: float, seed: int,

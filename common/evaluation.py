@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ class EvalResult:
     num_examples: int
     confusion: Confusion = field(default_factory=list)  # [num_labels][num_labels]; empty when no examples
     group_confusion: dict[str, Confusion] = field(default_factory=dict)  # per value of the group column
+    extra: dict[str, Any] = field(default_factory=dict)  # the task's own round-line fields (F1, perplexity, ...)
 
 
 @dataclass(frozen=True)
@@ -86,3 +88,50 @@ def evaluate(
             by_group[group] = confusion_of(y_true[sel], y_pred[sel], num_labels)
     return EvalResult(loss=total_loss / n, accuracy=float((y_pred == y_true).mean()), num_examples=n,
                       confusion=confusion_of(y_true, y_pred, num_labels), group_confusion=by_group)
+
+
+@torch.no_grad()
+def causal_lm_eval(model: nn.Module, encoded: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *,
+                   device: torch.device, batch_size: int = 32) -> EvalResult:
+    """Held-out perplexity of the response tokens: exp(total negative log-likelihood / response tokens).
+
+    ``loss`` is the mean NLL per response token (so perplexity = exp(loss)); ``accuracy`` the share of
+    response tokens predicted exactly (greedy next token).
+    """
+    from fedtune.common.tasks.base import IGNORE, trim
+    from fedtune.common.tasks.sft import response_logits
+
+    ids, mask, labels = encoded
+    model.eval()
+    nll, correct, tokens = 0.0, 0, 0
+    for start in range(0, len(ids), batch_size):
+        batch = trim({"input_ids": ids[start:start + batch_size], "attention_mask": mask[start:start + batch_size],
+                      "labels": labels[start:start + batch_size]})
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device):
+            logits, targets = response_logits(model, batch)  # [B, K, V], [B, K]
+        keep = targets != IGNORE
+        nll += float(nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+        correct += int((logits[keep].argmax(dim=-1) == targets[keep]).sum())
+        tokens += int(keep.sum())
+    if tokens == 0:
+        return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
+    loss = nll / tokens
+    return EvalResult(loss=loss, accuracy=correct / tokens, num_examples=len(ids),
+                      extra={"perplexity": float(np.exp(loss)), "response-tokens": tokens})
+
+
+def entity_scores(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dict[str, Any]:
+    """Entity-level precision, recall and F1 (seqeval, CoNLL-style span matching: an entity counts only when
+    its type and both boundaries match), micro-averaged, plus per entity type."""
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+
+    if not any(t != "O" for tags in true_tags for t in tags):
+        return {"entity-f1": None, "entity-precision": None, "entity-recall": None, "per-label": {}}
+    report = classification_report(true_tags, pred_tags, output_dict=True, zero_division=0)
+    per_type = {name: {"precision": round(float(m["precision"]), 6), "recall": round(float(m["recall"]), 6),
+                       "f1": round(float(m["f1-score"]), 6), "support": int(m["support"])}
+                for name, m in report.items() if " avg" not in name}
+    return {"entity-f1": float(f1_score(true_tags, pred_tags, zero_division=0)),
+            "entity-precision": float(precision_score(true_tags, pred_tags, zero_division=0)),
+            "entity-recall": float(recall_score(true_tags, pred_tags, zero_division=0)), "per-label": per_type}

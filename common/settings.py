@@ -18,6 +18,7 @@ PartitionerName = Literal["iid", "dirichlet", "natural"]
 LoraVariant = Literal["lora", "ffa"]
 AccountantName = Literal["prv", "rdp"]
 OptimizerName = Literal["sgd", "adamw"]
+TaskName = Literal["classify", "ner", "sft"]
 
 
 def _help(text: str, default: Any) -> Any:
@@ -28,7 +29,11 @@ def _help(text: str, default: Any) -> Any:
 class ModelSettings:
     """Which base model to fine-tune and how its inputs are shaped."""
 
-    model_path: str = _help("Local Hugging Face model directory; empty = embedded all-MiniLM-L6-v2.", "")
+    task: TaskName = _help(
+        "What is fine-tuned: classify (sentence classification), ner (token classification, BIO tags) or sft "
+        "(instruction tuning of a causal LM, loss on response tokens only).", "classify")
+    model_path: str = _help("Local Hugging Face model directory; empty = the task's embedded model "
+                            "(all-MiniLM-L6-v2; SmolLM2-135M-Instruct for sft).", "")
     max_seq_len: int = _help("Tokens per example after truncation.", 48)
     base_model_id: str = _help(
         "Hub id[@revision] that model-path is a copy of, recorded in the adapter and model card; "

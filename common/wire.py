@@ -139,7 +139,7 @@ class RoundRequest:
     server_round: int
     run_key: str  # the server's settings hash; a resumed run keeps it (the node reuses its noise plan)
     resumed_after_round: int  # > 0 when the server resumed this run from a checkpoint
-    labels: tuple[str, ...]  # class names in the order of the adapter's head
+    labels: tuple[str, ...]  # class or tag names in the order of the adapter's head (empty for sft)
     model: ModelSettings
     lora: LoraSettings
     plan: TrainPlan
@@ -173,9 +173,10 @@ class RoundRequest:
         if fields.get("server-round", 1) < 1 or fields.get("resumed-after-round", 0) < 0:
             problems.append("server-round must be >= 1 and resumed-after-round >= 0")
         labels = record.get("labels")
-        if not (isinstance(labels, list) and 2 <= len(labels) <= MAX_LABELS
+        # No labels: a task without classes (sft); the node's task code checks the labels it needs.
+        if not (isinstance(labels, list) and (len(labels) == 0 or 2 <= len(labels) <= MAX_LABELS)
                 and all(isinstance(x, str) and 0 < len(x) <= 128 for x in labels) and len(set(labels)) == len(labels)):
-            problems.append(f"labels must be 2 to {MAX_LABELS} distinct non-empty strings")
+            problems.append(f"labels must be empty or 2 to {MAX_LABELS} distinct non-empty strings")
         sections = {name: _section_from(section, record, problems) for name, section in _SECTIONS}
         if problems:
             raise WireError(problems)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -25,12 +24,11 @@ from fedtune.common.adapter import (
     save_adapter,
     to_record,
 )
-from fedtune.common.data import LabelledData, federation_split, load_labelled
+from fedtune.common.data import LabelledData, federation_split
 from fedtune.common.device import pick_device
-from fedtune.common.evaluation import evaluate
-from fedtune.common.model import BaseModel, base_model_ref, build_model, encode, load_base
 from fedtune.common.model_card import write_model_card
 from fedtune.common.settings import RunSettings
+from fedtune.common.tasks import get_task
 from fedtune.common.wire import RoundRequest
 from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR, Checkpoint, CheckpointStore, RoundOffset, run_key
 from fedtune.server.report import write_report
@@ -45,12 +43,15 @@ app = ServerApp()
 def held_out(settings: RunSettings) -> LabelledData:
     """The server's evaluation set: the run dataset's held-out split (never in a simulated node's data)."""
     d = settings.data
-    return federation_split(load_labelled(d), d.test_fraction, settings.federation.seed, d.max_train_examples)[1]
+    data = get_task(settings.model.task).load_data(d)
+    return federation_split(data, d.test_fraction, settings.federation.seed, d.max_train_examples)[1]
 
 
-def _encoded(data: LabelledData, base: BaseModel, max_len: int) -> tuple[torch.Tensor, ...]:
-    ids, mask = encode(base.tokenizer, data.dataset["text"], max_len)
-    return ids, mask, torch.tensor(list(data.dataset["label"]), dtype=torch.long)
+def _headline(rounds: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """summary.json's first and last value of the task's headline metric (accuracy is there already)."""
+    if name == "accuracy" or not rounds:
+        return {}
+    return {f"initial-{name}": rounds[0].get(name), f"final-{name}": rounds[-1].get(name)}
 
 
 def _round_line(server_round: int, strategy: AdapterFedAvg, accuracy: float, loss: float) -> dict[str, Any]:
@@ -90,11 +91,12 @@ def _strategy(settings: RunSettings, request: RoundRequest) -> AdapterFedAvg:
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_config(context.run_config)
     device = pick_device()
-    base = load_base(settings.model.model_path)
+    task = get_task(settings.model.task)
+    base = task.load_base(settings.model.model_path)
     test = held_out(settings)
-    test_tensors = _encoded(test, base, settings.model.max_seq_len)
+    test_tensors = task.encode(base, test, settings.model.max_seq_len)
     groups = held_out_groups(test.dataset, settings.data.report_group_column)
-    model = build_model(base, len(test.label_names), settings.lora, device, seed=settings.federation.seed)
+    model = task.build_model(base, test.label_names, settings.lora, device, seed=settings.federation.seed)
     results_dir = Path(settings.results_dir)
     recorder = RunRecorder(results_dir)
     signing = record_key(results_dir)  # signs the run record: every node's ledger head, per round
@@ -115,9 +117,9 @@ def main(grid: Grid, context: Context) -> None:
         if resume and server_round == offset:
             return None  # evaluated and recorded before the interruption
         load_arrays(model, record_to_arrays(arrays))
-        result = evaluate(model, *test_tensors, device=device, groups=groups)
+        result = task.evaluate(model, base, test, test_tensors, device=device, groups=groups, detail=True)
         line = recorder.record_round(_round_line(server_round, strategy, result.accuracy, result.loss)
-                                     | eval_fields(result, test.label_names))
+                                     | eval_fields(result, test.label_names) | result.extra)
         log.info("round %s: held-out accuracy %.4f, loss %.4f, max epsilon %s", server_round,
                  result.accuracy, result.loss, line["epsilon-max"])
         write_record(results_dir, str(context.run_id), key, strategy.train_rows, signing)
@@ -134,13 +136,14 @@ def main(grid: Grid, context: Context) -> None:
         timeout=settings.federation.round_timeout, evaluate_fn=lambda r, arrays: evaluate_global(r + offset, arrays),
     )
     final = result.arrays if len(result.arrays) else initial
-    meta = AdapterMeta(base_model_ref(settings.model.model_path, settings.model.base_model_id), test.label_names,
-                       settings.model.max_seq_len)
+    meta = AdapterMeta(task.base_ref(settings.model.model_path, settings.model.base_model_id), test.label_names,
+                       settings.model.max_seq_len, task.name)
     adapter_dir = save_adapter(model, record_to_arrays(final), Path(settings.results_dir) / ADAPTER_DIR, meta=meta)
     outcome = {"status": "stopped-early", "stop-code": strategy.stop_code, "stop-reason": strategy.stop_reason} \
         if strategy.stop_code else {"status": "completed"}
     recorder.finish({"adapter": ADAPTER_DIR, **outcome, "resumed-after-round": offset,
                      "excluded-nodes": {str(k): v for k, v in strategy.excluded.items()},
+                     "task": task.name, **_headline(recorder.rounds, task.headline),
                      "settings": settings.to_config()})
     write_model_card(adapter_dir, card_info(meta, settings, recorder.rounds, outcome["status"]))
     write_report(Path(settings.results_dir))

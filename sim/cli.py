@@ -2,6 +2,8 @@
 
 With no arguments: 5 clients, 3 rounds, embedded all-MiniLM-L6-v2, Rotten Tomatoes
 snippets split by movie, DP-SGD at epsilon 8, delta 1e-5 per client.
+--task ner: 3 clients x 5 rounds, token classification on the embedded MiniLM, 226 CoNLL-2003 sentences.
+--task sft: 3 clients x 3 rounds, instruction tuning of SmolLM2-135M-Instruct on Chit-Chat exchanges.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from fedtune.common import exit_codes
 from fedtune.common.errors import ConfigError, FedtuneError, RunError, format_problems
 from fedtune.common.settings import RunSettings, help_table
+from fedtune.common.tasks import get_task
 from fedtune.server.results import SUMMARY_FILE, portable
 from fedtune.sim.nodes import SimulatedNodes, prepare
 from fedtune.sim.output import ResultsDir
@@ -31,7 +34,7 @@ console = Console(stderr=True)
 
 # CLI flag -> setting key (flags are shortcuts; --set reaches every setting).
 FLAGS = {
-    "rounds": "num-rounds", "epsilon": "epsilon", "delta": "delta", "partitioner": "partitioner",
+    "task": "task", "rounds": "num-rounds", "epsilon": "epsilon", "delta": "delta", "partitioner": "partitioner",
     "alpha": "dirichlet-alpha", "seed": "seed", "dataset": "dataset", "model": "model-path",
     "max_train_examples": "max-train-examples", "local_epochs": "local-epochs", "lora_rank": "lora-rank",
 }
@@ -43,7 +46,11 @@ def parser() -> argparse.ArgumentParser:
         prog="fedtune-sim", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__, epilog="settings for --set KEY=VALUE:\n" + settings_help,
     )
-    p.add_argument("--clients", type=int, default=5, help="number of simulated clients (default 5)")
+    p.add_argument("--task", choices=("classify", "ner", "sft"),
+                   help="classify (default), ner or sft; each task brings its own default job (settings below "
+                        "are the classify job's; flags and --set override a task's defaults)")
+    p.add_argument("--clients", type=int, default=None,
+                   help="number of simulated clients (default 5; 3 for --task ner and sft)")
     p.add_argument("--rounds", type=int, help="federated rounds (num-rounds)")
     p.add_argument("--epsilon", type=float, help="per-client epsilon budget")
     p.add_argument("--delta", type=float, help="per-client delta")
@@ -76,6 +83,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+TASK_CLIENTS = {"classify": 5, "ner": 3, "sft": 3}
+
+
+def _task_presets(task: str) -> dict[str, Any]:
+    """The default job of ``task`` (kebab keys), under every flag and --set."""
+    try:
+        return dict(get_task(task).presets)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """Resolve flags and --set pairs into validated settings (a --set contradicting a flag is refused)."""
     overrides: dict[str, Any] = {}
@@ -95,10 +113,13 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
                             "give it once")
         else:
             overrides[key] = value
+    if args.clients is None:
+        args.clients = int(TASK_CLIENTS.get(str(overrides.get("task", "classify")), 5))
     if args.clients < 1:
         problems.append(f"--clients must be >= 1, got {args.clients}")
     if problems:
         raise ConfigError(problems)
+    overrides = _task_presets(str(overrides.get("task", "classify"))) | overrides
     for key in ("model-path", "dataset"):  # paths stay valid for the Flower processes (another cwd)
         if overrides.get(key) and Path(str(overrides[key])).exists():
             overrides[key] = str(Path(str(overrides[key])).resolve())
@@ -176,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"results: {out} (metrics.jsonl, summary.json, adapter/, {png.name}, {report.name}; audit the "
                   f"ledgers: fedtune-audit --roster {out}/clients/roster.toml --server-record {out} "
                   f"--server-key {out}/server-record.pub)", markup=False, highlight=False)
-    console.print(f"final held-out accuracy {summary.get('final-accuracy')}, max epsilon {summary.get('epsilon-max')}")
+    headline = get_task(settings.model.task).headline
+    extra = f", {headline} {summary.get(f'initial-{headline}')} -> {summary.get(f'final-{headline}')}" \
+        if f"final-{headline}" in summary else ""
+    console.print(f"final held-out accuracy {summary.get('final-accuracy')}{extra}, max epsilon "
+                  f"{summary.get('epsilon-max')}")
     if summary.get("status") == "stopped-early":
         console.print(f"stopped early: {summary.get('stop-reason')}", markup=False, highlight=False)
         return exit_codes.STOPPED_NODES if summary.get("stop-code") in ("nodes", "deadline") \

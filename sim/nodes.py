@@ -19,13 +19,14 @@ import tomli_w
 
 from fedtune.client.node_config import ENV_SIM_NODES, write_simulation_nodes
 from fedtune.client.policy import NodePolicy, load_policy, policy_toml
-from fedtune.common.data import LabelledData, federation_split, load_labelled
+from fedtune.common.data import LabelledData, federation_split
 from fedtune.common.errors import ConfigError
 from fedtune.common.ledger import LEDGER_FILE
 from fedtune.common.ledger_key import KEY_FILE, load_or_create_key, public_path
 from fedtune.common.partition import load_partition
 from fedtune.common.receipts import RECORD_KEY_FILE
 from fedtune.common.settings import RunSettings
+from fedtune.common.tasks import get_task
 from fedtune.server.run_record import ENV_RECORD_KEY
 
 NODES_FILE = "nodes.json"
@@ -81,25 +82,17 @@ def default_policy(settings: RunSettings, pid: int) -> NodePolicy:
                       release_local_eval=True, source="fedtune-sim default")
 
 
-def _write_partition(part: LabelledData, path: Path) -> None:
-    names = part.label_names
-    frame = part.dataset.to_pandas()[["text", "label"]]
-    frame["label"] = [names[i] for i in frame["label"]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(path, index=False)
-
-
 def prepare(settings: RunSettings, nodes: SimulatedNodes) -> dict[str, str]:
     """Write every simulated node's data, policy and the node configuration file; return the environment
     the simulation's processes need (``FEDTUNE_SIM_NODES``)."""
     d, seed = settings.data, settings.federation.seed
-    pool, _ = federation_split(load_labelled(d), d.test_fraction, seed, d.max_train_examples)
+    task = get_task(settings.model.task)
+    pool, _ = federation_split(task.load_data(d), d.test_fraction, seed, d.max_train_examples)
     configs: dict[int, dict[str, object]] = {}
     roster: list[dict[str, str]] = []
     for pid in range(nodes.num_clients):
         part = LabelledData(load_partition(pool.dataset, d, nodes.num_clients, pid, seed), pool.label_names)
-        data_path = nodes.client_dir(pid) / "data.parquet"
-        _write_partition(part, data_path)
+        data_path = task.write_partition(part, nodes.client_dir(pid))
         policy = nodes.policy_file(pid)
         if policy is None:
             policy = nodes.client_dir(pid) / "policy.toml"

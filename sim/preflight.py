@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.common.data import LabelledData, load_labelled
+from fedtune.common.data import LabelledData
 from fedtune.common.errors import ConfigError
-from fedtune.common.model import build_model, load_base
 from fedtune.common.settings import RunSettings
+from fedtune.common.tasks import get_task
 
 
 def preflight(settings: RunSettings, num_clients: int) -> LabelledData:
-    """Validate model, LoRA targets, data file/schema and its size; raise a FedtuneError on any problem."""
-    data = load_labelled(settings.data)
-    build_model(load_base(settings.model.model_path), data.num_labels, settings.lora, torch.device("cpu"))
+    """Validate model, LoRA targets, data file/schema, every example's length and the data's size; raise a
+    FedtuneError on any problem (before any Flower process starts)."""
+    task = get_task(settings.model.task)
+    data = task.load_data(settings.data)
+    base = task.load_base(settings.model.model_path)
+    task.build_model(base, data.label_names, settings.lora, torch.device("cpu"))
+    task.encode(base, data, settings.model.max_seq_len)  # a sequence longer than the model's context: file + line
     if len(data.dataset) < 2 * num_clients:
         raise ConfigError(f"{settings.data.dataset}: {len(data.dataset)} examples are too few for "
                           f"{num_clients} clients; use fewer clients or more data")

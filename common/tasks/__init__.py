@@ -1,0 +1,24 @@
+"""Fine-tuning tasks, chosen with one setting: ``task = classify | ner | sft``."""
+
+from __future__ import annotations
+
+from fedtune.common.tasks.base import IGNORE, Batch, Encoded, Task
+
+__all__ = ["IGNORE", "Batch", "Encoded", "Task", "get_task"]
+
+
+def get_task(name: str) -> Task:
+    """The task named by the ``task`` setting (imports its module lazily)."""
+    if name == "classify":
+        from fedtune.common.tasks.classify import CLASSIFY
+
+        return CLASSIFY
+    if name == "ner":
+        from fedtune.common.tasks.ner import NER
+
+        return NER
+    if name == "sft":
+        from fedtune.common.tasks.sft import SFT
+
+        return SFT
+    raise ValueError(f"task must be one of classify, ner, sft, got {name!r}")

@@ -1,0 +1,102 @@
+"""What a fine-tuning task is: how examples are read and encoded, which model wraps the base, how a batch's
+loss is computed under Opacus, and how the held-out set is evaluated.
+
+Rounds, budgets, ledgers, the wire contract and aggregation never look at the task: they see encoded
+tensors, a loss, and adapter tensors. A task only decides what happens *inside* one example, and every
+loss is a mean over examples of a per-example loss that depends on that example alone, so Opacus'
+per-sample clipping bounds each example's (one sentence's, one prompt-response pair's) contribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from fedtune.common.data import LabelledData
+    from fedtune.common.evaluation import EvalResult
+    from fedtune.common.model import BaseModel, BaseModelRef
+    from fedtune.common.settings import DataSettings, LoraSettings
+
+# input_ids [N, T], attention_mask [N, T], labels [N] (classify) or [N, T] (ner, sft; -100 = no loss)
+Encoded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# One batch: the same three tensors by name (the keys of a Hugging Face batch).
+Batch = Mapping[str, torch.Tensor]
+IGNORE = -100  # label of a token that carries no loss (padding, prompt, non-first sub-words)
+
+
+class Task(Protocol):
+    """One fine-tuning task; the implementations live beside this module."""
+
+    name: str  # the `task` setting's value
+    pipeline_tag: str  # the Hugging Face pipeline the adapter serves (model card, fedtune.json)
+    headline: str  # the held-out metric reported first: accuracy, entity-f1 or perplexity
+    presets: Mapping[str, Any]  # fedtune-sim --task: default settings (kebab keys) of this task's job
+
+    def load_base(self, model_path: str) -> BaseModel:
+        """Tokenizer and frozen base model (cached per process); "" = the task's embedded model."""
+        ...
+
+    def load_data(self, settings: DataSettings) -> LabelledData:
+        """The run's dataset (built-in corpus or file), validated; every bad line named."""
+        ...
+
+    def read_file(self, path: Path, *, text_column: str, label_column: str, labels: Sequence[str]) -> LabelledData:
+        """A node's data file, validated against the run's labels; every bad line named."""
+        ...
+
+    def write_partition(self, part: LabelledData, directory: Path) -> Path:
+        """Write a simulated node's share in a format :meth:`read_file` reads; return the file."""
+        ...
+
+    def fingerprint(self, data: LabelledData) -> str:
+        """sha256 over the examples (recorded in the node's ledger; never sent)."""
+        ...
+
+    def encode(self, base: BaseModel, data: LabelledData, max_len: int) -> Encoded:
+        """Tokenise; a sequence the model cannot take raises DataError naming file and line."""
+        ...
+
+    def build_model(self, base: BaseModel, labels: Sequence[str], lora: LoraSettings, device: torch.device,
+                    seed: int = 0) -> PeftModel:
+        """A fresh model with LoRA adapters; only adapter (and head) tensors train."""
+        ...
+
+    def base_ref(self, model_path: str, hub_id: str = "") -> BaseModelRef:
+        """How the adapter names its base model (never by a path of this machine)."""
+        ...
+
+    def loss(self, module: nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean over the batch's examples of each example's own loss (scalar)."""
+        ...
+
+    def evaluate(self, model: nn.Module, base: BaseModel, data: LabelledData, encoded: Encoded, *,
+                 device: torch.device, groups: Sequence[str] | None = None, detail: bool = False) -> EvalResult:
+        """Held-out loss, accuracy and the task's own metrics (``EvalResult.extra``); ``detail`` adds what
+        only the server's report shows (sft: a few generated answers)."""
+        ...
+
+
+def per_example_mean(token_loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over examples of each example's mean token loss.
+
+    ``token_loss`` and ``labels`` are [B, T]; positions labelled IGNORE count nowhere. Normalising per
+    example (not by the batch's token count) keeps example i's gradient a function of example i alone,
+    which is what per-sample clipping assumes.
+    """
+    keep = (labels != IGNORE).to(token_loss.dtype)  # [B, T]
+    per_example = (token_loss * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)  # [B]
+    return per_example.mean()
+
+
+def trim(batch: Batch) -> dict[str, torch.Tensor]:
+    """Drop the padding columns every example of the batch shares (right padding)."""
+    mask = batch["attention_mask"]
+    width = int(mask.sum(dim=1).max()) if len(mask) else mask.shape[1]
+    return {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
