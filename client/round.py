@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fedtune.client.node_config import NodeConfig
-from fedtune.client.node_data import load_rows, tensors
+from fedtune.client.node_data import load_rows, train_inputs
 from fedtune.client.policy import NodePolicy, PlanRequest
 from fedtune.client.privacy import Decision, decide, steps_per_round
 from fedtune.client.randomness import RoundSeeds
@@ -147,7 +147,7 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
     task = get_task(request.model.task)
     rows = load_rows(config, request.labels, local_eval=node.policy.release_local_eval, task=task.name)
     # Encoded before the charge: an example the model cannot take fails the round before it is paid for.
-    data = tensors(rows, "train", request.model.model_path, request.model.max_seq_len)
+    data = train_inputs(rows, request.model.model_path, request.model.max_seq_len, request.lora)
     plan = plan_request(request, rows.num_train)
     seeds = round_seeds(config, request.server_round)
     run = RunRef(run_id, request.run_key, resumed=request.resumed_after_round > 0)
