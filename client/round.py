@@ -30,6 +30,7 @@ from fedtune.common.device import pick_device
 from fedtune.common.errors import ConfigError, ModelError
 from fedtune.common.ledger import LEDGER_FILE, Entry, Ledger, LedgerHeader, event_from_json, event_to_json
 from fedtune.common.ledger_key import KEY_FILE, load_or_create_key
+from fedtune.common.model import kept_model
 from fedtune.common.tasks import get_task
 from fedtune.common.wire import RoundRequest, TrainReply
 
@@ -157,7 +158,7 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
     dp = None if decision.event is None else DpParams(decision.event.noise_multiplier, decision.event.clip_norm)
 
     device = pick_device()
-    model = task.build_model(task.load_base(request.model.model_path), request.labels, request.lora, device)
+    model = kept_model(task, request.model.model_path, request.labels, request.lora, device)
     load_arrays(model, global_arrays)
     result = train(model, data, steps=plan.steps, batch_size=request.plan.batch_size,
                    learning_rate=request.plan.learning_rate, dp=dp, device=device, seeds=seeds,

@@ -264,6 +264,26 @@ def build_model(
     return peft_model
 
 
+_KEPT: dict[tuple[Any, ...], PeftModel] = {}
+KEPT_MODELS = 2  # models kept per process (e.g. one run's classifier on CPU); the oldest goes first
+
+
+def kept_model(task: Any, model_path: str, labels: Sequence[str], lora: LoraSettings,
+               device: torch.device) -> PeftModel:
+    """The task's LoRA model for these settings, built once per process and reused round after round.
+
+    A node's round overwrites every adapter tensor (``load_arrays``) before it trains or evaluates, so a kept
+    model computes what a freshly built one would; reusing it saves copying the encoder and re-attaching
+    LoRA every round (a Flower simulation runs many rounds and nodes in one worker process).
+    """
+    key = (task.name, model_path, tuple(labels), lora, str(device))
+    if key not in _KEPT:
+        while len(_KEPT) >= KEPT_MODELS:
+            _KEPT.pop(next(iter(_KEPT)))
+        _KEPT[key] = task.build_model(task.load_base(model_path), labels, lora, device)
+    return _KEPT[key]
+
+
 def encode(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,3 +95,26 @@ def test_a_node_trains_from_cached_states_and_sends_the_servers_tensor_names(bas
     after = to_arrays(model)
     assert result.steps == 2 and np.isfinite(result.loss)
     assert any("lora_B" in k and not np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_kept_model_trains_a_round_exactly_as_a_freshly_built_one(base, tiny_model_dir):
+    """The model a process keeps across rounds (Opacus wrapped and closed before) gives the same update."""
+    from fedtune.common.adapter import load_arrays
+    from fedtune.common.model import kept_model
+    from fedtune.common.tasks import get_task
+
+    ids, mask, labels = _batch(base, 32)
+    start = to_arrays(_model(base, TOP))
+    kwargs = dict(steps=2, batch_size=8, learning_rate=0.5, dp=DpParams(1.0, 1.0), device=CPU)
+    updates = []
+    for model in (kept_model(get_task("classify"), str(tiny_model_dir), ("neg", "pos"), TOP, CPU),
+                  kept_model(get_task("classify"), str(tiny_model_dir), ("neg", "pos"), TOP, CPU),
+                  build_model(base, 2, TOP, CPU)):
+        load_arrays(model, start)
+        train(model, (ids, mask, labels), seeds=RoundSeeds.insecure(7, 2, "n"), **kwargs)
+        updates.append(to_arrays(model))
+    kept_first, kept_again, fresh = updates
+    assert kept_model(get_task("classify"), str(tiny_model_dir), ("neg", "pos"), TOP, CPU) is not None
+    for name in fresh:
+        assert np.allclose(kept_first[name], fresh[name], atol=1e-6), name
+        assert np.allclose(kept_again[name], fresh[name], atol=1e-6), name
