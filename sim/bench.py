@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -42,10 +43,14 @@ NAIVE_LORA = LoraSettings(lora_layers="")  # LoRA in every layer: the loop befor
 SIGMA = 1.0  # a typical noise multiplier of the main job (the cost of DP does not depend on it)
 
 
+@functools.lru_cache(maxsize=1)
+def _pool() -> Any:
+    return federation_split(get_task("classify").load_data(DataSettings()), 0.15, 42, 6000)[0]
+
+
 def corpus(n: int, model_path: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` training snippets of the real corpus (the main job's training pool), padded to ``max_len``."""
-    task = get_task("classify")
-    pool = federation_split(task.load_data(DataSettings()), 0.15, 42, 6000)[0]
+    pool = _pool()
     part = pool.dataset.select(range(min(n, len(pool.dataset))))
     ids, mask = encode(load_base(model_path).tokenizer, part["text"], max_len)
     return ids, mask, torch.tensor(part["label"], dtype=torch.long)
@@ -133,7 +138,7 @@ def node_round(model_path: str, data: Any, *, settings: RunSettings, steps: int,
         request = RoundRequest.from_record(request.to_record())
     n = len(data["labels"])
     with clock.part("ledger charge (fsync'd)"), tempfile.TemporaryDirectory() as tmp:
-        node = NodePrivacy.open(default_policy(settings, 0), Path(tmp), node="bench")
+        node = NodePrivacy.open(default_policy(settings, 0), Path(tmp), node="simulation:client-0")
         charge_round(node, replace(plan_request(request, n), steps=steps), run=RunRef("bench"), fingerprint="f")
     with clock.part("model build + adapter load"):
         model = build_model(base, 2, request.lora, device)
@@ -152,7 +157,7 @@ def node_round(model_path: str, data: Any, *, settings: RunSettings, steps: int,
 
 
 def overhead(model_path: str, *, examples: int, steps: int, top: LoraSettings, nodes: int = 5,
-             eval_examples: int = 1600) -> dict[str, Any]:
+             eval_examples: int = 1922) -> dict[str, Any]:
     """Shares of a round's time: every node's parts and the server's aggregation and held-out evaluation."""
     from fedtune.common.evaluation import evaluate
     from fedtune.server.aggregation import fedavg
@@ -195,7 +200,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": machine(), "model": args.model or "all-MiniLM-L6-v2 (embedded)"}
     out["throughput"] = throughput(args.model, examples=args.examples, batch=args.batch, steps=args.steps,
                                    max_len=args.seq, top=top)
-    out["overhead"] = overhead(args.model, examples=args.examples, steps=args.steps, top=top)
+    out["overhead"] = overhead(args.model, examples=args.examples, steps=args.steps, top=top,
+                               eval_examples=args.eval_examples)
     if args.scale:
         from fedtune.sim.scale import scale_rows
 
@@ -212,6 +218,7 @@ def main(argv: list[str] | None = None, *, render: Callable[[dict[str, Any]], st
     p.add_argument("--seq", type=int, default=48, help="max-seq-len")
     p.add_argument("--steps", type=int, default=3, help="timed DP steps per configuration")
     p.add_argument("--top-layers", default="4,5", help="lora-layers of the cached configuration")
+    p.add_argument("--eval-examples", type=int, default=1922, help="held-out examples the server evaluates")
     p.add_argument("--scale", action="store_true", help="also run the 100- and 1,000-client federations")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     args = p.parse_args(argv)
