@@ -25,7 +25,7 @@ from fedtune.client.privacy import Decision, decide, steps_per_round
 from fedtune.client.randomness import RoundSeeds
 from fedtune.client.trainer import DpParams, train
 from fedtune.common.accounting import accountant_record
-from fedtune.common.adapter import Arrays, load_arrays, to_arrays
+from fedtune.common.adapter import Arrays, load_arrays, sent_arrays, to_arrays
 from fedtune.common.device import pick_device
 from fedtune.common.errors import ConfigError, ModelError
 from fedtune.common.ledger import LEDGER_FILE, Entry, Ledger, LedgerHeader, event_from_json, event_to_json
@@ -171,4 +171,4 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
         raise ModelError("training left every adapter tensor unchanged (see opacus#820); refusing to reply",
                          code="TRAIN")
     loss = result.loss if node.policy.release_train_loss and math.isfinite(result.loss) else None
-    return _reply(decision, entry, rows.num_train, config.node, loss), update
+    return _reply(decision, entry, rows.num_train, config.node, loss), sent_arrays(update, request.lora.lora_variant)
