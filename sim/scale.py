@@ -144,6 +144,7 @@ def scale_rows(out_dir: Path, specs: tuple[ScaleSpec, ...] = SPECS) -> dict[str,
     return {"rows": done, "failed": [r for r in rows if "failed" in r], "plot": PLOT if done else None}
 
 
-if __name__ == "__main__":  # python -m fedtune.sim.scale CLIENTS MODEL ROUNDS -> one row as JSON
-    with tempfile.TemporaryDirectory(prefix="fedtune-scale-") as tmp:
-        print(json.dumps(run_row(ScaleSpec(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])), Path(tmp))))
+if __name__ == "__main__":  # python -m fedtune.sim.scale CLIENTS MODEL ROUNDS [WORK_DIR] -> one row as JSON
+    work = Path(sys.argv[4]) if len(sys.argv) > 4 else Path(tempfile.mkdtemp(prefix="fedtune-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(json.dumps(run_row(ScaleSpec(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])), work)))
