@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,15 @@ def _simulate(spec: SimulationSpec, out: Path, num_rounds: int) -> None:
         status = sim.wait(run_id, on_poll)
         run_log = sim.save_logs(run_id, spec.work_dir / "run.log")
         if not status.endswith("completed"):
-            tail = "\n".join(run_log.read_text().splitlines()[-25:])
-            raise RunError(f"run {run_id} ended as '{status}'. Last lines of {run_log}:\n{tail}")
+            raise RunError(f"run {run_id} ended as '{status}': {_last_error(run_log)} (full log: flower/run.log "
+                           "in the kept results directory)")
+
+
+def _last_error(run_log: Path) -> str:
+    """The last exception line of a run's log (``SomeError: message``), or a pointer to the log."""
+    lines = run_log.read_text(errors="replace").splitlines() if run_log.exists() else []
+    errors = [line.strip() for line in lines if re.match(r"^\s*[\w.]*(Error|Exception|Exit)\b.*:", line)]
+    return errors[-1] if errors else "no error line in the run log"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(format_problems(err.problems, prog="fedtune-sim", action="must be fixed" if
                                       len(err.problems) > 1 else ""), markup=False, highlight=False, soft_wrap=True)
         if results is not None:
-            results.finish(completed=False)
+            kept = results.finish(completed=False)
+            if isinstance(err, RunError) and kept.exists():
+                console.print(f"the failed run's files are in {kept}", markup=False, highlight=False)
         return exit_codes.FAILED if isinstance(err, RunError) else exit_codes.BAD_INPUT
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; the simulation was stopped[/]")

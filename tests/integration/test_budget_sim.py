@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.audit.cli import main as audit_main
+from fedtune.common.ledger import ACCOUNTING_KINDS
 from fedtune.sim.cli import main as sim_main
 
 POLICIES = {
@@ -33,7 +34,9 @@ def _sim(model: Path, csv: Path, out: Path, policies: Path, state: Path, rounds:
 
 
 def _ledger(state: Path, pid: int) -> list[dict]:
-    return [json.loads(line) for line in (state / f"client-{pid}" / "ledger.jsonl").read_text().splitlines()]
+    """The accounting entries of a client's ledger (its signed header and policy entries left out)."""
+    lines = (state / f"client-{pid}" / "ledger.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["kind"] in ACCOUNTING_KINDS]
 
 
 def _rounds(out: Path) -> list[dict]:
