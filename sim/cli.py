@@ -87,12 +87,16 @@ def parser() -> argparse.ArgumentParser:
 TASK_CLIENTS = {"classify": 5, "ner": 3, "sft": 3}
 
 
-def _task_presets(task: str) -> dict[str, Any]:
-    """The default job of ``task`` (kebab keys), under every flag and --set."""
+def _task_presets(task: str, own_model: bool) -> dict[str, Any]:
+    """The default job of ``task`` (kebab keys), under every flag and --set. Layer indices are the embedded
+    model's: with your own model (``--model``) LoRA goes on every layer unless lora-layers says otherwise."""
     try:
-        return dict(get_task(task).presets)
+        presets = dict(get_task(task).presets)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if own_model:
+        presets.pop("lora-layers", None)
+    return presets
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
@@ -120,7 +124,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         problems.append(f"--clients must be >= 1, got {args.clients}")
     if problems:
         raise ConfigError(problems)
-    overrides = _task_presets(str(overrides.get("task", "classify"))) | overrides
+    overrides = _task_presets(str(overrides.get("task", "classify")), bool(overrides.get("model-path"))) | overrides
     for key in ("model-path", "dataset"):  # paths stay valid for the Flower processes (another cwd)
         if overrides.get(key) and Path(str(overrides[key])).exists():
             overrides[key] = str(Path(str(overrides[key])).resolve())

@@ -59,7 +59,9 @@ def load_decoder(model_path: str) -> BaseModel:
 
 
 def _chatml(tokenizer: Any) -> bool:
-    return "<|im_start|>" in tokenizer.get_vocab() and "<|im_end|>" in tokenizer.get_vocab()
+    """Whether the vocabulary has ChatML's two markers (a token lookup: ``get_vocab`` copies the vocabulary)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")]
+    return all(isinstance(i, int) and i != tokenizer.unk_token_id for i in ids)
 
 
 def format_pair(tokenizer: Any, prompt: str, response: str | None = None) -> tuple[str, str]:
@@ -129,10 +131,10 @@ class Sft:
     pipeline_tag = "text-generation"
     headline = "perplexity"
     presets: dict[str, Any] = {
-        "dataset": "chitchat", "max-seq-len": 64, "lora-targets": TARGETS, "lora-layers": "22,23,24,25,26,27,28,29",
+        "dataset": "chitchat", "max-seq-len": 48, "lora-targets": TARGETS, "lora-layers": "26,27,28,29",
         "lora-rank": 8, "lora-alpha": 16.0, "num-rounds": 3, "local-epochs": 0.5, "batch-size": 32,
-        "optimizer": "sgd", "learning-rate": 1.0, "lora-lr-scale": 1.0, "partitioner": "iid", "test-fraction": 0.03,
-        "max-train-examples": 900,
+        "optimizer": "sgd", "learning-rate": 1.0, "lora-lr-scale": 1.0, "partitioner": "iid", "test-fraction": 0.02,
+        "max-train-examples": 600, "fraction-evaluate": 0.0,
     }
 
     def load_base(self, model_path: str) -> BaseModel:

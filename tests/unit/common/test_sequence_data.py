@@ -32,7 +32,8 @@ def test_conll_wrong_column_count_and_unknown_tag_name_file_and_line(tmp_path):
                     "in IN O\nParis NNP B-NP B-LOC\n\nBob NNP B-NP B-FOO\n")
     with pytest.raises(DataError) as err:
         read_token_file(path, [])
-    assert str(err.value).count(str(path)) == 1 and f"{path} line 6: 3 columns, expected 4 (as on line 3)" in str(err.value)
+    assert str(err.value).count(str(path)) == 1
+    assert f"{path} line 6: 3 columns, expected 4 (as on line 3)" in str(err.value)
     path.write_text("John NNP B-NP B-PER\n\nParis NNP B-NP B-LOC\n\nBob NNP B-NP B-FOO\n")
     with pytest.raises(DataError) as err:
         read_token_file(path, ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"])

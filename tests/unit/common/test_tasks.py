@@ -85,7 +85,8 @@ def test_sft_labels_are_response_tokens_only_and_loss_ignores_prompt_and_padding
     ids, mask, labels = task.encode(base, data, 16)
     tok = base.tokenizer
     response = tok("fine thanks<|im_end|>", add_special_tokens=False)["input_ids"]
-    prompt = tok("<|im_start|>user\ngood movie<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    header = "<|im_start|>user\ngood movie<|im_end|>\n<|im_start|>assistant\n"
+    prompt = tok(header, add_special_tokens=False)["input_ids"]
     assert ids[0, :len(prompt) + len(response)].tolist() == prompt + response
     assert labels[0].tolist() == [IGNORE] * len(prompt) + response + [IGNORE] * (16 - len(prompt) - len(response))
     assert (labels[mask == 0] == IGNORE).all()
