@@ -66,6 +66,19 @@ def _scale(rows: list[dict[str, Any]], plot: str | None) -> list[str]:
     return lines
 
 
+def _main_job(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## The main job (`make run`)", "",
+        "| results | lora-layers | held-out accuracy, rounds 0-3 | clients trained per round | max epsilon "
+        "| bytes/client/round | run s | wall s | load |", "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['results']} | {r['lora-layers'] or 'all'} | {' / '.join(map(str, r['accuracy']))} "
+                     f"| {' / '.join(map(str, r['clients-trained']))} | {r['epsilon-max']} "
+                     f"| {r['bytes-per-client-round']:,} | {r['run-s']} | {r['wall-s']} | {r['load-1min']} |")
+    return [*lines, ""]
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Benchmarks", "",
@@ -74,6 +87,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"Machine: {_machine(result['machine'])}. Model: {result['model']}.", "",
         *_throughput(result["throughput"]), *_overhead(result["overhead"]),
     ]
+    if "main-job" in result:
+        lines += _main_job(result["main-job"])
     if "scale" in result:
         lines += _scale(result["scale"]["rows"], result["scale"].get("plot"))
     return "\n".join(lines)

@@ -25,9 +25,7 @@ class Classify:
     name = "classify"
     pipeline_tag = "text-classification"
     headline = "accuracy"
-    # The main job puts LoRA in MiniLM's top two layers: nodes cache the four frozen layers' output once and
-    # train ~4x faster at the same held-out accuracy (docs/benchmarks.md). With --model it goes on every layer.
-    presets: dict[str, Any] = {"lora-layers": "4,5"}
+    presets: dict[str, Any] = {}  # the settings' own defaults are this task's job
 
     def base_ref(self, model_path: str, hub_id: str = "") -> BaseModelRef:
         from fedtune.common.model import base_model_ref
