@@ -51,16 +51,18 @@ def _overhead(o: dict[str, Any]) -> list[str]:
 def _scale(rows: list[dict[str, Any]], plot: str | None) -> list[str]:
     lines = [
         "## Scale (Flower simulation engine)", "",
-        "| clients | model | rounds | examples/client | s/round (mean) | wall s | peak memory (GiB) "
+        "| clients (replied in time) | model | rounds | examples/client | s/round (mean) | wall s | peak memory (GiB) "
         "| bytes/client/round (reply) | full model bytes | load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['clients']} | {r['model']} | {r['rounds']} | {r['examples-per-client']} "
+            f"| {r['clients']} ({r.get('trained-last-round', '?')}) | {r['model']} | {r['rounds']} "
+            f"| {r['examples-per-client']} "
             f"| {r['s-per-round']} | {r['wall-s']} | {r['peak-rss-gib']} | {r['bytes-per-client-round']:,} "
             f"| {r['full-model-bytes']:,} | {r.get('load-1min', '')} |")
-    lines.append("")
+    lines += ["", "A client that has not replied when the round's `round-timeout` (600 s) ends is left out of that "
+              "round's average; its charge stays in its ledger.", ""]
     if plot:
         lines += [f"![time per round against clients]({plot})", ""]
     return lines

@@ -112,6 +112,7 @@ def run_row(spec: ScaleSpec, work: Path) -> dict[str, Any]:
         "bytes-per-client-round": int(sum(replies) / len(replies)) if replies else 0,
         "full-model-bytes": _full_model_bytes(model_path), "load-1min": round(load, 1),
         "final-accuracy": lines[-1].get("accuracy"),
+        "trained-last-round": sum(c.get("status") == "trained" for c in lines[-1].get("clients", [])),
     }
 
 
