@@ -26,17 +26,18 @@ $(STAMP): pyproject.toml $(LOCK)
 run: $(STAMP)
 	$(BIN)/fedtune-sim $(ARGS)
 
-## nginx (proxy tests) and prometheus (metrics test); the tests skip without them.
+## nginx (proxy tests) and prometheus (metrics test, slow); the tests skip without them.
 test-tools:
-	@sh deploy/install-test-tools.sh
+	@sh deploy/install-test-tools.sh $(TOOLS)
 
 ## Debian's chromium for the report's browser test (it skips without it).
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium not installed: the report's browser test will be skipped"
 
-## The test suite (lint + pytest, slow tests excluded).
-test: $(STAMP) test-tools
+## The test suite (lint + pytest, slow tests excluded): one real simulated federation, one loopback TLS deployment.
+test: $(STAMP)
+	@sh deploy/install-test-tools.sh nginx
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

@@ -98,22 +98,37 @@ def plan_noise(history: History, target: float, delta: float, event: DpEvent, ac
         return epsilon
 
     rdp = at("rdp")
-    if rdp(MAX_PLANNED_SIGMA) > target and at(accountant)(MAX_PLANNED_SIGMA) > target:
-        raise PrivacyError(f"no noise multiplier up to {MAX_PLANNED_SIGMA:g} keeps epsilon within {target:.4g}")
     if rdp(MIN_PLANNED_SIGMA) <= target:
         return MIN_PLANNED_SIGMA
-    sigma_rdp = _bisect(rdp, target, MIN_PLANNED_SIGMA, MAX_PLANNED_SIGMA,
-                        PLAN_TOLERANCE if accountant == "rdp" else BRACKET_TOLERANCE)
+    # Grow the bracket from below: RDP at a huge sigma is slow (its fractional orders converge slowly).
+    lo, hi = MIN_PLANNED_SIGMA, min(MAX_PLANNED_SIGMA, 2 * MIN_PLANNED_SIGMA)
+    while rdp(hi) > target and hi < MAX_PLANNED_SIGMA:
+        lo, hi = hi, min(MAX_PLANNED_SIGMA, 4 * hi)
+    if rdp(hi) > target and at(accountant)(MAX_PLANNED_SIGMA) > target:
+        raise PrivacyError(f"no noise multiplier up to {MAX_PLANNED_SIGMA:g} keeps epsilon within {target:.4g}")
+    sigma_rdp = _bisect(rdp, target, lo, hi, PLAN_TOLERANCE if accountant == "rdp" else BRACKET_TOLERANCE) \
+        if rdp(hi) <= target else MAX_PLANNED_SIGMA
     if accountant == "rdp":
         return sigma_rdp
-    tight = at(accountant)
+    return _refine_prv(history, target, delta, event, sigma_rdp)
+
+
+def _refine_prv(history: History, target: float, delta: float, event: DpEvent, sigma_rdp: float) -> float:
+    """PRV's sigma from RDP's bracket: PLD (dp-accounting; ~10x cheaper than PRV at small sigma and within
+    ~0.2% of it) finds the point, then secant steps on PRV itself (epsilon ~ 1/sigma locally) move it until
+    PRV is within the target: typically two PRV evaluations instead of a bisection of six."""
+    def trial(sigma: float) -> list[DpEvent | None]:
+        return [*history, DpEvent(event.sample_rate, sigma, event.steps, event.clip_norm)]
+
+    pld = functools.cache(lambda sigma: independent_epsilon_of(trial(sigma), delta, "prv"))
     lo = max(MIN_PLANNED_SIGMA, 0.8 * sigma_rdp)
-    if tight(lo) <= target:
-        return lo
-    hi = sigma_rdp
-    while tight(hi) > target:  # PRV's own error bound can put it a hair above RDP
-        lo, hi = hi, min(MAX_PLANNED_SIGMA, hi * 1.25)
-    return _bisect(tight, target, lo, hi, PLAN_TOLERANCE)
+    sigma = lo if pld(lo) <= target else _bisect(pld, target, lo, sigma_rdp, PLAN_TOLERANCE / 2)
+    for _ in range(20):
+        eps = epsilon_of(trial(sigma), delta, "prv")
+        if eps <= target:
+            return sigma
+        sigma = min(MAX_PLANNED_SIGMA, max(sigma * eps / target * (1 + PLAN_TOLERANCE / 4), sigma * 1.001))
+    raise PrivacyError(f"the PRV accountant does not settle under epsilon {target:.4g} near sigma {sigma:.4g}")
 
 
 class BudgetExhausted(PrivacyError):

@@ -23,6 +23,7 @@ No privacy math is written here: every number comes from those libraries.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -98,40 +99,51 @@ def _check_delta(delta: float) -> None:
         raise PrivacyError(f"delta must be in (0, 1), got {delta!r}")
 
 
+Composition = tuple[tuple[float, float, int], ...]  # merged (sigma, q, steps): what an accountant sees
+
+
 def opacus_epsilon(events: Sequence[DpEvent], delta: float, accountant: str) -> float:
     """Epsilon of the composed events under Opacus' ``prv`` or ``rdp`` accountant (0 when empty)."""
-    from opacus.accountants import create_accountant
-
     if accountant not in OPACUS_ACCOUNTANTS:
         raise PrivacyError(f"accountant must be one of {', '.join(OPACUS_ACCOUNTANTS)}, got {accountant!r}")
     _check_delta(delta)
-    if not events:
-        return 0.0
+    return _opacus_epsilon(tuple(merged(events)), delta, accountant) if events else 0.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _opacus_epsilon(composition: Composition, delta: float, accountant: str) -> float:
+    """Cached: a node asks for the same composition again (the plan's last trial is the round it charges;
+    this round's epsilon-after is the next round's epsilon-before), and PRV at small sigma takes seconds."""
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(accountant)
-    acc.history = merged(events)
+    acc.history = list(composition)
     return float(acc.get_epsilon(delta=delta))
 
 
 def dp_accounting_epsilon(events: Sequence[DpEvent], delta: float, accountant: str) -> float:
     """Epsilon of the composed events under Google dp-accounting's ``pld`` or ``rdp`` accountant."""
+    _check_delta(delta)
+    if accountant not in ("pld", "rdp"):
+        raise PrivacyError(f"independent accountant must be pld or rdp, got {accountant!r}")
+    return _dp_accounting_epsilon(tuple(merged(events)), delta, accountant) if events else 0.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _dp_accounting_epsilon(composition: Composition, delta: float, accountant: str) -> float:
     import dp_accounting
     from dp_accounting import pld, rdp
 
-    _check_delta(delta)
-    if not events:
-        return 0.0
     if accountant == "pld":
         acc: dp_accounting.PrivacyAccountant = pld.PLDAccountant(
             dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=PLD_DISCRETIZATION)
-    elif accountant == "rdp":
-        acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
     else:
-        raise PrivacyError(f"independent accountant must be pld or rdp, got {accountant!r}")
+        acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
     quiet = logging.getLogger()  # dp-accounting RDP logs every order whose series does not converge
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        for sigma, q, steps in merged(events):
+        for sigma, q, steps in composition:
             acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
         return float(acc.get_epsilon(delta))
     finally:

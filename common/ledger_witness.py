@@ -94,8 +94,8 @@ class Witness:
                 raise PrivacyError(
                     f"ledger {ledger} has {len(entries)} entries but its witness {self.path} does not exist: the "
                     "witness may have been moved or deleted. If this is the first start with a witness, adopt the "
-                    "ledger's current head: fedtune-client --adopt-witness with the same --state-dir; see docs/ledger.md, "
-                    "'The witness'")
+                    "ledger's current head: fedtune-client --adopt-witness with the same --state-dir; see "
+                    "docs/ledger.md, 'The witness'")
             return
         if mark.key != key:
             raise PrivacyError(f"ledger witness {self.path} is for ledger key {mark.key}, but the ledger is signed "

@@ -1,10 +1,14 @@
 #!/usr/bin/env sh
 # System packages some tests use (Debian/Ubuntu, as root): nginx for the reverse-proxy tests,
 # prometheus (with promtool) for the monitoring test. Tests that need a missing tool are skipped.
+# Usage: install-test-tools.sh [nginx] [prometheus]   (no argument: both)
 set -u
+tools="${*:-nginx prometheus}"
 missing=""
-command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx-light"
-command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
+case " $tools " in *" nginx "*)
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx-light";; esac
+case " $tools " in *" prometheus "*)
+    command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus";; esac
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "not installed:$missing (needs root and apt-get); the tests that use them will be skipped"

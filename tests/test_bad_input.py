@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from fedtune.common import exit_codes, tls
-from fedtune.common.flower_cli import free_port
 from fedtune.common.accounting import accountant_record
+from fedtune.common.flower_cli import free_port
 from fedtune.common.ledger import Ledger
 from fedtune.common.ledger_key import load_or_create_key
 from tests.tiny import make_sentiment_frame
@@ -66,8 +66,8 @@ def _ledger(state: Path) -> None:
     with Ledger(state / "ledger.jsonl", key, witness=witness).session() as session:
         for rnd in (1, 2):
             session.append({"run": "7", "round": rnd, "dataset": "d", "fingerprint": "f", "decision": "refused",
-                            "reason": "test", "event": None, "delta": 1e-5, "accountant": accountant_record("prv"), "epsilon": 0.0,
-                            "epsilon_round": 0.0, "budget": 1.0, "request": {}})
+                            "reason": "test", "event": None, "delta": 1e-5, "accountant": accountant_record("prv"),
+                            "epsilon": 0.0, "epsilon_round": 0.0, "budget": 1.0, "request": {}})
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from fedtune.audit.cli import main as audit_main
 from fedtune.common.ledger import ACCOUNTING_KINDS
 from fedtune.sim.cli import main as sim_main
 
+pytestmark = pytest.mark.slow  # two federations of 3 nodes with per-node policies; make test-all
+
 POLICIES = {
     "client-0.toml": 'max-epsilon = 6.0\nnoise-plan = "as-requested"\ndataset-id = "ward-0"\n',
     "client-1.toml": 'max-epsilon = 50.0\nmin-noise-multiplier = 1.5\ndataset-id = "ward-1"\n',

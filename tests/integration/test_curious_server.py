@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from fedtune.common.settings import RunSettings
 from fedtune.common.wire import TrainReply
@@ -19,6 +20,7 @@ from fedtune.sim.nodes import SimulatedNodes, prepare
 from fedtune.sim.runner import LocalSimulation, SimulationSpec
 
 APP = Path(__file__).parent / "curious_app"
+pytestmark = pytest.mark.slow  # a 5-round federation (~1-2 min on 2 cores); make test-all
 
 
 def test_a_curious_server_learns_nothing_it_should_not(tiny_model_dir, sentiment_csv, tmp_path):

@@ -1,6 +1,9 @@
 """A real deployment on loopback: fedtune-server + fedtune-client daemons, TLS, node auth, app pinning.
 
-One scenario (module fixture, ~2.5 min on 2 cores) covers the acceptance points:
+The default suite runs the small scenario (``small``): a TLS server with two authenticated nodes
+runs one DP round while a plaintext node tries to join and is refused; both ledgers verify.
+
+The full scenario (``scenario``, marked slow, ~2.5 min on 2 cores alone) covers the rest:
 nodes a and b (registered, app allow-listed) and c (registered, allow-list
 without the run's app) join a 2-round DP fine-tuning of a tiny BERT. While round
 1 runs, a plaintext node and a node with an unregistered key try to join and
@@ -28,6 +31,7 @@ import pytest
 
 from fedtune.common import exit_codes
 from fedtune.common.flower_cli import free_port
+from fedtune.common.ledger import ACCOUNTING_KINDS
 from tests.tiny import make_sentiment_frame
 
 BIN = Path(sys.executable).parent
@@ -71,9 +75,11 @@ class Scenario:
     def node_dir(self, name: str) -> Path:
         return self.root / f"node-{name}"
 
+    nodes: str = "abc"  # the registered nodes that join the run
+
     def server_cmd(self) -> list[str]:
         c = self.certs
-        keys = [arg for n in "abc" for arg in ("--node-keys", str(c / "nodes" / n / "node.pub"))]
+        keys = [arg for n in self.nodes for arg in ("--node-keys", str(c / "nodes" / n / "node.pub"))]
         return [str(BIN / "fedtune-server"), "--ssl-ca-certfile", str(c / "ca/ca.pem"),
                 "--ssl-certfile", str(c / "server/server.pem"), "--ssl-keyfile", str(c / "server/server.key"),
                 *keys, "--run-config", str(self.root / "run.toml"), "--work-dir", str(self.srv),
@@ -95,8 +101,8 @@ class Scenario:
         return cmd
 
 
-def _prepare(root: Path, model_dir: Path, dataset: Path) -> Scenario:
-    sc = Scenario(root, free_port())
+def _prepare(root: Path, model_dir: Path, dataset: Path, *, nodes: str = "abc", rounds: int = 2) -> Scenario:
+    sc = Scenario(root, free_port(), nodes=nodes)
     subprocess.run([str(BIN / "fedtune-certs"), "dev", "--out", str(sc.certs), "--host", "localhost",
                     "--host", "127.0.0.1", *[a for n in "abcd" for a in ("--node", n)]], check=True,
                    capture_output=True)
@@ -110,7 +116,7 @@ def _prepare(root: Path, model_dir: Path, dataset: Path) -> Scenario:
                                        f'ledger-key = "{key}"\n')
     (root / "run.toml").write_text(
         f'model-path = "{model_dir}"\ndataset = "{dataset}"\npartition-by = "group"\nmax-seq-len = 16\n'
-        "batch-size = 32\nlearning-rate = 0.05\nnum-rounds = 2\nmin-clients = 3\n")
+        f"batch-size = 32\nlearning-rate = 0.05\nnum-rounds = {rounds}\nmin-clients = {len(nodes)}\n")
     app_hash = subprocess.run([str(BIN / "fedtune-server"), "--work-dir", str(sc.srv), "--print-app-hash"],
                               check=True, capture_output=True, text=True).stdout.strip()
     (root / "allowed.txt").write_text(f"# fedtune app bundle\n{app_hash}\n")
@@ -128,13 +134,14 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> No
         time.sleep(0.1)
 
 
-def _refusals(sc: Scenario) -> None:
+def _refusals(sc: Scenario, labels: tuple[str, ...]) -> None:
     """Nodes the server must refuse, tried (in parallel) while round 1 runs."""
     allowed = sc.root / "allowed.txt"
-    attempts = {
-        "plaintext": sc.client_cmd("p", allowlist=allowed, insecure=True, max_restarts=1),
-        "unregistered": sc.client_cmd("d", allowlist=allowed, key="d", max_restarts=1),
+    commands = {
+        "plaintext": lambda: sc.client_cmd("p", allowlist=allowed, insecure=True, max_restarts=1),
+        "unregistered": lambda: sc.client_cmd("d", allowlist=allowed, key="d", max_restarts=1),
     }
+    attempts = {label: commands[label]() for label in labels}
     procs = {label: _start([*cmd, "--connect-retries", "2"], sc.root / f"{label}.out")
              for label, cmd in attempts.items()}
     sc.procs += procs.values()
@@ -169,7 +176,7 @@ def _run(sc: Scenario) -> None:
     allowed, other = sc.root / "allowed.txt", sc.root / "other-app.txt"
     for name, allowlist in (("a", allowed), ("b", allowed), ("c", other)):
         sc.procs.append(_start(sc.client_cmd(name, allowlist=allowlist, key=name), sc.root / f"client-{name}.out"))
-    _refusals(sc)
+    _refusals(sc, ("unregistered",))
     _intrude(sc)
     _wait_for(sc.srv / "checkpoints" / "round-0001", server, RUN_TIMEOUT_S)
     _kill_group(server)  # a crash of the whole server (SuperLink, ServerApp) right after round 1
@@ -181,6 +188,32 @@ def _run(sc: Scenario) -> None:
         sc.exit_codes["server"] = restarted.wait(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         sc.exit_codes["server"] = -1
+
+
+def _run_small(sc: Scenario) -> None:
+    server = _start(sc.server_cmd(), sc.root / "server-1.out")
+    sc.procs.append(server)
+    _wait_for(sc.srv / "current-run.json", server, 120)
+    for name in sc.nodes:
+        sc.procs.append(_start(sc.client_cmd(name, allowlist=sc.root / "allowed.txt", key=name),
+                               sc.root / f"client-{name}.out"))
+    _refusals(sc, ("plaintext",))
+    try:
+        sc.exit_codes["server"] = server.wait(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        sc.exit_codes["server"] = -1
+    sc.first_run_id = json.loads((sc.srv / "current-run.json").read_text())["run-id"]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, sentiment_csv: Path) -> Iterator[Scenario]:
+    sc = _prepare(tmp_path_factory.mktemp("deploy-small"), tiny_model_dir, sentiment_csv, nodes="ab", rounds=1)
+    try:
+        _run_small(sc)
+        yield sc
+    finally:
+        for proc in reversed(sc.procs):
+            _kill_group(proc, signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")
@@ -201,9 +234,47 @@ def _metrics(sc: Scenario) -> list[dict]:
 
 def _ledger(sc: Scenario, name: str) -> list[dict]:
     path = sc.node_dir(name) / "state" / "ledger.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for e in map(json.loads, lines) if e["kind"] in ACCOUNTING_KINDS]  # no header/policy entries
 
 
+def _audit_ledgers(sc: Scenario, names: str) -> dict[str, list[tuple[str, int]]]:
+    """Each node's ledger verifies against its policy and key; its charged (run, round) pairs."""
+    from cryptography.hazmat.primitives import serialization
+
+    from fedtune.audit.ledger_audit import LedgerSpec, audit_ledger
+    from fedtune.audit.policy import read_policy
+    from fedtune.common.ledger_key import key_id
+
+    charged = {}
+    for name in names:
+        pub = serialization.load_pem_public_key((sc.certs / "nodes" / name / "ledger-signing.pub").read_bytes())
+        spec = LedgerSpec(sc.node_dir(name) / "state" / "ledger.jsonl",
+                          policy=read_policy(sc.node_dir(name) / "policy.toml"))
+        report = audit_ledger(spec, {key_id(pub): pub})
+        assert report.ok, [str(p) for p in report.problems.listed()]
+        charged[name] = [(str(e["run"]), int(e["round"])) for e in _ledger(sc, name) if e["decision"] == "charged"]
+    return charged
+
+
+def test_small_tls_deployment_trains_a_round_and_both_ledgers_verify(small: Scenario) -> None:
+    out = (small.root / "server-1.out").read_text()
+    assert small.exit_codes["server"] == 0, out[-3000:]
+    rows = _metrics(small)
+    assert [r["round"] for r in rows] == [0, 1]
+    assert sorted(c["status"] for c in rows[1]["clients"]) == ["trained", "trained"], rows[1]["clients"]
+    assert 0 < rows[1]["epsilon-max"] <= 8.0
+    for name, charged in _audit_ledgers(small, "ab").items():
+        assert charged == [(str(small.first_run_id), 1)], f"node {name}: {charged}"
+
+
+def test_plaintext_node_is_refused(small: Scenario) -> None:
+    out = (small.root / "plaintext.out").read_text()
+    assert small.exit_codes["plaintext"] == exit_codes.BAD_INPUT, out[-2000:]
+    assert "refused a plaintext connection: the server requires TLS" in out
+
+
+@pytest.mark.slow
 def test_server_resumes_after_a_crash_and_the_run_completes(scenario: Scenario) -> None:
     out = (scenario.root / "server-2.out").read_text()
     assert scenario.exit_codes["server"] == 0, out[-3000:]
@@ -217,21 +288,10 @@ def test_server_resumes_after_a_crash_and_the_run_completes(scenario: Scenario) 
     assert (scenario.srv / "results" / "adapter").is_dir()
 
 
+@pytest.mark.slow
 def test_ledgers_verify_and_every_training_is_charged_once(scenario: Scenario) -> None:
-    from cryptography.hazmat.primitives import serialization
-
-    from fedtune.audit.ledger_audit import LedgerSpec, audit_ledger
-    from fedtune.audit.policy import read_policy
-    from fedtune.common.ledger_key import key_id
-
     final_run = json.loads((scenario.srv / "current-run.json").read_text())["run-id"]
-    for name in "ab":
-        pub = serialization.load_pem_public_key((scenario.certs / "nodes" / name / "ledger-signing.pub").read_bytes())
-        spec = LedgerSpec(scenario.node_dir(name) / "state" / "ledger.jsonl",
-                          policy=read_policy(scenario.node_dir(name) / "policy.toml"))
-        report = audit_ledger(spec, {key_id(pub): pub})
-        assert report.ok, [str(p) for p in report.problems.listed()]
-        charged = [(str(e["run"]), int(e["round"])) for e in _ledger(scenario, name) if e["decision"] == "charged"]
+    for name, charged in _audit_ledgers(scenario, "ab").items():
         assert len(charged) == len(set(charged)), f"node {name} charged one training twice: {charged}"
         assert (str(scenario.first_run_id), 1) in charged and (str(final_run), 2) in charged
         # Round 2 of the killed attempt counts only if that node really trained it before the crash.
@@ -240,6 +300,7 @@ def test_ledgers_verify_and_every_training_is_charged_once(scenario: Scenario) -
         assert len(charged) == trained, f"node {name}: {len(charged)} charges for {trained} trainings"
 
 
+@pytest.mark.slow
 def test_node_without_the_app_on_its_allow_list_refuses_it_and_trains_nothing(scenario: Scenario) -> None:
     decisions = [json.loads(x) for x in (scenario.node_dir("c") / "state" / "app-decisions.jsonl").read_text()
                  .splitlines()]
@@ -253,12 +314,7 @@ def test_node_without_the_app_on_its_allow_list_refuses_it_and_trains_nothing(sc
     assert allowed and all(d["decision"] == "allowed" for d in allowed)
 
 
-def test_plaintext_node_is_refused(scenario: Scenario) -> None:
-    out = (scenario.root / "plaintext.out").read_text()
-    assert scenario.exit_codes["plaintext"] == exit_codes.BAD_INPUT, out[-2000:]
-    assert "refused a plaintext connection: the server requires TLS" in out
-
-
+@pytest.mark.slow
 def test_unregistered_node_key_is_refused(scenario: Scenario) -> None:
     out = (scenario.root / "unregistered.out").read_text()
     assert scenario.exit_codes["unregistered"] == exit_codes.BAD_INPUT, out[-2000:]
@@ -266,6 +322,7 @@ def test_unregistered_node_key_is_refused(scenario: Scenario) -> None:
     assert not (scenario.node_dir("d") / "state" / "ledger.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_a_local_process_with_only_the_ca_cannot_register_a_node_key(scenario: Scenario) -> None:
     register, listing = scenario.intruder["register"], scenario.intruder["list"]
     assert isinstance(register, dict) and register.get("success") is not True, register

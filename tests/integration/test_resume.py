@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR, LATEST
 from fedtune.sim.cli import main
+
+pytestmark = pytest.mark.slow  # two federations (~1 min on 2 cores); make test-all
 
 
 def test_resumed_run_ends_like_the_uninterrupted_one(tiny_model_dir, sentiment_csv, tmp_path, monkeypatch):

@@ -53,6 +53,7 @@ def test_three_clients_two_rounds_learn_and_leave_nothing_running(tiny_model_dir
     assert _flower_processes() <= before, "the simulation left Flower/Ray processes running"
 
 
+@pytest.mark.slow
 def test_dp_run_reports_epsilon_within_budget(tiny_model_dir, sentiment_csv, tmp_path):
     out = tmp_path / "dp"
     code = main([*_common_args(tiny_model_dir, sentiment_csv, out), "--epsilon", "3", "--rounds", "2"])
@@ -94,6 +95,7 @@ def test_bad_data_files_exit_nonzero(tiny_model_dir, tmp_path, capsys, content, 
     assert message in " ".join(err.split()) and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_inside_flower_exits_nonzero(tiny_model_dir, sentiment_csv, tmp_path, capsys, monkeypatch):
     """`flwr run --stream` would exit 0 here; fedtune-sim checks the run's real status."""
     monkeypatch.setenv("FEDTUNE_DEVICE", "no-such-device")  # inherited by the ServerApp: it fails at start
