@@ -20,6 +20,7 @@ from fedtune.client.round import NodePrivacy, train_round
 from fedtune.common.adapter import arrays_to_record, load_arrays, record_to_arrays
 from fedtune.common.device import pick_device
 from fedtune.common.errors import FedtuneError
+from fedtune.common.model import kept_model
 from fedtune.common.tasks import get_task
 from fedtune.common.wire import ARRAYS, REQUEST, ErrorReply, EvalReply, RoundRequest, WireError
 
@@ -81,7 +82,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
             return EvalReply("declined").to_content()
         device = pick_device()
         base = task.load_base(request.model.model_path)
-        model = task.build_model(base, request.labels, request.lora, device)
+        model = kept_model(task, request.model.model_path, request.labels, request.lora, device)
         load_arrays(model, record_to_arrays(msg.content[ARRAYS]))
         result = task.evaluate(model, base, rows.test, tensors(rows, "test", request.model.model_path,
                                                                 request.model.max_seq_len), device=device)

@@ -22,6 +22,7 @@ import torch
 from fedtune.client.node_config import NodeConfig
 from fedtune.common.data import LabelledData, holdout_split
 from fedtune.common.errors import DataError
+from fedtune.common.settings import LoraSettings
 from fedtune.common.tasks import get_task
 
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids [N, T], mask [N, T], labels [N] or [N, T]
@@ -39,6 +40,7 @@ class NodeRows:
     fingerprint: str  # sha256 over the training examples; stays on the node (ledger)
     task: str = "classify"
     _tensors: dict[tuple[str, str, int], Tensors] = field(default_factory=dict, compare=False, repr=False)
+    _states: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_train(self) -> int:
@@ -93,3 +95,25 @@ def tensors(rows: NodeRows, part: Literal["train", "test"], model_path: str, max
         task = get_task(rows.task)
         rows._tensors[key] = task.encode(task.load_base(model_path), data, max_len)
     return rows._tensors[key]
+
+
+def train_inputs(rows: NodeRows, model_path: str, max_len: int, lora: LoraSettings) -> dict[str, torch.Tensor]:
+    """What the trainer feeds the model: the encoded training part, and for a classifier whose LoRA starts at
+    layer k > 0 the frozen layers' output ``hidden_states`` [N, T, H] in place of ``input_ids``.
+
+    Those states are computed once per process, node and model (a fixed function of each example: caching
+    them changes nothing about DP, and every step then runs only the layers that train).
+    """
+    ids, mask, labels = tensors(rows, "train", model_path, max_len)
+    if rows.task != "classify":
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    from fedtune.common.model import frozen_prefix, lower_states
+
+    encoder = get_task(rows.task).load_base(model_path).encoder
+    cut = frozen_prefix(encoder, lora)
+    if cut == 0:
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    key = (model_path, max_len, cut)
+    if key not in rows._states:
+        rows._states[key] = lower_states(encoder, ids, mask, cut)
+    return {"hidden_states": rows._states[key], "attention_mask": mask, "labels": labels}

@@ -19,17 +19,18 @@ from pathlib import Path
 import numpy as np
 
 from fedtune.client.node_config import NodeConfig
-from fedtune.client.node_data import load_rows, tensors
+from fedtune.client.node_data import load_rows, train_inputs
 from fedtune.client.policy import NodePolicy, PlanRequest
 from fedtune.client.privacy import Decision, decide, steps_per_round
 from fedtune.client.randomness import RoundSeeds
 from fedtune.client.trainer import DpParams, train
 from fedtune.common.accounting import accountant_record
-from fedtune.common.adapter import Arrays, load_arrays, to_arrays
+from fedtune.common.adapter import Arrays, load_arrays, sent_arrays, to_arrays
 from fedtune.common.device import pick_device
 from fedtune.common.errors import ConfigError, ModelError
 from fedtune.common.ledger import LEDGER_FILE, Entry, Ledger, LedgerHeader, event_from_json, event_to_json
 from fedtune.common.ledger_key import KEY_FILE, load_or_create_key
+from fedtune.common.model import kept_model
 from fedtune.common.tasks import get_task
 from fedtune.common.wire import RoundRequest, TrainReply
 
@@ -168,7 +169,7 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
     task = get_task(request.model.task)
     rows = load_rows(config, request.labels, local_eval=node.policy.release_local_eval, task=task.name)
     # Encoded before the charge: an example the model cannot take fails the round before it is paid for.
-    data = tensors(rows, "train", request.model.model_path, request.model.max_seq_len)
+    data = train_inputs(rows, request.model.model_path, request.model.max_seq_len, request.lora)
     plan = plan_request(request, rows.num_train)
     seeds = round_seeds(config, request.server_round)
     run = RunRef(run_id, request.run_key, resumed=request.resumed_after_round > 0)
@@ -178,7 +179,7 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
     dp, optimizer = training_mode(decision, request)
 
     device = pick_device()
-    model = task.build_model(task.load_base(request.model.model_path), request.labels, request.lora, device)
+    model = kept_model(task, request.model.model_path, request.labels, request.lora, device)
     load_arrays(model, global_arrays)
     result = train(model, data, steps=plan.steps, batch_size=request.plan.batch_size,
                    learning_rate=optimizer.learning_rate, dp=dp, device=device, seeds=seeds,
@@ -191,4 +192,4 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
         raise ModelError("training left every adapter tensor unchanged (see opacus#820); refusing to reply",
                          code="TRAIN")
     loss = result.loss if node.policy.release_train_loss and math.isfinite(result.loss) else None
-    return _reply(decision, entry, rows.num_train, config.node, loss), update
+    return _reply(decision, entry, rows.num_train, config.node, loss), sent_arrays(update, request.lora.lora_variant)

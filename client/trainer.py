@@ -12,7 +12,7 @@ import contextlib
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedtune.client.randomness import RoundSeeds
 from fedtune.common.device import autocast
 from fedtune.common.tasks import Task, get_task
-from fedtune.common.tasks.base import trim
+from fedtune.common.tasks.base import Encoded, trim
 
 # The node's own memory limit: at most this many examples per forward/backward pass (0 = the whole batch).
 # A larger Poisson batch is split by Opacus' BatchMemoryManager; the privacy step stays one logical batch.
@@ -120,6 +120,23 @@ def _physical(loader: DataLoader, private: Private | None, limit: int) -> Iterat
         yield memory_safe
 
 
+def named_inputs(data: Encoded | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A task's encoded triple as named tensors (a mapping passes through: e.g. cached ``hidden_states``)."""
+    if isinstance(data, Mapping):
+        return dict(data)
+    ids, mask, labels = data
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def step_loss(task: Task, module: nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device,
+              pad_to_longest: bool = True) -> torch.Tensor:
+    """One batch's loss: padded to its own longest example (dynamic padding), moved to ``device``."""
+    if pad_to_longest:
+        batch = trim(batch)
+    with autocast(device):
+        return task.loss(module, {k: v.to(device) for k, v in batch.items()})
+
+
 def make_optimizer(
     model: nn.Module, kind: str, learning_rate: float, lora_lr_scale: float
 ) -> torch.optim.Optimizer:
@@ -139,7 +156,7 @@ def make_optimizer(
 
 def train(
     model: PeftModel,
-    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    data: Encoded | Mapping[str, torch.Tensor],
     *,
     steps: int,
     batch_size: int,
@@ -150,16 +167,21 @@ def train(
     optimizer: str = "sgd",
     lora_lr_scale: float = 1.0,
     task: Task | None = None,
+    pad_to_longest: bool = True,
 ) -> TrainResult:
     """Train ``model``'s trainable tensors in place for ``steps`` steps.
 
-    ``data`` is (input_ids [N, T], attention_mask [N, T], labels [N] or [N, T]); ``task`` (default: classify)
-    computes each batch's loss. Under DP the loader is Poisson-sampled with q = 1 / ceil(N / batch_size).
-    ``seeds`` drive sampling, noise and dropout.
+    ``data`` is (input_ids [N, T], attention_mask [N, T], labels [N] or [N, T]), or the same by name where
+    ``hidden_states`` [N, T, H] (the frozen lower layers' output, ``common.model.lower_states``) may stand in
+    for ``input_ids``; ``task`` (default: classify) computes each batch's loss. Under DP the loader is
+    Poisson-sampled with q = 1 / ceil(N / batch_size). ``seeds`` drive sampling, noise and dropout. Each
+    batch is padded only to its longest example (``pad_to_longest``; False is the naive pad-to-max loop).
     """
     task = task or get_task("classify")
+    named = named_inputs(data)
+    names = tuple(named)
     sampler, noise = seeds.generators(device)
-    loader = DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=True, generator=sampler)
+    loader = DataLoader(TensorDataset(*named.values()), batch_size=batch_size, shuffle=True, generator=sampler)
     optim = make_optimizer(model, optimizer, learning_rate, lora_lr_scale)
     module: nn.Module = model
     model.train()  # Opacus refuses a module in eval mode (a model that was just evaluated)
@@ -172,18 +194,17 @@ def train(
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     losses, examples, taken = [], 0, 0
     with _physical(loader, private, max_physical_batch()) as batches:
-        for ids, mask, labels in _batches(batches, steps * 10**6):  # stops after `steps` logical steps
+        for tensors in _batches(batches, steps * 10**6):  # stops after `steps` logical steps
+            batch = dict(zip(names, tensors, strict=True))
             optim.zero_grad(set_to_none=True)
-            if len(labels) == 0:  # a Poisson draw can be empty: the step is charged, and its noise released
+            if len(batch["labels"]) == 0:  # a Poisson draw can be empty: the step is charged, its noise released
                 noise_only_step(optim)
             else:
-                batch = trim({"input_ids": ids, "attention_mask": mask, "labels": labels})
-                with autocast(device):
-                    loss = task.loss(module, {k: v.to(device) for k, v in batch.items()})
+                loss = step_loss(task, module, batch, device, pad_to_longest)
                 loss.backward()
                 optim.step()
                 losses.append(float(loss.detach()))
-                examples += len(labels)
+                examples += len(batch["labels"])
             taken += not getattr(optim, "_is_last_step_skipped", False)
             if taken == steps:
                 break

@@ -52,6 +52,19 @@ def arrays_to_record(arrays: Arrays) -> ArrayRecord:
     return ArrayRecord(OrderedDict((k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in arrays.items()))
 
 
+def sent_arrays(arrays: Arrays, lora_variant: str) -> Arrays:
+    """The tensors a node sends back: all trainable ones. Under FFA-LoRA the A factors keep the server's shared
+    value (they never train), so only B and the head travel; the server restores A (:func:`with_frozen`)."""
+    if lora_variant != "ffa":
+        return arrays
+    return {k: v for k, v in arrays.items() if "lora_A" not in k}
+
+
+def with_frozen(update: Arrays, reference: Arrays) -> Arrays:
+    """A node's update completed with the tensors it did not send, at the value the server sent."""
+    return {k: update[k] if k in update else reference[k] for k in reference}
+
+
 def check_arrays(arrays: Arrays, reference: Arrays) -> list[str]:
     """Problems that make ``arrays`` unusable as an update of ``reference`` (names, shapes, NaN/inf)."""
     problems = []

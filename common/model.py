@@ -152,25 +152,75 @@ def load_base(model_path: str) -> BaseModel:
 
 
 class SentenceClassifier(nn.Module):
-    """Encoder -> masked mean pooling -> linear head (zero-initialised)."""
+    """Encoder -> masked mean pooling -> linear head (zero-initialised).
 
-    def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int) -> None:
+    With ``cut`` > 0 (LoRA only in layers >= cut) the forward pass may start from ``hidden_states``, the
+    output of the frozen layers below ``cut`` (see :func:`lower_states`): those layers are a fixed function
+    of each example, so a node computes them once and every training step runs only the layers that train.
+    """
+
+    def __init__(self, encoder: nn.Module, hidden_size: int, num_labels: int, cut: int = 0) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(hidden_size, num_labels)
+        self.cut = cut
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # input_ids, attention_mask: [B, T] -> logits [B, num_labels]
-        # position_ids expanded to [B, T]: Opacus needs per-sample shapes (opacus#841).
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        states = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state  # [B, T, H]
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids, attention_mask: [B, T] (or hidden_states [B, T, H] after layer `cut`) -> logits [B, num_labels]
+        assert attention_mask is not None
+        if hidden_states is not None:
+            states = top_layers(self.encoder, hidden_states, attention_mask, self.cut)
+        else:
+            # position_ids expanded to [B, T]: Opacus needs per-sample shapes (opacus#841).
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            states = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            ).last_hidden_state  # [B, T, H]
         mask = attention_mask.unsqueeze(-1).to(states.dtype)  # [B, T, 1]
         pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [B, H]
         return self.head(pooled)
+
+
+def frozen_prefix(encoder: nn.Module, lora: LoraSettings) -> int:
+    """How many bottom layers of ``encoder`` stay frozen (no LoRA): min(lora-layers), 0 when every layer
+    trains or the encoder is not a BERT-style stack (``encoder.encoder.layer``)."""
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if not lora.layers or not isinstance(layers, nn.ModuleList):
+        return 0
+    return min(min(lora.layers), len(layers))
+
+
+def top_layers(encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, cut: int) -> torch.Tensor:
+    """Run the layers ``cut..`` of a BERT-style encoder on the states [B, T, H] that layer ``cut - 1`` output."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+    for layer in encoder.encoder.layer[cut:]:
+        hidden = layer(hidden, mask)
+    return hidden
+
+
+@torch.no_grad()
+def lower_states(encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cut: int,
+                 batch_size: int = 256) -> torch.Tensor:
+    """The frozen encoder's hidden states after layer ``cut - 1`` (embeddings when ``cut`` = 0), [N, T, H], fp32.
+
+    Computed without dropout (eval mode): the states are a deterministic function of each example alone.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    for start in range(0, len(ids), batch_size):
+        b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
+        position_ids = torch.arange(b_ids.shape[1]).expand_as(b_ids)
+        res = encoder(input_ids=b_ids, attention_mask=b_mask, position_ids=position_ids, output_hidden_states=True)
+        out.append(res.hidden_states[cut].float())
+    encoder.train(was_training)
+    width = ids.shape[1]
+    return torch.cat(out) if out else torch.zeros((0, width, int(encoder.config.hidden_size)))
 
 
 def lora_config(settings: LoraSettings) -> LoraConfig:
@@ -185,9 +235,9 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
     )
 
 
-def build_classifier(base: BaseModel, num_labels: int) -> SentenceClassifier:
+def build_classifier(base: BaseModel, num_labels: int, cut: int = 0) -> SentenceClassifier:
     """A fresh classifier over a private copy of the cached base encoder."""
-    return SentenceClassifier(copy.deepcopy(base.encoder), base.hidden_size, num_labels)
+    return SentenceClassifier(copy.deepcopy(base.encoder), base.hidden_size, num_labels, cut)
 
 
 def build_model(
@@ -202,7 +252,7 @@ def build_model(
     averaging B across clients averages the adapters' products exactly.
     """
     torch.manual_seed(seed)  # LoRA A init; identical on every node that uses the same seed
-    model = build_classifier(base, num_labels).to(device)
+    model = build_classifier(base, num_labels, frozen_prefix(base.encoder, lora)).to(device)
     try:
         peft_model = get_peft_model(model, lora_config(lora))
     except ValueError as err:
@@ -212,6 +262,26 @@ def build_model(
             if "lora_A" in name:
                 param.requires_grad_(False)
     return peft_model
+
+
+_KEPT: dict[tuple[Any, ...], PeftModel] = {}
+KEPT_MODELS = 2  # models kept per process (e.g. one run's classifier on CPU); the oldest goes first
+
+
+def kept_model(task: Any, model_path: str, labels: Sequence[str], lora: LoraSettings,
+               device: torch.device) -> PeftModel:
+    """The task's LoRA model for these settings, built once per process and reused round after round.
+
+    A node's round overwrites every adapter tensor (``load_arrays``) before it trains or evaluates, so a kept
+    model computes what a freshly built one would; reusing it saves copying the encoder and re-attaching
+    LoRA every round (a Flower simulation runs many rounds and nodes in one worker process).
+    """
+    key = (task.name, model_path, tuple(labels), lora, str(device))
+    if key not in _KEPT:
+        while len(_KEPT) >= KEPT_MODELS:
+            _KEPT.pop(next(iter(_KEPT)))
+        _KEPT[key] = task.build_model(task.load_base(model_path), labels, lora, device)
+    return _KEPT[key]
 
 
 def encode(

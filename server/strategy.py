@@ -28,7 +28,14 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedtune.common.adapter import Arrays, arrays_to_record, check_arrays, record_to_arrays
+from fedtune.common.adapter import (
+    Arrays,
+    arrays_to_record,
+    check_arrays,
+    record_to_arrays,
+    sent_arrays,
+    with_frozen,
+)
 from fedtune.common.wire import ARRAYS, REQUEST, ErrorReply, EvalReply, RoundRequest, TrainReply, WireError, parse_reply
 from fedtune.server.aggregation import fedavg
 
@@ -72,8 +79,11 @@ def reply_row(reply: TrainReply) -> ClientRow:
     return row
 
 
-def _train_row(msg: Message, reference: Arrays) -> tuple[ClientRow, Arrays | None]:
-    """One training reply -> (row for the metrics log, arrays to aggregate or None)."""
+def _train_row(msg: Message, reference: Arrays, lora_variant: str = "lora") -> tuple[ClientRow, Arrays | None]:
+    """One training reply -> (row for the metrics log, arrays to aggregate or None).
+
+    Under FFA-LoRA a node sends only what trains (B and the head); A is restored from ``reference``.
+    """
     row: ClientRow = {"node-id": msg.metadata.src_node_id}
     if msg.has_error():  # Flower itself failed (app refused by the node's gate, process died, timeout)
         return row | {"status": "error", "code": flower_code(msg.error.code)}, None
@@ -90,9 +100,9 @@ def _train_row(msg: Message, reference: Arrays) -> tuple[ClientRow, Arrays | Non
         return row, None
     record = msg.content.array_records[ARRAYS]
     arrays = record_to_arrays(record)
-    if check_arrays(arrays, reference):
+    if check_arrays(arrays, sent_arrays(reference, lora_variant)):
         return row | {"status": "rejected", "code": "BAD_UPDATE"}, None
-    return row | {"bytes": reply_bytes(record)}, arrays
+    return row | {"bytes": reply_bytes(record)}, with_frozen(arrays, reference)
 
 
 def weighted_mean(rows: list[ClientRow], key: str) -> float:
@@ -170,7 +180,7 @@ class AdapterFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rows, updates = [], []
         for msg in replies:
-            row, arrays = _train_row(msg, self._reference)
+            row, arrays = _train_row(msg, self._reference, self.request.lora.lora_variant)
             rows.append(row)
             if arrays is not None:
                 updates.append((arrays, float(row["num-examples"])))

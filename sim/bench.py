@@ -1,86 +1,258 @@
-"""Benchmark: DP-SGD step time vs non-private step time, measured side by side in one run.
+"""Benchmarks of fedtune's DP training, measured side by side in one run, written to docs/benchmarks.md.
 
-    python -m fedtune.sim.bench [--model DIR] [--batch 64] [--seq 48] [--steps 8] [--out docs/benchmarks.md]
+    python -m fedtune.sim.bench [--examples 512] [--steps 3] [--scale] [--out docs/benchmarks.md]
 
-Writes a Markdown table (and a JSON twin) with examples/s and the DP / non-DP
-time ratio for the fedtune trainer on the same model, data and device.
+1. Throughput: examples/s of DP-SGD (Opacus, the job's batch size) on Rotten Tomatoes snippets with the
+   embedded MiniLM, for the naive loop (every batch padded to max-seq-len, LoRA in every layer) against
+   per-batch padding, and against LoRA in the top layers trained from the frozen layers' cached states.
+2. Per-round overhead: one node's round cut into its parts (request and reply (de)serialisation, ledger
+   charge, model build and adapter load, Opacus wrapping, forward/backward, update extraction) and the
+   server's per-round work (aggregation, held-out evaluation).
+3. With ``--scale``: federations of 100 clients (MiniLM) and 1,000 clients (tiny BERT) through Flower's
+   simulation engine (``fedtune.sim.scale``), with time per round, peak memory and bytes per client.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import platform
+import tempfile
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from fedtune.client.randomness import RoundSeeds
-from fedtune.client.trainer import DpParams, train
+from fedtune.client.trainer import DpParams, privatize, train
+from fedtune.common.adapter import arrays_to_record, load_arrays, record_to_arrays, to_arrays
+from fedtune.common.data import federation_split
 from fedtune.common.device import pick_device
-from fedtune.common.model import build_model, load_base
-from fedtune.common.settings import LoraSettings
+from fedtune.common.model import build_model, encode, frozen_prefix, load_base, lower_states
+from fedtune.common.settings import DataSettings, LoraSettings, RunSettings
+from fedtune.common.tasks import get_task
+
+NAIVE_LORA = LoraSettings(lora_layers="")  # LoRA in every layer: the loop before caching
+SIGMA = 1.0  # a typical noise multiplier of the main job (the cost of DP does not depend on it)
 
 
-def _time(model_path: str, dp: DpParams | None, *, batch: int, seq: int, steps: int, device: torch.device) -> float:
-    """Seconds per step (after one warm-up step) of ``train`` on random token batches."""
+@functools.lru_cache(maxsize=1)
+def _pool() -> Any:
+    return federation_split(get_task("classify").load_data(DataSettings()), 0.15, 42, 6000)[0]
+
+
+def corpus(n: int, model_path: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` training snippets of the real corpus (the main job's training pool), padded to ``max_len``."""
+    pool = _pool()
+    part = pool.dataset.select(range(min(n, len(pool.dataset))))
+    ids, mask = encode(load_base(model_path).tokenizer, part["text"], max_len)
+    return ids, mask, torch.tensor(part["label"], dtype=torch.long)
+
+
+def _rate(model_path: str, lora: LoraSettings, data: Any, *, batch: int, steps: int, pad_to_longest: bool,
+          device: torch.device) -> float:
+    """DP-SGD examples/s of ``train`` (after a warm-up round) for one configuration."""
     base = load_base(model_path)
-    n = batch * 4
-    gen = torch.Generator().manual_seed(0)
-    vocab = int(base.encoder.config.vocab_size)
-    data = (torch.randint(5, vocab, (n, seq), generator=gen), torch.ones(n, seq, dtype=torch.long),
-            torch.randint(0, 2, (n,), generator=gen))
-    kwargs = dict(batch_size=batch, learning_rate=1e-3, dp=dp, device=device, seeds=RoundSeeds.secret())
-    train(build_model(base, 2, LoraSettings(), device), data, steps=1, **kwargs)  # warm-up
-    model = build_model(base, 2, LoraSettings(), device)
+    kwargs = dict(batch_size=batch, learning_rate=0.5, dp=DpParams(SIGMA, 1.0), device=device,
+                  pad_to_longest=pad_to_longest)
+    train(build_model(base, 2, lora, device), data, steps=1, seeds=RoundSeeds.insecure(0, 0, "warm"), **kwargs)
+    model = build_model(base, 2, lora, device)
     start = time.perf_counter()
-    train(model, data, steps=steps, **kwargs)
-    return (time.perf_counter() - start) / steps
+    result = train(model, data, steps=steps, seeds=RoundSeeds.insecure(0, 1, "bench"), **kwargs)
+    return result.examples / (time.perf_counter() - start)
 
 
-def run(model_path: str, batch: int, seq: int, steps: int) -> dict[str, object]:
+def throughput(model_path: str, *, examples: int, batch: int, steps: int, max_len: int, top: LoraSettings,
+               rounds: int = 3) -> dict[str, Any]:
+    """The three training loops on the same examples, same device, one after the other."""
     device = pick_device()
-    plain = _time(model_path, None, batch=batch, seq=seq, steps=steps, device=device)
-    private = _time(model_path, DpParams(1.0, 1.0), batch=batch, seq=seq, steps=steps, device=device)
+    ids, mask, labels = corpus(examples, model_path, max_len)
+    encoder = load_base(model_path).encoder
+    cut = frozen_prefix(encoder, top)
+    start = time.perf_counter()
+    states = lower_states(encoder, ids, mask, cut)
+    cache_s_per_example = (time.perf_counter() - start) / len(ids)
+    naive = _rate(model_path, NAIVE_LORA, (ids, mask, labels), batch=batch, steps=steps, pad_to_longest=False,
+                  device=device)
+    padded = _rate(model_path, NAIVE_LORA, (ids, mask, labels), batch=batch, steps=steps, pad_to_longest=True,
+                   device=device)
+    cached = _rate(model_path, top, {"hidden_states": states, "attention_mask": mask, "labels": labels},
+                   batch=batch, steps=steps, pad_to_longest=True, device=device)
+    # Over a job a node computes its cache once and trains on each example `rounds` times (one epoch a round).
+    amortised = rounds / (rounds / cached + cache_s_per_example)
     return {
-        "model": model_path or "all-MiniLM-L6-v2 (embedded)", "device": str(device),
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "batch": batch, "seq": seq, "steps": steps,
-        "non-dp-s-per-step": round(plain, 4), "dp-s-per-step": round(private, 4),
-        "non-dp-examples-per-s": round(batch / plain, 1), "dp-examples-per-s": round(batch / private, 1),
-        "dp-over-non-dp": round(private / plain, 3),
+        "examples": len(ids), "batch": batch, "steps": steps, "max-seq-len": max_len,
+        "mean-tokens": round(float(mask.sum(dim=1).float().mean()), 1), "top-lora-layers": top.lora_layers,
+        "naive-ex-per-s": round(naive, 1), "dynamic-padding-ex-per-s": round(padded, 1),
+        "top-layers-cached-ex-per-s": round(cached, 1), "cache-ex-per-s": round(1 / cache_s_per_example, 1),
+        "top-layers-amortised-ex-per-s": round(amortised, 1),
+        "dynamic-padding-over-naive": round(padded / naive, 2), "cached-over-naive": round(cached / naive, 2),
+        "amortised-over-naive": round(amortised / naive, 2),
     }
 
 
-def to_markdown(row: dict[str, object]) -> str:
-    return "\n".join([
-        "# Benchmarks", "",
-        "Generated by `make bench` (`python -m fedtune.sim.bench`); both columns measured in the same run.", "",
-        "| model | device | threads | batch x seq | non-DP s/step | DP s/step | non-DP ex/s | DP ex/s | DP / non-DP |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| {row['model']} | {row['device']} ({row['cpu']}) | {row['threads']} | {row['batch']} x {row['seq']} "
-        f"| {row['non-dp-s-per-step']} | {row['dp-s-per-step']} | {row['non-dp-examples-per-s']} "
-        f"| {row['dp-examples-per-s']} | **{row['dp-over-non-dp']}** |", "",
-        "DP = Opacus per-sample gradients (hooks), clipping and Gaussian noise on LoRA r=8 (query, value) + head;",
-        "Poisson batches have the given expected size. Lower ratio is better; 1.0 means DP costs nothing extra.", "",
-    ])
+class Clock:
+    """Seconds spent in named parts of a round."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, float] = {}
+
+    @contextmanager
+    def part(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
+def _wire_roundtrip(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """Arrays -> Flower ArrayRecord -> protobuf bytes -> back, as a message crosses the SuperLink."""
+    from flwr.common.serde import array_record_from_proto, array_record_to_proto
+    from flwr.proto.recorddict_pb2 import ArrayRecord as ProtoArrayRecord
+
+    blob = array_record_to_proto(arrays_to_record(arrays)).SerializeToString()
+    proto = ProtoArrayRecord()
+    proto.ParseFromString(blob)
+    return record_to_arrays(array_record_from_proto(proto)), len(blob)
+
+
+def node_round(model_path: str, data: Any, *, settings: RunSettings, steps: int, clock: Clock) -> int:
+    """One node's round, part by part (the pieces ``client/round.py`` runs); returns the reply's bytes."""
+    from fedtune.client.round import NodePrivacy, RunRef, charge_round, plan_request
+    from fedtune.common.wire import RoundRequest
+    from fedtune.sim.nodes import default_policy
+
+    device = pick_device()
+    base = load_base(model_path)
+    request = RoundRequest(server_round=1, run_key="bench", resumed_after_round=0, labels=("neg", "pos"),
+                           model=settings.model, lora=settings.lora, plan=settings.plan, privacy=settings.privacy)
+    global_arrays = to_arrays(build_model(base, 2, settings.lora, device))
+    with clock.part("request (de)serialisation"), tempfile.TemporaryDirectory() as tmp:
+        received, _ = _wire_roundtrip(global_arrays)
+        request = RoundRequest.from_record(request.to_record())
+    n = len(data["labels"])
+    with clock.part("ledger charge (fsync'd)"), tempfile.TemporaryDirectory() as tmp:
+        node = NodePrivacy.open(default_policy(settings, 0), Path(tmp), node="simulation:client-0")
+        charge_round(node, replace(plan_request(request, n), steps=steps), run=RunRef("bench"), fingerprint="f")
+    with clock.part("model build + adapter load"):
+        model = build_model(base, 2, request.lora, device)
+        load_arrays(model, received)
+    with clock.part("Opacus wrapping"):
+        private = privatize(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                            torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["labels"]), batch_size=8),
+                            DpParams(SIGMA, 1.0), torch.Generator())
+        private.module._close()
+    with clock.part("DP training (forward/backward/step)"):
+        train(model, data, steps=steps, batch_size=request.plan.batch_size, learning_rate=0.5,
+              dp=DpParams(SIGMA, 1.0), device=device, seeds=RoundSeeds.insecure(0, 1, "bench"))
+    with clock.part("update extraction + reply serialisation"):
+        _, size = _wire_roundtrip(to_arrays(model))
+    return size
+
+
+def overhead(model_path: str, *, examples: int, steps: int, top: LoraSettings, nodes: int = 5,
+             eval_examples: int = 1922) -> dict[str, Any]:
+    """Shares of a round's time: every node's parts and the server's aggregation and held-out evaluation."""
+    from fedtune.common.evaluation import evaluate
+    from fedtune.server.aggregation import fedavg
+
+    settings = RunSettings.from_config({"lora-layers": top.lora_layers})
+    ids, mask, labels = corpus(examples, model_path, settings.model.max_seq_len)
+    cut = frozen_prefix(load_base(model_path).encoder, top)
+    clock = Clock()
+    with clock.part("lower-layer cache (once per node and job, shown per round)"):
+        states = lower_states(load_base(model_path).encoder, ids, mask, cut)
+    clock.parts["lower-layer cache (once per node and job, shown per round)"] /= settings.plan.num_rounds
+    data = {"hidden_states": states, "attention_mask": mask, "labels": labels}
+    reply_bytes = node_round(model_path, data, settings=settings, steps=steps, clock=clock)
+    node_parts = {k: v * nodes for k, v in clock.parts.items()}  # every node does the same work
+    server = Clock()
+    updates = [to_arrays(build_model(load_base(model_path), 2, top, pick_device())) for _ in range(nodes)]
+    with server.part("server aggregation"):
+        fedavg([(u, float(examples)) for u in updates])
+    model = build_model(load_base(model_path), 2, top, pick_device())
+    e_ids, e_mask, e_labels = corpus(eval_examples, model_path, settings.model.max_seq_len)
+    with server.part("server held-out evaluation"):
+        evaluate(model, e_ids, e_mask, e_labels, device=pick_device())
+    parts = node_parts | server.parts
+    total = sum(parts.values())
+    compute = parts["DP training (forward/backward/step)"] + parts["server held-out evaluation"]
+    return {"nodes": nodes, "examples-per-node": examples, "steps": steps, "reply-bytes": reply_bytes,
+            "parts-s": {k: round(v, 3) for k, v in parts.items()},
+            "overhead-share": round((total - compute) / total, 4)}
+
+
+def machine() -> dict[str, Any]:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "device": str(pick_device()), "load-1min": load,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def main_job_row(results: Path, wall_s: float | None, load: float | None) -> dict[str, Any]:
+    """A finished ``fedtune-sim`` run (its results directory) as a row: accuracy per round and time."""
+    lines = [json.loads(x) for x in (results / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    settings = json.loads((results / "summary.json").read_text()).get("settings", {}) \
+        if (results / "summary.json").is_file() else {}
+    return {"results": results.name, "lora-layers": settings.get("lora-layers", ""),
+            "accuracy": [round(float(x["accuracy"]), 4) for x in lines],
+            "epsilon-max": lines[-1].get("epsilon-max"), "clients-trained": [len(x["clients"]) for x in lines[1:]],
+            "bytes-per-client-round": max((int(c.get("bytes", 0)) for x in lines for c in x["clients"]), default=0),
+            "run-s": lines[-1].get("elapsed-s"), "wall-s": wall_s, "load-1min": load}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    top = LoraSettings(lora_layers=args.top_layers)
+    out: dict[str, Any] = {"machine": machine(), "model": args.model or "all-MiniLM-L6-v2 (embedded)"}
+    out["throughput"] = throughput(args.model, examples=args.examples, batch=args.batch, steps=args.steps,
+                                   max_len=args.seq, top=top)
+    out["overhead"] = overhead(args.model, examples=args.examples, steps=args.steps, top=top,
+                               eval_examples=args.eval_examples)
+    if args.scale:
+        from fedtune.sim.scale import scale_rows
+
+        out["scale"] = scale_rows(Path(args.out).parent)
+    return out
+
+
+def main(argv: list[str] | None = None, *, render: Callable[[dict[str, Any]], str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedtune-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="local model directory (default: embedded MiniLM)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seq", type=int, default=48)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--examples", type=int, default=512, help="training snippets per configuration")
+    p.add_argument("--batch", type=int, default=128, help="expected Poisson batch size (the job's batch-size)")
+    p.add_argument("--seq", type=int, default=48, help="max-seq-len")
+    p.add_argument("--steps", type=int, default=3, help="timed DP steps per configuration")
+    p.add_argument("--top-layers", default="4,5", help="lora-layers of the cached configuration")
+    p.add_argument("--eval-examples", type=int, default=1922, help="held-out examples the server evaluates")
+    p.add_argument("--scale", action="store_true", help="also run the 100- and 1,000-client federations")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    p.add_argument("--record-run", nargs=3, metavar=("RESULTS_DIR", "WALL_S", "LOAD"),
+                   help="add a finished main-job run (make run) to the main-job table and re-render, nothing else")
     args = p.parse_args(argv)
-    row = run(args.model, args.batch, args.seq, args.steps)
+    from fedtune.sim.bench_report import to_markdown
+
+    json_path = args.out.with_suffix(".json")
+    previous = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    if args.record_run:
+        result = previous
+        row = main_job_row(Path(args.record_run[0]), float(args.record_run[1]), float(args.record_run[2]))
+        result["main-job"] = [*previous.get("main-job", []), row]
+    else:
+        result = run(args)
+        for kept in ("scale", "main-job"):  # figures measured by other runs stay until re-measured
+            if kept in previous and kept not in result:
+                result[kept] = previous[kept]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(to_markdown(row))
-    args.out.with_suffix(".json").write_text(json.dumps(row, indent=2) + "\n")
-    print(to_markdown(row))
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text((render or to_markdown)(result))
+    print(args.out.read_text())
     return 0
 
 

@@ -23,7 +23,7 @@ from fedtune.common.data import LabelledData, federation_split
 from fedtune.common.errors import ConfigError
 from fedtune.common.ledger import LEDGER_FILE
 from fedtune.common.ledger_key import KEY_FILE, load_or_create_key, public_path
-from fedtune.common.partition import load_partition
+from fedtune.common.partition import make_partitioner
 from fedtune.common.receipts import RECORD_KEY_FILE
 from fedtune.common.settings import RunSettings
 from fedtune.common.tasks import get_task
@@ -90,8 +90,9 @@ def prepare(settings: RunSettings, nodes: SimulatedNodes) -> dict[str, str]:
     pool, _ = federation_split(task.load_data(d), d.test_fraction, seed, d.max_train_examples)
     configs: dict[int, dict[str, object]] = {}
     roster: list[dict[str, str]] = []
+    partitioner = make_partitioner(pool.dataset, d, nodes.num_clients, seed)  # once: the split is computed once
     for pid in range(nodes.num_clients):
-        part = LabelledData(load_partition(pool.dataset, d, nodes.num_clients, pid, seed), pool.label_names)
+        part = LabelledData(partitioner.load_partition(pid), pool.label_names)
         data_path = task.write_partition(part, nodes.client_dir(pid))
         policy = nodes.policy_file(pid)
         if policy is None:

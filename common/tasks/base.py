@@ -96,7 +96,8 @@ def per_example_mean(token_loss: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 
 def trim(batch: Batch) -> dict[str, torch.Tensor]:
-    """Drop the padding columns every example of the batch shares (right padding)."""
+    """Drop the padding columns every example of the batch shares (right padding): the batch is padded only
+    to its own longest example. Every tensor of two or more dimensions has the sequence on dimension 1."""
     mask = batch["attention_mask"]
     width = int(mask.sum(dim=1).max()) if len(mask) else mask.shape[1]
-    return {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
+    return {k: v[:, :width] if v.dim() >= 2 else v for k, v in batch.items()}

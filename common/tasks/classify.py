@@ -78,7 +78,8 @@ class Classify:
         return build_model(base, len(labels), lora, device, seed=seed)
 
     def loss(self, module: nn.Module, batch: Batch) -> torch.Tensor:
-        logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # [B, L]
+        # input_ids, or the frozen lower layers' cached states (hidden_states), with attention_mask
+        logits = module(**{k: v for k, v in batch.items() if k != "labels"}).float()  # [B, L]
         return nn.functional.cross_entropy(logits, batch["labels"])
 
     def evaluate(self, model: nn.Module, base: BaseModel, data: LabelledData, encoded: Encoded, *,

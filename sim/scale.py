@@ -1,0 +1,151 @@
+"""Scale rows for ``make bench --scale``: whole federations through ``fedtune-sim`` (Flower's simulation engine).
+
+Each row runs ``fedtune-sim`` as a child process and reports wall time per round (from the server's
+``metrics.jsonl``), the peak resident memory of the whole process tree (fedtune-sim, SuperLink, Ray and its
+workers; sampled every half second) and the bytes each client's reply carried per round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+PLOT = "benchmarks-scale.png"
+
+
+@dataclass(frozen=True)
+class ScaleSpec:
+    clients: int
+    model: str  # "minilm" (embedded) or "tiny" (a 2-layer BERT, hidden 32, built here)
+    rounds: int = 2
+
+
+SPECS = (ScaleSpec(5, "minilm"), ScaleSpec(100, "minilm"), ScaleSpec(100, "tiny"), ScaleSpec(1000, "tiny"))
+
+
+def tiny_model(path: Path) -> Path:
+    """A randomly initialised 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved to ``path``."""
+    from transformers import BertConfig, BertModel
+
+    from fedtune.common.model import load_base
+
+    tokenizer = load_base("").tokenizer
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+class PeakMemory:
+    """Peak summed RSS of a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.root, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            total = 0
+            for proc in procs:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    continue
+            self.peak = max(self.peak, total)
+            self._stop.wait(0.5)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def _full_model_bytes(model_path: str) -> int:
+    from fedtune.common.model import load_base
+
+    return sum(p.numel() * p.element_size() for p in load_base(model_path).encoder.parameters())
+
+
+def run_row(spec: ScaleSpec, work: Path) -> dict[str, Any]:
+    """One federation; its figures as a row."""
+    model_path = str(tiny_model(work / "tiny")) if spec.model == "tiny" else ""
+    out = work / f"run-{spec.clients}-{spec.model}"
+    cmd = [sys.executable, "-m", "fedtune.sim.cli", "--clients", str(spec.clients), "--rounds", str(spec.rounds),
+           "--partitioner", "iid", "--out", str(out), "--set", "min-clients=2"]
+    if model_path:
+        cmd += ["--model", model_path, "--set", "lora-layers="]  # two layers, LoRA in both
+    load = os.getloadavg()[0]
+    start = time.monotonic()
+    with open(work / f"run-{spec.clients}-{spec.model}.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        memory = PeakMemory(proc.pid)
+        code = proc.wait()
+        peak = memory.stop()
+    wall = time.monotonic() - start
+    if code != 0:
+        return {"clients": spec.clients, "model": spec.model, "failed": code, "log": str(log.name)}
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    ends = [float(x["elapsed-s"]) for x in lines]
+    per_round = [b - a for a, b in zip(ends, ends[1:], strict=False)] or ends
+    replies = [int(c["bytes"]) for x in lines for c in x.get("clients", []) if c.get("bytes")]
+    return {
+        "clients": spec.clients, "model": "all-MiniLM-L6-v2" if spec.model == "minilm" else "tiny BERT (2x32)",
+        "rounds": spec.rounds, "examples-per-client": 6000 // spec.clients,
+        "s-per-round": round(sum(per_round) / len(per_round), 1), "s-per-round-each": [round(s, 1) for s in per_round],
+        "wall-s": round(wall, 1), "peak-rss-gib": round(peak / 2**30, 2),
+        "bytes-per-client-round": int(sum(replies) / len(replies)) if replies else 0,
+        "full-model-bytes": _full_model_bytes(model_path), "load-1min": round(load, 1),
+        "final-accuracy": lines[-1].get("accuracy"),
+        "trained-last-round": sum(c.get("status") == "trained" for c in lines[-1].get("clients", [])),
+    }
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in sorted({r["model"] for r in rows}):
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["clients"])
+        ax.plot([r["clients"] for r in mine], [r["s-per-round"] for r in mine], marker="o", label=model)
+    ax.set_xscale("log")
+    ax.set_xlabel("clients (all sampled every round)")
+    ax.set_ylabel("wall time per round (s)")
+    ax.set_title("fedtune-sim on one machine")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def scale_rows(out_dir: Path, specs: tuple[ScaleSpec, ...] = SPECS) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="fedtune-scale-") as tmp:
+        rows = [run_row(spec, Path(tmp)) for spec in specs]
+    done = [r for r in rows if "failed" not in r]
+    if done:
+        plot(done, out_dir / PLOT)
+    return {"rows": done, "failed": [r for r in rows if "failed" in r], "plot": PLOT if done else None}
+
+
+if __name__ == "__main__":  # python -m fedtune.sim.scale CLIENTS MODEL ROUNDS [WORK_DIR] -> one row as JSON
+    work = Path(sys.argv[4]) if len(sys.argv) > 4 else Path(tempfile.mkdtemp(prefix="fedtune-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(json.dumps(run_row(ScaleSpec(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])), work)))
