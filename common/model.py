@@ -253,10 +253,15 @@ def build_model(
     """
     torch.manual_seed(seed)  # LoRA A init; identical on every node that uses the same seed
     model = build_classifier(base, num_labels, frozen_prefix(base.encoder, lora)).to(device)
+    return attach_lora(model, lora_config(lora), lora, base.path)
+
+
+def attach_lora(model: nn.Module, config: LoraConfig, lora: LoraSettings, where: str) -> PeftModel:
+    """Wrap ``model`` (already on its device: opacus#820) with LoRA; under FFA-LoRA the A factors stay frozen."""
     try:
-        peft_model = get_peft_model(model, lora_config(lora))
+        peft_model = get_peft_model(model, config)
     except ValueError as err:
-        raise ModelError(f"cannot attach LoRA to {base.path}: {err}; check lora-targets") from err
+        raise ModelError(f"cannot attach LoRA to {where}: {err}; check lora-targets") from err
     if lora.lora_variant == "ffa":
         for name, param in peft_model.named_parameters():
             if "lora_A" in name:

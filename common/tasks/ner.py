@@ -129,8 +129,10 @@ class Ner:
 
     def build_model(self, base: BaseModel, labels: Sequence[str], lora: LoraSettings, device: torch.device,
                     seed: int = 0) -> PeftModel:
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import LoraConfig, TaskType
         from transformers import AutoModelForTokenClassification
+
+        from fedtune.common.model import attach_lora
 
         if len(labels) < 2:
             raise ModelError(f"ner needs at least 2 tags, got {list(labels)}")
@@ -155,15 +157,7 @@ class Ner:
         config = LoraConfig(task_type=TaskType.TOKEN_CLS, r=lora.lora_rank, lora_alpha=lora.lora_alpha,
                             lora_dropout=lora.lora_dropout, target_modules=lora.target_modules,
                             layers_to_transform=lora.layers or None, modules_to_save=[HEAD], bias="none")
-        try:
-            peft_model = get_peft_model(model, config)
-        except ValueError as err:
-            raise ModelError(f"cannot attach LoRA to {base.path}: {err}; check lora-targets") from err
-        if lora.lora_variant == "ffa":
-            for name, param in peft_model.named_parameters():
-                if "lora_A" in name:
-                    param.requires_grad_(False)
-        return peft_model
+        return attach_lora(model, config, lora, base.path)
 
     def loss(self, module: nn.Module, batch: Batch) -> torch.Tensor:
         logits = _logits(module, batch)  # [B, T, L]

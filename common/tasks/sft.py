@@ -186,22 +186,16 @@ class Sft:
 
     def build_model(self, base: BaseModel, labels: Sequence[str], lora: LoraSettings, device: torch.device,
                     seed: int = 0) -> PeftModel:
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import LoraConfig, TaskType
+
+        from fedtune.common.model import attach_lora
 
         torch.manual_seed(seed)  # LoRA A init; identical on every node that uses the same seed
         lm = copy.deepcopy(base.encoder).to(device)  # to the device before PEFT wraps it (opacus#820)
         config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.lora_rank, lora_alpha=lora.lora_alpha,
                             lora_dropout=lora.lora_dropout, target_modules=lora.target_modules,
                             layers_to_transform=lora.layers or None, bias="none")
-        try:
-            model = get_peft_model(lm, config)
-        except ValueError as err:
-            raise ModelError(f"cannot attach LoRA to {base.path}: {err}; check lora-targets") from err
-        if lora.lora_variant == "ffa":
-            for name, param in model.named_parameters():
-                if "lora_A" in name:
-                    param.requires_grad_(False)
-        return model
+        return attach_lora(lm, config, lora, base.path)
 
     def loss(self, module: nn.Module, batch: Batch) -> torch.Tensor:
         from fedtune.common.tasks.base import per_example_mean
