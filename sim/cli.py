@@ -252,7 +252,7 @@ def _verdict(summary: dict[str, Any], headline: str) -> int:
     """Print the outcome (with the majority-class baseline, the task's own metric and any warning) and return
     the exit code."""
     extra = f", {headline} {summary.get(f'initial-{headline}')} -> {summary.get(f'final-{headline}')}" \
-        if f"final-{headline}" in summary else ""
+        if headline != "accuracy" and f"final-{headline}" in summary else ""
     majority = f" (majority class {summary['majority-label']!r}: {summary.get('majority-accuracy')})" \
         if "majority-label" in summary else ""
     console.print(f"final held-out accuracy {summary.get('final-accuracy')}{majority}{extra}, max epsilon "
