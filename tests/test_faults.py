@@ -27,7 +27,9 @@ from pathlib import Path
 import pytest
 
 from fedtune.common import exit_codes
+from fedtune.common.accounting import accountant_record
 from fedtune.common.flower_cli import free_port, owned_pids
+from fedtune.common.ledger import ACCOUNTING_KINDS
 from tests.faults_helpers import kill_owned, kill_session, session_pids, start, wait_until
 from tests.tiny import make_sentiment_frame
 
@@ -105,7 +107,8 @@ class Deployment:
 
     def ledger(self, name: str) -> list[dict]:
         path = self.node_dir(name) / "state" / "ledger.jsonl"
-        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [e for e in map(json.loads, lines) if e["kind"] in ACCOUNTING_KINDS]  # no header/policy entries
 
     def activations(self, name: str) -> int:
         path = self.node_dir(name) / "state" / "supernode.log"
@@ -221,8 +224,9 @@ def test_sigterm_to_fedtune_sim_leaves_no_flower_process_and_keeps_the_log(tmp_p
            "--set", "batch-size=32", "--out", str(out)]
     sim = start(cmd, tmp_path / "sim.out")
     try:
-        wait_until("round 1 started", lambda: (out / "metrics.jsonl").exists()
-                   and (out / "metrics.jsonl").read_text().strip() != "", 300, sim)
+        # The run writes into a hidden sibling of --out until it ends (sim/output.py).
+        wait_until("round 1 started", lambda: any(p.read_text().strip() for p in
+                                                  tmp_path.glob(".run.partial-*/metrics.jsonl")), 300, sim)
         sim.send_signal(signal.SIGTERM)  # the command only, as a service manager or `kill` would
         assert sim.wait(timeout=120) == exit_codes.TERMINATED, (tmp_path / "sim.out").read_text()[-3000:]
         assert session_pids(sim.pid) == [], "a Flower process of the killed run is still in its process group"
@@ -244,10 +248,11 @@ def test_a_torn_ledger_fails_the_node_check(tmp_path: Path) -> None:
     tls.create_ca(tmp_path / "ca")
     state = tmp_path / "state"
     key = load_or_create_key(state / "ledger-signing.key")
-    with Ledger(state / "ledger.jsonl", key).session() as s:
+    witness = tmp_path / "state.witness.json"  # where fedtune-client looks for it by default
+    with Ledger(state / "ledger.jsonl", key, witness=witness).session() as s:
         s.append({"run": "1", "round": 1, "dataset": "d", "fingerprint": "f", "decision": "refused", "reason": "x",
-                  "event": None, "delta": 1e-5, "accountant": {}, "epsilon": 0.0, "epsilon_round": 0.0,
-                  "budget": 1.0, "request": {}})
+                  "event": None, "delta": 1e-5, "accountant": accountant_record("prv"), "epsilon": 0.0,
+                  "epsilon_round": 0.0, "budget": 1.0, "request": {}})
     with open(state / "ledger.jsonl", "ab") as fh:
         fh.write(b'{"format":"fedtune-ledger/1","seq":2,"prev"')  # the process died mid-append
     make_sentiment_frame(40).to_csv(tmp_path / "data.csv", index=False)
