@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.client import app as client_app
 from fedtune.client.policy import NodePolicy, policy_toml
@@ -21,13 +19,7 @@ from fedtune.common.settings import RunSettings
 from fedtune.common.wire import ERROR_CODES, RoundRequest, TrainReply, parse_reply
 from tests.tiny import make_sentiment_frame
 
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # a ClientApp called in-process
 
 
 @pytest.fixture()

@@ -4,14 +4,12 @@ Opacus), in-process and fast; the Flower simulation of whole federations is in t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.client import app as client_app
 from fedtune.client.policy import NodePolicy, policy_toml
@@ -21,13 +19,7 @@ from fedtune.common.tasks import get_task
 from fedtune.common.wire import RoundRequest, TrainReply, parse_reply
 from tests.tiny_tasks import make_tiny_decoder, ner_rows, sft_rows, write_conll, write_sft_jsonl
 
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # a ClientApp called in-process
 
 
 def _node(tmp_path: Path, data: Path) -> dict[str, str]:

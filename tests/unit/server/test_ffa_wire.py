@@ -6,14 +6,12 @@ also trains from its cached lower-layer states; its reply goes through the strat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.client import app as client_app
 from fedtune.client.policy import NodePolicy, policy_toml
@@ -23,13 +21,7 @@ from fedtune.common.tasks import get_task
 from fedtune.common.wire import RoundRequest, TrainReply, parse_reply
 from fedtune.server.strategy import _train_row
 
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # a ClientApp called in-process
 
 
 def _round(tmp_path: Path, model_dir: Path, data: Path, variant: str) -> tuple[Message, dict[str, np.ndarray]]:
