@@ -8,11 +8,10 @@ gradient (post-processing keeps the guarantee).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +26,11 @@ from fedtune.common.tasks import Task, get_task
 from fedtune.common.tasks.base import Encoded, trim
 
 # The node's own memory limit: at most this many examples per forward/backward pass (0 = the whole batch).
-# A larger Poisson batch is split by Opacus' BatchMemoryManager; the privacy step stays one logical batch.
+# A larger Poisson batch is cut into parts of that size; the privacy step stays one logical batch.
 ENV_MAX_PHYSICAL_BATCH = "FEDTUNE_MAX_PHYSICAL_BATCH"
+# Examples per forward/backward pass: a Poisson batch is cut into length-sorted parts of this size, each padded
+# only to its own longest example (see ``physical_parts``); ``make bench`` measures the gain.
+PART_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -105,19 +107,55 @@ def max_physical_batch() -> int:
     return int(raw) if raw.isdigit() else 0
 
 
-@contextlib.contextmanager
-def _physical(loader: DataLoader, private: Private | None, limit: int) -> Iterator[DataLoader]:
-    """``loader``, or Opacus' BatchMemoryManager over it when batches may exceed the node's memory limit:
-    each logical Poisson batch is cut into physical batches whose clipped per-sample gradients accumulate,
-    and the optimiser adds noise and steps once per logical batch (its skipped steps are not counted)."""
-    if private is None or limit <= 0:
-        yield loader
-        return
-    from opacus.utils.batch_memory_manager import BatchMemoryManager
+def physical_parts(batch: Mapping[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """One logical batch cut into physical batches of at most ``size`` examples, grouped by length (longest
+    first) so that each part, padded only to its own longest example, carries little padding.
 
-    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=limit,
-                            optimizer=private.optimizer) as memory_safe:
-        yield memory_safe
+    Which examples form the logical (Poisson) batch is unchanged; only the order in which their per-example
+    gradients are computed is. ``size`` <= 0 keeps the batch whole.
+    """
+    n = len(batch["labels"])
+    if size <= 0 or n <= size:
+        return [trim(batch)]
+    order = torch.argsort(batch["attention_mask"].sum(dim=1), descending=True, stable=True)
+    return [trim({k: v[idx] for k, v in batch.items()}) for idx in order.split(size)]
+
+
+def fp32_grad_samples(optim: torch.optim.Optimizer) -> None:
+    """Per-example gradients in fp32 before Opacus clips them: under bf16/fp16 autocast they come out in low
+    precision, and a norm computed in bf16 can let a clipped gradient exceed the clipping norm C."""
+    for p in optim.params:  # type: ignore[attr-defined]  # DPOptimizer
+        sample = getattr(p, "grad_sample", None)
+        if sample is not None and sample.dtype != torch.float32:
+            p.grad_sample = sample.float()
+
+
+def accumulate(task: Task, module: nn.Module, optim: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor],
+               device: torch.device, *, private: bool, part_size: int, pad_to_longest: bool = True) -> float:
+    """Forward/backward of one logical batch part by part, then one optimiser step; the batch's mean loss.
+
+    Under DP each part's per-example gradients are clipped and summed by Opacus (its skipped steps, as in its
+    ``BatchMemoryManager``); the last part's step adds the noise once and divides by the expected batch size,
+    so the released step is that of the whole Poisson batch. Without DP the parts' mean losses are weighted by
+    their share of the batch, so the gradient is the batch mean's. ``pad_to_longest`` False: the naive loop
+    (the whole batch at once, padded to max-seq-len), kept for the benchmark.
+    """
+    parts = physical_parts(batch, part_size) if pad_to_longest else [dict(batch)]
+    n, total = len(batch["labels"]), 0.0
+    for i, part in enumerate(parts):
+        if i and private:
+            optim.zero_grad(set_to_none=True)  # keeps the clipped sum of the skipped steps (Opacus)
+        loss = step_loss(task, module, part, device, pad_to_longest=False)
+        share = len(part["labels"]) / n
+        (loss if private else loss * share).backward()
+        if private:
+            fp32_grad_samples(optim)
+            optim.signal_skip_step(do_skip=i < len(parts) - 1)  # type: ignore[attr-defined]  # DPOptimizer
+            optim.step()
+        total += float(loss.detach()) * share
+    if not private:
+        optim.step()
+    return total
 
 
 def named_inputs(data: Encoded | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -175,7 +213,8 @@ def train(
     ``hidden_states`` [N, T, H] (the frozen lower layers' output, ``common.model.lower_states``) may stand in
     for ``input_ids``; ``task`` (default: classify) computes each batch's loss. Under DP the loader is
     Poisson-sampled with q = 1 / ceil(N / batch_size). ``seeds`` drive sampling, noise and dropout. Each
-    batch is padded only to its longest example (``pad_to_longest``; False is the naive pad-to-max loop).
+    batch is cut into length-sorted parts padded to their own longest example (``pad_to_longest``; False is the
+    naive loop: each batch whole, padded to max-seq-len).
     """
     task = task or get_task("classify")
     named = named_inputs(data)
@@ -192,22 +231,17 @@ def train(
     module.train()
     # Opacus' hooks fire on modules whose inputs need no grad (frozen embeddings); harmless here.
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-    losses, examples, taken = [], 0, 0
-    with _physical(loader, private, max_physical_batch()) as batches:
-        for tensors in _batches(batches, steps * 10**6):  # stops after `steps` logical steps
-            batch = dict(zip(names, tensors, strict=True))
-            optim.zero_grad(set_to_none=True)
-            if len(batch["labels"]) == 0:  # a Poisson draw can be empty: the step is charged, its noise released
-                noise_only_step(optim)
-            else:
-                loss = step_loss(task, module, batch, device, pad_to_longest)
-                loss.backward()
-                optim.step()
-                losses.append(float(loss.detach()))
-                examples += len(batch["labels"])
-            taken += not getattr(optim, "_is_last_step_skipped", False)
-            if taken == steps:
-                break
+    losses, examples = [], 0
+    part_size = min(PART_SIZE, max_physical_batch() or PART_SIZE)
+    for tensors in _batches(loader, steps):
+        batch = dict(zip(names, tensors, strict=True))
+        optim.zero_grad(set_to_none=True)
+        if len(batch["labels"]) == 0:  # a Poisson draw can be empty: the step is charged, its noise released
+            noise_only_step(optim)
+            continue
+        losses.append(accumulate(task, module, optim, batch, device, private=private is not None,
+                                 part_size=part_size, pad_to_longest=pad_to_longest))
+        examples += len(batch["labels"])
     opacus_eps = None
     if private is not None:
         if dp.noise_multiplier == 0:

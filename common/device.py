@@ -1,4 +1,10 @@
-"""Device and precision selection: CUDA (bf16 autocast when supported) or CPU."""
+"""Device and precision selection: CUDA (bf16 autocast when supported) or CPU (bf16 autocast on CPUs that
+multiply bf16 natively, full precision elsewhere).
+
+``FEDTUNE_PRECISION`` = ``auto`` (default) | ``bf16`` | ``fp32`` overrides the choice. Under DP the per-example
+gradients are cast to fp32 before Opacus clips them (``client/trainer.py``), so low precision never loosens
+the clipping bound the accountant assumes.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import os
 from collections.abc import Iterator
 
 import torch
+
+from fedtune.common.errors import ConfigError
 
 
 def pick_device(preference: str | None = None) -> torch.device:
@@ -17,12 +25,33 @@ def pick_device(preference: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+ENV_PRECISION = "FEDTUNE_PRECISION"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(bool(probe()) for probe in probes if callable(probe))
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``device`` (None = full precision), after ``$FEDTUNE_PRECISION``."""
+    choice = os.environ.get(ENV_PRECISION, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"{ENV_PRECISION}={choice!r} is not a precision: use auto, bf16 or fp32")
+    if choice == "fp32" or device.type not in ("cuda", "cpu"):
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if choice == "bf16" or torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if choice == "bf16" or cpu_has_bf16() else None
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device) -> Iterator[None]:
-    """bf16 autocast on CUDA devices that support it (fp16 otherwise); full precision on CPU."""
-    if device.type != "cuda":
+    """Mixed precision on ``device`` as :func:`autocast_dtype` picks it (parameters stay fp32)."""
+    dtype = autocast_dtype(device)
+    if dtype is None:
         yield
         return
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    with torch.autocast(device_type="cuda", dtype=dtype):
+    with torch.autocast(device_type=device.type, dtype=dtype):
         yield

@@ -64,13 +64,17 @@ def evaluate(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
     *, device: torch.device, batch_size: int = 256, groups: Sequence[str] | None = None,
 ) -> EvalResult:
-    """Mean cross-entropy, accuracy and confusion matrix; ids/mask [N, T], labels [N], groups N values or None."""
+    """Mean cross-entropy, accuracy and confusion matrix; ids/mask [N, T], labels [N], groups N values or None.
+
+    Examples are run shortest first, so each batch, padded to its own longest example, carries little padding.
+    """
     model.eval()
     total_loss, n = 0.0, len(labels)
+    order = torch.argsort(mask.sum(dim=1), stable=True)
     preds: list[torch.Tensor] = []
     num_labels = 0
-    for start in range(0, n, batch_size):
-        b_ids, b_mask, b_y = (t[start:start + batch_size].to(device) for t in (ids, mask, labels))
+    for idx in order.split(batch_size):
+        b_ids, b_mask, b_y = (t[idx].to(device) for t in (ids, mask, labels))
         width = int(b_mask.sum(dim=1).max())  # trim padding shared by the whole batch
         with autocast(device):
             logits = model(input_ids=b_ids[:, :width], attention_mask=b_mask[:, :width]).float()
@@ -79,7 +83,8 @@ def evaluate(
         num_labels = int(logits.shape[-1])
     if n == 0:
         return EvalResult(loss=float("nan"), accuracy=float("nan"), num_examples=0)
-    y_pred, y_true = torch.cat(preds).numpy(), labels.cpu().numpy()
+    y_pred, y_true = np.empty(n, dtype=np.int64), labels.cpu().numpy()
+    y_pred[order.numpy()] = torch.cat(preds).numpy()  # back to the examples' own order
     by_group: dict[str, Confusion] = {}
     if groups is not None:
         values = np.asarray([str(g) for g in groups])

@@ -208,6 +208,40 @@ def start_cause(*logs: Path, lines: int = 6) -> str:
     return " | ".join(found[-lines:])
 
 
+_CONTROL: dict[str, Any] = {}  # FLWR_HOME -> Flower's Control API client, one per connection and process
+
+
+def _control_status(env: Mapping[str, str], run_id: int) -> str:
+    """``run_id``'s status from the SuperLink's Control API, asked with Flower's own client in this process.
+
+    The client is built once from the connection in ``env['FLWR_HOME']`` (address, TLS root certificates, the
+    CLI's stored login), exactly as `flwr list` builds it; polling then costs one HTTP request, not a process.
+    """
+    home = env["FLWR_HOME"]
+    if home not in _CONTROL:
+        from flwr.cli.flower_config import read_superlink_connection
+        from flwr.cli.utils import init_http_client_from_connection
+
+        saved = os.environ.get("FLWR_HOME")
+        os.environ["FLWR_HOME"] = home
+        try:
+            _CONTROL[home] = init_http_client_from_connection(read_superlink_connection(CONNECTION))
+        finally:
+            if saved is None:
+                os.environ.pop("FLWR_HOME", None)
+            else:
+                os.environ["FLWR_HOME"] = saved
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    reply = _CONTROL[home].ListRuns(ListRunsRequest(run_id=run_id))
+    runs = [run_from_proto(proto) for proto in reply.run_dict.values()]
+    if not runs:
+        return "unknown"
+    status = runs[0].status
+    return f"{status.status}:{status.sub_status}" if status.sub_status else str(status.status)
+
+
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], log_file: Path, *, verify: str | bool = False,
                  timeout_s: float = STARTUP_TIMEOUT_S, other_logs: tuple[Path, ...] = ()) -> None:
     """Poll ``url`` (the SuperLink's /health) until it answers; fail fast, with the cause, if it died."""
@@ -272,6 +306,10 @@ class FlwrCli:
         return sum("online" in str(n.get("status", "")).lower() for n in nodes)
 
     def status(self, run_id: int) -> str:
+        """The run's status, e.g. 'running' or 'finished:completed' (asked in this process when Flower's Control
+        API client loads; else through `flwr list`, a new Python process that costs about a CPU-second)."""
+        with contextlib.suppress(Exception):  # any failure of the in-process client: ask the CLI instead
+            return _control_status(self.env, run_id)
         runs = self.json("list", CONNECTION, "--run-id", str(run_id)).get("runs", [])
         return str(runs[0].get("status", "unknown")) if runs else "unknown"
 

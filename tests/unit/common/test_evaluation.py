@@ -49,3 +49,13 @@ def test_evaluate_returns_confusion_per_group_and_keeps_its_fields():
     assert result.confusion == [[2, 1], [1, 2]]
     assert result.group_confusion == {"a": [[1, 0], [0, 1]], "b": [[1, 1], [0, 0]], "c": [[0, 0], [1, 1]]}
     assert evaluate(_Fixed(), ids, mask, labels, device=torch.device("cpu")).group_confusion == {}
+
+
+def test_evaluate_runs_shortest_first_but_reports_in_the_examples_order():
+    ids = torch.tensor([[1, 5, 5], [2, 0, 0], [3, 5, 0], [4, 0, 0], [5, 5, 5], [6, 5, 0]])
+    mask = (ids != 0).long()
+    labels = torch.tensor([1, 0, 1, 1, 0, 0])  # predictions: 1 0 1 0 1 0
+    result = evaluate(_Fixed(), ids, mask, labels, device=torch.device("cpu"), batch_size=2,
+                      groups=["a", "b", "a", "b", "c", "c"])
+    assert result.confusion == [[2, 1], [1, 2]]
+    assert result.group_confusion == {"a": [[0, 0], [0, 2]], "b": [[1, 0], [1, 0]], "c": [[1, 1], [0, 0]]}
