@@ -211,12 +211,10 @@ def start_cause(*logs: Path, lines: int = 6) -> str:
 _CONTROL: dict[str, Any] = {}  # FLWR_HOME -> Flower's Control API client, one per connection and process
 
 
-def _control_status(env: Mapping[str, str], run_id: int) -> str:
-    """``run_id``'s status from the SuperLink's Control API, asked with Flower's own client in this process.
-
-    The client is built once from the connection in ``env['FLWR_HOME']`` (address, TLS root certificates, the
-    CLI's stored login), exactly as `flwr list` builds it; polling then costs one HTTP request, not a process.
-    """
+def _control(env: Mapping[str, str]) -> Any:
+    """Flower's own Control API client for the connection in ``env['FLWR_HOME']`` (address, TLS root
+    certificates, the CLI's stored login), built once per process exactly as the `flwr` CLI builds it: a
+    poll then costs one HTTP request, not a new Python process (about a CPU-second each)."""
     home = env["FLWR_HOME"]
     if home not in _CONTROL:
         from flwr.cli.flower_config import read_superlink_connection
@@ -231,15 +229,29 @@ def _control_status(env: Mapping[str, str], run_id: int) -> str:
                 os.environ.pop("FLWR_HOME", None)
             else:
                 os.environ["FLWR_HOME"] = saved
+    return _CONTROL[home]
+
+
+def _control_status(env: Mapping[str, str], run_id: int) -> str:
+    """``run_id``'s status as `flwr list` shows it (e.g. 'finished:completed'), asked in this process."""
     from flwr.common.serde import run_from_proto
     from flwr.proto.control_pb2 import ListRunsRequest
 
-    reply = _CONTROL[home].ListRuns(ListRunsRequest(run_id=run_id))
+    reply = _control(env).ListRuns(ListRunsRequest(run_id=run_id))
     runs = [run_from_proto(proto) for proto in reply.run_dict.values()]
     if not runs:
         return "unknown"
     status = runs[0].status
     return f"{status.status}:{status.sub_status}" if status.sub_status else str(status.status)
+
+
+def _control_logs(env: Mapping[str, str], run_id: int) -> str:
+    """The run's log so far, as `flwr log RUN --show` prints it, asked in this process."""
+    from flwr.proto.control_pb2 import StreamLogsRequest
+
+    for reply in _control(env).StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0)):
+        return str(reply.log_output)
+    return ""
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], log_file: Path, *, verify: str | bool = False,
@@ -306,8 +318,8 @@ class FlwrCli:
         return sum("online" in str(n.get("status", "")).lower() for n in nodes)
 
     def status(self, run_id: int) -> str:
-        """The run's status, e.g. 'running' or 'finished:completed' (asked in this process when Flower's Control
-        API client loads; else through `flwr list`, a new Python process that costs about a CPU-second)."""
+        """The run's status, e.g. 'running' or 'finished:completed' (asked in this process; through `flwr list`
+        when Flower's Control API client cannot be built here)."""
         with contextlib.suppress(Exception):  # any failure of the in-process client: ask the CLI instead
             return _control_status(self.env, run_id)
         runs = self.json("list", CONNECTION, "--run-id", str(run_id)).get("runs", [])
@@ -315,6 +327,11 @@ class FlwrCli:
 
     def save_logs(self, run_id: int, path: Path, timeout_s: float = 120) -> Path:
         """Fetch the run's own log (ServerApp and ClientApps) into ``path`` (what came back before a timeout)."""
+        with contextlib.suppress(Exception):  # the in-process client failed: ask the CLI below
+            text = _control_logs(self.env, run_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return path
         try:
             proc = subprocess.run([flower_bin("flwr"), "log", str(run_id), CONNECTION, "--show"], env=dict(self.env),
                                   capture_output=True, text=True, check=False, cwd=self.cwd, timeout=timeout_s)

@@ -212,15 +212,16 @@ def lower_states(encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cut:
     """
     was_training = encoder.training
     encoder.eval()
-    out = []
-    for start in range(0, len(ids), batch_size):
-        b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
-        position_ids = torch.arange(b_ids.shape[1]).expand_as(b_ids)
+    states = torch.zeros((len(ids), ids.shape[1], int(encoder.config.hidden_size)))
+    # Shortest first, each batch cut to its longest example; positions past an example's end stay 0 (masked).
+    for idx in torch.argsort(mask.sum(dim=1), stable=True).split(batch_size):
+        width = max(int(mask[idx].sum(dim=1).max()), 1)
+        b_ids, b_mask = ids[idx, :width], mask[idx, :width]
+        position_ids = torch.arange(width).expand_as(b_ids)
         res = encoder(input_ids=b_ids, attention_mask=b_mask, position_ids=position_ids, output_hidden_states=True)
-        out.append(res.hidden_states[cut].float())
+        states[idx, :width] = res.hidden_states[cut].float()
     encoder.train(was_training)
-    width = ids.shape[1]
-    return torch.cat(out) if out else torch.zeros((0, width, int(encoder.config.hidden_size)))
+    return states
 
 
 def lora_config(settings: LoraSettings) -> LoraConfig:

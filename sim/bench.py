@@ -3,8 +3,10 @@
     python -m fedtune.sim.bench [--examples 512] [--steps 3] [--scale] [--out docs/benchmarks.md]
 
 1. Throughput: examples/s of DP-SGD (Opacus, the job's batch size) on Rotten Tomatoes snippets with the
-   embedded MiniLM, for the naive loop (every batch padded to max-seq-len, LoRA in every layer) against
-   per-batch padding, and against LoRA in the top layers trained from the frozen layers' cached states.
+   embedded MiniLM, for the naive loop (every batch padded to max-seq-len, fp32, LoRA in every layer) against
+   per-batch padding, length-sorted parts of each batch, the default loop (parts under the precision the
+   node picks: bf16 autocast on CPUs with native bf16), and LoRA in the top layers trained from the frozen
+   layers' cached states.
 2. Per-round overhead: one node's round cut into its parts (request and reply (de)serialisation, ledger
    charge, model build and adapter load, Opacus wrapping, forward/backward, update extraction) and the
    server's per-round work (aggregation, held-out evaluation).
@@ -31,10 +33,10 @@ import numpy as np
 import torch
 
 from fedtune.client.randomness import RoundSeeds
-from fedtune.client.trainer import DpParams, privatize, train
+from fedtune.client.trainer import PART_SIZE, DpParams, privatize, train
 from fedtune.common.adapter import arrays_to_record, load_arrays, record_to_arrays, to_arrays
 from fedtune.common.data import federation_split
-from fedtune.common.device import pick_device
+from fedtune.common.device import ENV_PRECISION, autocast_dtype, pick_device
 from fedtune.common.model import build_model, encode, frozen_prefix, load_base, lower_states
 from fedtune.common.settings import DataSettings, LoraSettings, RunSettings
 from fedtune.common.tasks import get_task
@@ -56,22 +58,37 @@ def corpus(n: int, model_path: str, max_len: int) -> tuple[torch.Tensor, torch.T
     return ids, mask, torch.tensor(part["label"], dtype=torch.long)
 
 
+@contextmanager
+def _precision(choice: str):
+    """Run under ``FEDTUNE_PRECISION=choice`` (fp32, bf16 or auto)."""
+    saved = os.environ.get(ENV_PRECISION)
+    os.environ[ENV_PRECISION] = choice
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(ENV_PRECISION, None)
+        else:
+            os.environ[ENV_PRECISION] = saved
+
+
 def _rate(model_path: str, lora: LoraSettings, data: Any, *, batch: int, steps: int, pad_to_longest: bool,
-          device: torch.device) -> float:
+          device: torch.device, precision: str = "auto", part_size: int | None = None) -> float:
     """DP-SGD examples/s of ``train`` (after a warm-up round) for one configuration."""
     base = load_base(model_path)
     kwargs = dict(batch_size=batch, learning_rate=0.5, dp=DpParams(SIGMA, 1.0), device=device,
-                  pad_to_longest=pad_to_longest)
-    train(build_model(base, 2, lora, device), data, steps=1, seeds=RoundSeeds.insecure(0, 0, "warm"), **kwargs)
-    model = build_model(base, 2, lora, device)
-    start = time.perf_counter()
-    result = train(model, data, steps=steps, seeds=RoundSeeds.insecure(0, 1, "bench"), **kwargs)
+                  pad_to_longest=pad_to_longest, part_size=part_size)
+    with _precision(precision):
+        train(build_model(base, 2, lora, device), data, steps=1, seeds=RoundSeeds.insecure(0, 0, "warm"), **kwargs)
+        model = build_model(base, 2, lora, device)
+        start = time.perf_counter()
+        result = train(model, data, steps=steps, seeds=RoundSeeds.insecure(0, 1, "bench"), **kwargs)
     return result.examples / (time.perf_counter() - start)
 
 
 def throughput(model_path: str, *, examples: int, batch: int, steps: int, max_len: int, top: LoraSettings,
                rounds: int = 3) -> dict[str, Any]:
-    """The three training loops on the same examples, same device, one after the other."""
+    """The training loops on the same examples, same device, one after the other."""
     device = pick_device()
     ids, mask, labels = corpus(examples, model_path, max_len)
     encoder = load_base(model_path).encoder
@@ -79,21 +96,25 @@ def throughput(model_path: str, *, examples: int, batch: int, steps: int, max_le
     start = time.perf_counter()
     states = lower_states(encoder, ids, mask, cut)
     cache_s_per_example = (time.perf_counter() - start) / len(ids)
-    naive = _rate(model_path, NAIVE_LORA, (ids, mask, labels), batch=batch, steps=steps, pad_to_longest=False,
-                  device=device)
-    padded = _rate(model_path, NAIVE_LORA, (ids, mask, labels), batch=batch, steps=steps, pad_to_longest=True,
-                   device=device)
-    cached = _rate(model_path, top, {"hidden_states": states, "attention_mask": mask, "labels": labels},
-                   batch=batch, steps=steps, pad_to_longest=True, device=device)
+    plain = (ids, mask, labels)
+    rate = functools.partial(_rate, model_path, batch=batch, steps=steps, device=device)
+    naive = rate(NAIVE_LORA, plain, pad_to_longest=False, precision="fp32")
+    padded = rate(NAIVE_LORA, plain, pad_to_longest=True, precision="fp32", part_size=0)
+    parts = rate(NAIVE_LORA, plain, pad_to_longest=True, precision="fp32")
+    default = rate(NAIVE_LORA, plain, pad_to_longest=True)
+    cached = rate(top, {"hidden_states": states, "attention_mask": mask, "labels": labels}, pad_to_longest=True)
     # Over a job a node computes its cache once and trains on each example `rounds` times (one epoch a round).
     amortised = rounds / (rounds / cached + cache_s_per_example)
     return {
-        "examples": len(ids), "batch": batch, "steps": steps, "max-seq-len": max_len,
+        "examples": len(ids), "batch": batch, "steps": steps, "max-seq-len": max_len, "part-size": PART_SIZE,
+        "precision": str(autocast_dtype(device) or "fp32").removeprefix("torch."),
         "mean-tokens": round(float(mask.sum(dim=1).float().mean()), 1), "top-lora-layers": top.lora_layers,
         "naive-ex-per-s": round(naive, 1), "dynamic-padding-ex-per-s": round(padded, 1),
+        "sorted-parts-ex-per-s": round(parts, 1), "default-ex-per-s": round(default, 1),
         "top-layers-cached-ex-per-s": round(cached, 1), "cache-ex-per-s": round(1 / cache_s_per_example, 1),
         "top-layers-amortised-ex-per-s": round(amortised, 1),
-        "dynamic-padding-over-naive": round(padded / naive, 2), "cached-over-naive": round(cached / naive, 2),
+        "dynamic-padding-over-naive": round(padded / naive, 2), "sorted-parts-over-naive": round(parts / naive, 2),
+        "default-over-naive": round(default / naive, 2), "cached-over-naive": round(cached / naive, 2),
         "amortised-over-naive": round(amortised / naive, 2),
     }
 

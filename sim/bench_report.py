@@ -16,14 +16,21 @@ def _throughput(t: dict[str, Any]) -> list[str]:
         f"Rotten Tomatoes training snippets ({t['examples']} of the main job's pool, mean {t['mean-tokens']} "
         f"tokens of max-seq-len {t['max-seq-len']}), embedded all-MiniLM-L6-v2, DP-SGD with Opacus "
         f"(Poisson batches of expected size {t['batch']}, per-example clipping, Gaussian noise), "
-        f"{t['steps']} timed steps per loop after a warm-up round. All three loops ran one after the other "
-        "in the same process.", "",
+        f"{t['steps']} timed steps per loop after a warm-up round. All loops ran one after the other "
+        "in the same process. A part's per-example gradients are clipped and summed, and the noise is added "
+        "once per Poisson batch, so the parts release exactly the step of the whole batch.", "",
         "| loop | examples/s | vs naive |", "|---|---|---|",
-        f"| naive: every batch padded to max-seq-len, LoRA in all 6 layers | {t['naive-ex-per-s']} | 1.00 |",
-        f"| per-batch padding (pad to the batch's longest example), LoRA in all 6 layers "
+        f"| naive: every batch whole, padded to max-seq-len, fp32, LoRA in all 6 layers | {t['naive-ex-per-s']} "
+        "| 1.00 |",
+        f"| per-batch padding (pad to the batch's longest example), fp32 "
         f"| {t['dynamic-padding-ex-per-s']} | {t['dynamic-padding-over-naive']} |",
-        f"| LoRA in layers {t['top-lora-layers']}, training from the frozen layers' cached states, per-batch "
-        f"padding | {t['top-layers-cached-ex-per-s']} | **{t['cached-over-naive']}** |",
+        *([f"| length-sorted parts of {t['part-size']} examples, each padded to its own longest, fp32 "
+           f"| {t['sorted-parts-ex-per-s']} | {t['sorted-parts-over-naive']} |",
+           f"| **the default loop**: length-sorted parts, {t['precision']} autocast (per-example gradients "
+           f"clipped in fp32) | {t['default-ex-per-s']} | **{t['default-over-naive']}** |"]
+          if "default-ex-per-s" in t else []),
+        f"| LoRA in layers {t['top-lora-layers']} only (`lora-layers`), training from the frozen layers' cached "
+        f"states | {t['top-layers-cached-ex-per-s']} | **{t['cached-over-naive']}** |",
         f"| the same over a 3-round job, the one-off cache included | {t['top-layers-amortised-ex-per-s']} "
         f"| **{t['amortised-over-naive']}** |", "",
         f"The cache (a forward pass of the frozen layers, no gradients) runs at {t['cache-ex-per-s']} examples/s, "

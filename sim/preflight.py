@@ -17,7 +17,8 @@ def preflight(settings: RunSettings, num_clients: int) -> LabelledData:
     data = task.load_data(settings.data)
     base = task.load_base(settings.model.model_path)
     task.build_model(base, data.label_names, settings.lora, torch.device("cpu"))
-    task.encode(base, data, settings.model.max_seq_len)  # a sequence longer than the model's context: file + line
+    if not task.truncates:  # a sequence longer than the model's context: file + line
+        task.encode(base, data, settings.model.max_seq_len)
     if len(data.dataset) < 2 * num_clients:
         raise ConfigError(f"{settings.data.dataset}: {len(data.dataset)} examples are too few for "
                           f"{num_clients} clients; use fewer clients or more data")

@@ -38,6 +38,7 @@ class Task(Protocol):
     pipeline_tag: str  # the Hugging Face pipeline the adapter serves (model card, fedtune.json)
     headline: str  # the held-out metric reported first: accuracy, entity-f1 or perplexity
     presets: Mapping[str, Any]  # fedtune-sim --task: default settings (kebab keys) of this task's job
+    truncates: bool  # encode cuts a long example to max-seq-len (never rejects one): no length check needed
 
     def load_base(self, model_path: str) -> BaseModel:
         """Tokenizer and frozen base model (cached per process); "" = the task's embedded model."""

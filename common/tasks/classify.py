@@ -25,6 +25,7 @@ class Classify:
     name = "classify"
     pipeline_tag = "text-classification"
     headline = "accuracy"
+    truncates = True
     presets: dict[str, Any] = {}  # the settings' own defaults are this task's job
 
     def base_ref(self, model_path: str, hub_id: str = "") -> BaseModelRef:

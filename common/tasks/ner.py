@@ -69,6 +69,7 @@ class Ner:
     name = "ner"
     pipeline_tag = "token-classification"
     headline = "entity-f1"
+    truncates = False
     presets: dict[str, Any] = {
         "dataset": "conll-sample", "max-seq-len": 64, "lora-targets": "query,value", "lora-rank": 4,
         "lora-alpha": 8.0, "num-rounds": 5, "local-epochs": 2.0, "batch-size": 48, "optimizer": "sgd",

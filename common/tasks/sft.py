@@ -130,6 +130,7 @@ class Sft:
     name = "sft"
     pipeline_tag = "text-generation"
     headline = "perplexity"
+    truncates = False
     presets: dict[str, Any] = {
         "dataset": "chitchat", "max-seq-len": 48, "lora-targets": TARGETS, "lora-layers": "26,27,28,29",
         "lora-rank": 8, "lora-alpha": 16.0, "num-rounds": 3, "local-epochs": 0.5, "batch-size": 32,
