@@ -47,8 +47,10 @@ def _overhead(o: dict[str, Any]) -> list[str]:
     return [
         "## Per-round overhead", "",
         f"One round of {o['nodes']} nodes with {o['examples-per-node']} examples each ({o['steps']} DP steps "
-        "per node; each node's parts measured once and counted for every node, as the simulation runs them "
-        "on the same cores), plus the server's aggregation and held-out evaluation:", "",
+        f"per node, one epoch; LoRA in {'layers ' + o['lora-layers'] if o.get('lora-layers') else 'every layer'}; "
+        "each node's parts measured once and counted for every node, as the simulation runs them "
+        "on the same cores), plus the server's aggregation and held-out evaluation. The ledger charge is "
+        "that of a run's first round, which also plans the noise:", "",
         "| part | seconds | share |", "|---|---|---|", *rows, "",
         f"Overhead (everything but forward/backward/step and the held-out evaluation's forward passes): "
         f"**{100 * o['overhead-share']:.1f}%** of the round. Reply size per node: {o['reply-bytes']:,} bytes.", "",
@@ -85,7 +87,25 @@ def _main_job(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {r['results']} | {r['lora-layers'] or 'all'} | {' / '.join(map(str, r['accuracy']))} "
                      f"| {' / '.join(map(str, r['clients-trained']))} | {r['epsilon-max']} "
                      f"| {r['bytes-per-client-round']:,} | {r['run-s']} | {r['wall-s']} | {r['load-1min']} |")
-    return [*lines, ""]
+    return [*lines, "", *_main_job_summary(rows)]
+
+
+def _main_job_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Mean and standard deviation of the final accuracy and the wall time, per lora-layers setting."""
+    import statistics
+
+    lines = []
+    for layers in dict.fromkeys(r["lora-layers"] for r in rows):
+        runs = [r for r in rows if r["lora-layers"] == layers and r.get("wall-s")]
+        if len(runs) < 2:
+            continue
+        acc = [r["accuracy"][-1] for r in runs]
+        wall = [float(r["wall-s"]) for r in runs]
+        lines.append(f"LoRA in {'layers ' + layers if layers else 'every layer'}, {len(runs)} runs: final held-out "
+                     f"accuracy {statistics.mean(acc):.4f} ± {statistics.stdev(acc):.4f} (min {min(acc):.4f}), "
+                     f"wall time {statistics.mean(wall):.1f} ± {statistics.stdev(wall):.1f} s "
+                     f"(max {max(wall):.1f} s).")
+    return [*lines, ""] if lines else []
 
 
 def to_markdown(result: dict[str, Any]) -> str:
