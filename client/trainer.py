@@ -204,6 +204,13 @@ def make_optimizer(
     return torch.optim.SGD(groups, lr=learning_rate, momentum=0.9)
 
 
+def _opacus_round_epsilon(private: Private, dp: DpParams) -> float:
+    """This round alone by Opacus' own accountant (a cross-check of the node's ledger)."""
+    if dp.noise_multiplier == 0:
+        return math.inf  # clipping without noise: no privacy guarantee at all
+    return float(private.engine.get_epsilon(dp.delta)) if private.engine.accountant.history else 0.0
+
+
 def train(
     model: PeftModel,
     data: Encoded | Mapping[str, torch.Tensor],
@@ -232,7 +239,6 @@ def train(
     """
     task = task or get_task("classify")
     named = named_inputs(data)
-    names = tuple(named)
     sampler, noise = seeds.generators(device)
     loader = DataLoader(TensorDataset(*named.values()), batch_size=batch_size, shuffle=True, generator=sampler)
     optim = make_optimizer(model, optimizer, learning_rate, lora_lr_scale)
@@ -247,10 +253,9 @@ def train(
     # Opacus' hooks fire on modules whose inputs need no grad (frozen embeddings); harmless here.
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     losses, examples = [], 0
-    if part_size is None:
-        part_size = min(PART_SIZE, max_physical_batch() or PART_SIZE)
+    part_size = min(PART_SIZE, max_physical_batch() or PART_SIZE) if part_size is None else part_size
     for tensors in _batches(loader, steps):
-        batch = dict(zip(names, tensors, strict=True))
+        batch = dict(zip(named, tensors, strict=True))
         optim.zero_grad(set_to_none=True)
         if len(batch["labels"]) == 0:  # a Poisson draw can be empty: the step is charged, its noise released
             noise_only_step(optim)
@@ -259,11 +264,8 @@ def train(
                                  part_size=part_size, pad_to_longest=pad_to_longest))
         examples += len(batch["labels"])
     opacus_eps = None
-    if private is not None:
-        if dp.noise_multiplier == 0:
-            opacus_eps = math.inf  # clipping without noise: no privacy guarantee at all
-        else:
-            opacus_eps = float(private.engine.get_epsilon(dp.delta)) if private.engine.accountant.history else 0.0
+    if private is not None and dp is not None:
+        opacus_eps = _opacus_round_epsilon(private, dp)
         module._close()  # remove Opacus hooks; the PeftModel stays usable
     mean_loss = sum(losses) / len(losses) if losses else math.nan
     return TrainResult(loss=mean_loss, steps=steps, examples=examples, opacus_epsilon=opacus_eps)

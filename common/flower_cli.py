@@ -12,6 +12,7 @@ crashed predecessor left behind.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -222,8 +223,9 @@ def _control(env: Mapping[str, str]) -> Any:
 
         saved = os.environ.get("FLWR_HOME")
         os.environ["FLWR_HOME"] = home
-        try:
-            _CONTROL[home] = init_http_client_from_connection(read_superlink_connection(CONNECTION))
+        try:  # quietly: Flower prints which SuperLink it uses, as the CLI would
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                _CONTROL[home] = init_http_client_from_connection(read_superlink_connection(CONNECTION))
         finally:
             if saved is None:
                 os.environ.pop("FLWR_HOME", None)

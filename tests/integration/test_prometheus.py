@@ -59,7 +59,7 @@ def test_prometheus_reads_server_and_node_metrics(tmp_path: Path, tiny_model_dir
     (node / "policy.toml").write_text("max-epsilon = 8.0\ndelta = 1e-5\ndataset-id = \"notes\"\n")
     (tmp_path / "run.toml").write_text(
         f'model-path = "{tiny_model_dir}"\ndataset = "{sentiment_csv}"\npartition-by = "group"\nmax-seq-len = 16\n'
-        "batch-size = 32\nnum-rounds = 2\nmin-clients = 1\n")
+        "batch-size = 32\nlearning-rate = 0.05\nnum-rounds = 2\nmin-clients = 1\n")  # the job's lr 2.0 is for MiniLM
     port, server_metrics, node_metrics, prom_port = free_port(), free_port(), free_port(), free_port()
     api = f"http://127.0.0.1:{prom_port}"
     procs = []

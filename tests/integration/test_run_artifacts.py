@@ -16,6 +16,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fedtune.common.adapter import load_adapter
+from fedtune.common.ledger import ACCOUNTING_KINDS
 from fedtune.common.model_card import card_metadata
 from fedtune.sim.cli import main
 from fedtune.sim.report import write_run_report
@@ -40,9 +41,10 @@ def run(tiny_model_dir, sentiment_csv, tmp_path_factory):
     return out
 
 
-def _last_charged(ledger: Path) -> dict:
+def _charged(ledger: Path) -> list[dict]:
+    """The ledger's charged rounds (its signed header and policy entries skipped)."""
     entries = [json.loads(line) for line in ledger.read_text().splitlines()]
-    return [e for e in entries if e["decision"] == "charged"][-1]
+    return [e for e in entries if e["kind"] in ACCOUNTING_KINDS and e["decision"] == "charged"]
 
 
 def test_no_result_file_names_a_path_of_this_machine(run, tiny_model_dir, sentiment_csv):
@@ -61,14 +63,13 @@ def test_model_card_privacy_statement_matches_each_nodes_ledger(run):
     ledgers = sorted((run / "clients").glob("client-*/ledger.jsonl"))
     assert len(ledgers) == 3 and set(nodes) == {p.parent.name for p in ledgers}
     for ledger in ledgers:
-        entry, node = _last_charged(ledger), nodes[ledger.parent.name]
+        entry, node = _charged(ledger)[-1], nodes[ledger.parent.name]
         assert node["epsilon"] == pytest.approx(entry["epsilon"], rel=1e-9)
         assert node["delta"] == entry["delta"] and node["budget"] == entry["budget"]
         assert node["noise_multiplier"] == pytest.approx(entry["event"]["noise_multiplier"])
         assert node["sample_rate"] == pytest.approx(entry["event"]["sample_rate"])
         assert node["clip_norm"] == entry["event"]["clip_norm"] and node["accountant"] == entry["accountant"]["name"]
-        steps = sum(json.loads(line)["event"]["steps"] for line in ledger.read_text().splitlines()
-                    if json.loads(line)["decision"] == "charged")
+        steps = sum(e["event"]["steps"] for e in _charged(ledger))
         assert node["steps"] == steps
         assert f"| {ledger.parent.name} | {entry['epsilon']:.4f} | {entry['delta']:g} |" in card
 
