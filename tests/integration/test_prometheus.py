@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from fedtune.common.flower_cli import free_port
+from fedtune.common.ledger import ACCOUNTING_KINDS
 from tests.faults_helpers import kill_owned, kill_session, start, wait_until
 from tests.tiny import make_sentiment_frame
 
@@ -90,7 +91,8 @@ def test_prometheus_reads_server_and_node_metrics(tmp_path: Path, tiny_model_dir
         accepted = _query(api, 'max_over_time(fedtune_server_replies_total{outcome="accepted"}[10m])')
         assert sum(float(r["value"][1]) for r in accepted) == 2
         spent = _value(api, "fedtune_node_epsilon_spent")
-        ledger = [json.loads(x) for x in (node / "state/ledger.jsonl").read_text().splitlines()]
+        lines = (node / "state/ledger.jsonl").read_text().splitlines()
+        ledger = [e for e in map(json.loads, lines) if e["kind"] in ACCOUNTING_KINDS]  # no header/policy entries
         assert spent == pytest.approx(max(e["epsilon"] for e in ledger if e["decision"] == "charged"))
         assert _value(api, "fedtune_node_epsilon_budget_left") == pytest.approx(8.0 - spent)
         assert _value(api, "fedtune_node_ledger_entries") == len(ledger)
