@@ -134,7 +134,7 @@ class Sft:
     presets: dict[str, Any] = {
         "dataset": "chitchat", "max-seq-len": 48, "lora-targets": TARGETS, "lora-layers": "26,27,28,29",
         "lora-rank": 8, "lora-alpha": 16.0, "num-rounds": 3, "local-epochs": 0.5, "batch-size": 32,
-        "optimizer": "sgd", "learning-rate": 1.0, "lora-lr-scale": 1.0, "partitioner": "iid", "test-fraction": 0.02,
+        "optimizer": "sgd", "learning-rate": 0.25, "lora-lr-scale": 1.0, "partitioner": "iid", "test-fraction": 0.02,
         "max-train-examples": 600, "fraction-evaluate": 0.0,
     }
 
