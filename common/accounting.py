@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -119,6 +120,28 @@ def _opacus_epsilon(composition: Composition, delta: float, accountant: str) -> 
     acc = create_accountant(accountant)
     acc.history = list(composition)
     return float(acc.get_epsilon(delta=delta))
+
+
+# Integer Renyi orders: Opacus evaluates them in closed form, ~20x faster than its default fractional orders.
+# Fewer orders make the RDP bound looser, never wrong: it is still an upper bound on PRV's epsilon.
+BOUND_ORDERS = tuple(range(2, 64))
+
+
+def rdp_upper_bound(events: Sequence[DpEvent], delta: float) -> float:
+    """A cheap upper bound on the events' epsilon (Opacus RDP at integer orders); brackets PRV searches."""
+    _check_delta(delta)
+    return _rdp_upper_bound(tuple(merged(events)), delta) if events else 0.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_upper_bound(composition: Composition, delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = list(composition)
+    with warnings.catch_warnings():  # "optimal order is the smallest alpha": the bound is looser there, still valid
+        warnings.simplefilter("ignore", UserWarning)
+        return float(acc.get_epsilon(delta=delta, alphas=list(BOUND_ORDERS)))
 
 
 def dp_accounting_epsilon(events: Sequence[DpEvent], delta: float, accountant: str) -> float:

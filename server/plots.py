@@ -71,7 +71,8 @@ def epsilon_plot(rounds: Sequence[dict[str, Any]], budget: float | None) -> byte
         ax.text(0.5, 0.5, "no finite epsilon reported (trained without DP)", ha="center", va="center",
                 transform=ax.transAxes)
     ax.set(xlabel="round", ylabel="cumulative epsilon", title="Privacy spent per node")
-    ax.legend(fontsize="x-small", ncol=2)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label without DP
+        ax.legend(fontsize="x-small", ncol=2)
     return _png(fig)
 
 

@@ -41,8 +41,11 @@ from fedtune.common.device import ENV_PRECISION, autocast_dtype, pick_device
 from fedtune.common.model import build_model, encode, frozen_prefix, load_base, lower_states
 from fedtune.common.settings import DataSettings, LoraSettings, RunSettings
 from fedtune.common.tasks import get_task
+from fedtune.common.wire import RoundRequest
 
 NAIVE_LORA = LoraSettings(lora_layers="")  # LoRA in every layer: the loop before caching
+TRAIN_PART = "DP training (forward/backward/step)"
+LEDGER_PART = "ledger charges (fsync'd; mean over the job's rounds)"
 SIGMA = 1.0  # a typical noise multiplier of the main job (the cost of DP does not depend on it)
 
 
@@ -146,22 +149,13 @@ def _wire_roundtrip(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray
 
 def node_round(model_path: str, data: Any, *, settings: RunSettings, steps: int, clock: Clock) -> int:
     """One node's round, part by part (the pieces ``client/round.py`` runs); returns the reply's bytes."""
-    from fedtune.client.round import NodePrivacy, RunRef, charge_round, plan_request
-    from fedtune.common.wire import RoundRequest
-    from fedtune.sim.nodes import default_policy
-
     device = pick_device()
     base = load_base(model_path)
-    request = RoundRequest(server_round=1, run_key="bench", resumed_after_round=0, labels=("neg", "pos"),
-                           model=settings.model, lora=settings.lora, plan=settings.plan, privacy=settings.privacy)
+    request = _request(settings)
     global_arrays = to_arrays(build_model(base, 2, settings.lora, device))
-    with clock.part("request (de)serialisation"), tempfile.TemporaryDirectory() as tmp:
+    with clock.part("request (de)serialisation"):
         received, _ = _wire_roundtrip(global_arrays)
         request = RoundRequest.from_record(request.to_record())
-    n = len(data["labels"])
-    with clock.part("ledger charge (fsync'd)"), tempfile.TemporaryDirectory() as tmp:
-        node = NodePrivacy.open(default_policy(settings, 0), Path(tmp), node="simulation:client-0")
-        charge_round(node, replace(plan_request(request, n), steps=steps), run=RunRef("bench"), fingerprint="f")
     with clock.part("model build + adapter load"):
         model = build_model(base, 2, request.lora, device)
         load_arrays(model, received)
@@ -170,12 +164,41 @@ def node_round(model_path: str, data: Any, *, settings: RunSettings, steps: int,
                             torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data["labels"]), batch_size=8),
                             DpParams(SIGMA, 1.0), torch.Generator())
         private.module._close()
-    with clock.part("DP training (forward/backward/step)"):
+    with clock.part(TRAIN_PART):
         train(model, data, steps=steps, batch_size=request.plan.batch_size, learning_rate=0.5,
               dp=DpParams(SIGMA, 1.0), device=device, seeds=RoundSeeds.insecure(0, 1, "bench"))
     with clock.part("update extraction + reply serialisation"):
         _, size = _wire_roundtrip(to_arrays(model))
     return size
+
+
+def _request(settings: RunSettings, server_round: int = 1) -> RoundRequest:
+    return RoundRequest(server_round=server_round, run_key="bench", resumed_after_round=0, labels=("neg", "pos"),
+                        model=settings.model, lora=settings.lora, plan=settings.plan, privacy=settings.privacy)
+
+
+def ledger_charges(settings: RunSettings, *, examples: int, steps: int, nodes: int) -> tuple[float, float]:
+    """Every node's ledger charge over the job's rounds, one after the other in one process as the
+    simulation's actor runs them (accountant caches cold at the start): the mean per round, and one node's
+    first round alone (its noise plan; what a deployed node pays once per run)."""
+    from fedtune.client.round import NodePrivacy, RunRef, charge_round, plan_request
+    from fedtune.common import accounting
+    from fedtune.sim.nodes import default_policy
+
+    for cached in (accounting._opacus_epsilon, accounting._dp_accounting_epsilon, accounting._rdp_upper_bound):
+        cached.cache_clear()
+    rounds, first = settings.plan.num_rounds, 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        handles = [NodePrivacy.open(default_policy(settings, i), Path(tmp, str(i)), node=f"simulation:client-{i}")
+                   for i in range(nodes)]
+        start = time.perf_counter()
+        for server_round in range(1, rounds + 1):
+            request = replace(plan_request(_request(settings, server_round), examples), steps=steps)
+            for node in handles:
+                began = time.perf_counter()
+                charge_round(node, request, run=RunRef("bench"), fingerprint="f")
+                first = first or time.perf_counter() - began
+        return (time.perf_counter() - start) / rounds, first
 
 
 def overhead(model_path: str, *, examples: int, steps: int, lora: LoraSettings, nodes: int = 5,
@@ -200,6 +223,8 @@ def overhead(model_path: str, *, examples: int, steps: int, lora: LoraSettings, 
         data = {"hidden_states": states, "attention_mask": mask, "labels": labels}
     reply_bytes = node_round(model_path, data, settings=settings, steps=steps, clock=clock)
     node_parts = {k: v * nodes for k, v in clock.parts.items()}  # every node does the same work
+    per_round, first_charge = ledger_charges(settings, examples=examples, steps=steps, nodes=nodes)
+    node_parts = {LEDGER_PART: per_round, **node_parts}
     server = Clock()
     updates = [to_arrays(build_model(load_base(model_path), 2, lora, pick_device())) for _ in range(nodes)]
     with server.part("server aggregation"):
@@ -210,10 +235,12 @@ def overhead(model_path: str, *, examples: int, steps: int, lora: LoraSettings, 
         evaluate(model, e_ids, e_mask, e_labels, device=pick_device())
     parts = node_parts | server.parts
     total = sum(parts.values())
-    compute = parts["DP training (forward/backward/step)"] + parts["server held-out evaluation"]
+    compute = parts[TRAIN_PART] + parts["server held-out evaluation"]
     return {"nodes": nodes, "examples-per-node": examples, "steps": steps, "reply-bytes": reply_bytes,
             "lora-layers": lora.lora_layers, "parts-s": {k: round(v, 3) for k, v in parts.items()},
-            "overhead-share": round((total - compute) / total, 4)}
+            "overhead-share": round((total - compute) / total, 4), "rounds": settings.plan.num_rounds,
+            "first-charge-s": round(first_charge, 3),
+            "node-first-round-share": round(first_charge / (first_charge + clock.parts[TRAIN_PART]), 4)}
 
 
 def machine() -> dict[str, Any]:

@@ -49,11 +49,16 @@ def _overhead(o: dict[str, Any]) -> list[str]:
         f"One round of {o['nodes']} nodes with {o['examples-per-node']} examples each ({o['steps']} DP steps "
         f"per node, one epoch; LoRA in {'layers ' + o['lora-layers'] if o.get('lora-layers') else 'every layer'}; "
         "each node's parts measured once and counted for every node, as the simulation runs them "
-        "on the same cores), plus the server's aggregation and held-out evaluation. The ledger charge is "
-        "that of a run's first round, which also plans the noise:", "",
+        "on the same cores), plus the server's aggregation and held-out evaluation. The ledger charges are "
+        f"every node's over the job's {o.get('rounds', 3)} rounds, run one after the other in one process as the "
+        "simulation's actor runs them, shown per round: a run's first round also plans the noise, and nodes "
+        "with the same sampling rate and steps find the accountant's answers already computed:", "",
         "| part | seconds | share |", "|---|---|---|", *rows, "",
         f"Overhead (everything but forward/backward/step and the held-out evaluation's forward passes): "
         f"**{100 * o['overhead-share']:.1f}%** of the round. Reply size per node: {o['reply-bytes']:,} bytes.", "",
+        *([f"A deployed node plans alone: its first charge of a run took {o['first-charge-s']:.2f} s, "
+           f"{100 * o['node-first-round-share']:.1f}% of that round's training; later rounds reuse the plan.", ""]
+          if "first-charge-s" in o else []),
     ]
 
 

@@ -90,6 +90,9 @@ def parser() -> argparse.ArgumentParser:
                         "nodes never allow it")
     p.add_argument("--cpus-per-client", type=int, default=None,
                    help="CPU cores per simulated client (default: all cores, one client at a time)")
+    p.add_argument("--ray-address", default="", metavar="HOST:PORT",
+                   help="run the clients on an existing Ray cluster (the address `ray start --head` prints; "
+                        "every node needs fedtune installed); default: a private Ray instance on this machine")
     return p
 
 
@@ -133,6 +136,9 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         args.clients = int(TASK_CLIENTS.get(str(overrides.get("task", "classify")), 5))
     if args.clients < 1:
         problems.append(f"--clients must be >= 1, got {args.clients}")
+    if args.ray_address and not re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", args.ray_address):
+        problems.append(f"--ray-address expects HOST:PORT of the Ray head (as `ray start --head` prints), "
+                        f"got {args.ray_address[:100]!r}")
     if problems:
         raise ConfigError(problems)
     overrides = _task_presets(str(overrides.get("task", "classify")), bool(overrides.get("model-path"))) | overrides
@@ -150,6 +156,10 @@ def _run(settings: RunSettings, args: argparse.Namespace, out: Path) -> dict[str
         return _run_central(settings, args, out)
     nodes = SimulatedNodes(out, args.clients, args.policy_dir, args.state_dir, args.insecure_reproducible_seed)
     env = prepare(settings, nodes)
+    if args.ray_address:  # Flower's Ray backend calls ray.init() with no address: Ray reads RAY_ADDRESS
+        from fedtune.sim.rayenv import HOOK
+
+        env |= {"RAY_ADDRESS": args.ray_address, "RAY_RUNTIME_ENV_HOOK": HOOK}
     (out / "config.json").write_text(json.dumps(
         portable({"num-clients": args.clients, **settings.to_config()}), indent=2) + "\n")
     cpus = args.cpus_per_client or os.cpu_count() or 1
@@ -245,10 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     record = "" if args.central else f" --server-record {out} --server-key {out}/server-record.pub"
     console.print(f"results: {out} (metrics.jsonl, summary.json, adapter/, {png.name}, {report.name}; audit the "
                   f"ledgers: fedtune-audit --roster {out}/clients/roster.toml{record})", markup=False, highlight=False)
-    return _verdict(summary, get_task(settings.model.task).headline)
+    return _verdict(summary, get_task(settings.model.task).headline, rounds)
 
 
-def _verdict(summary: dict[str, Any], headline: str) -> int:
+def _verdict(summary: dict[str, Any], headline: str, rounds: list[dict[str, Any]]) -> int:
     """Print the outcome (with the majority-class baseline, the task's own metric and any warning) and return
     the exit code."""
     extra = f", {headline} {summary.get(f'initial-{headline}')} -> {summary.get(f'final-{headline}')}" \
@@ -262,6 +272,12 @@ def _verdict(summary: dict[str, Any], headline: str) -> int:
     if summary.get("status") == "stopped-early":
         console.print(f"stopped early: {summary.get('stop-reason')}", markup=False, highlight=False)
         return STOP_CODES.get(str(summary.get("stop-code")), exit_codes.STOPPED_BUDGET)
+    replies = [c for r in rounds for c in r.get("clients", [])]
+    if replies and not any(c.get("status") == "trained" for c in replies):
+        codes = sorted({str(c.get("code") or c.get("status")) for c in replies})
+        console.print(f"failed: no client trained in any round (their replies: {', '.join(codes)}); the adapter is "
+                      "the initial one. The nodes' own logs say why (flower/run.log).", markup=False, highlight=False)
+        return exit_codes.FAILED
     return exit_codes.OK
 
 

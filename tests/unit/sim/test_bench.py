@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from fedtune.sim import bench
 from fedtune.sim.bench import main
 
 
@@ -23,9 +24,12 @@ def test_bench_writes_the_side_by_side_loops_and_the_round_breakdown(tiny_model_
                                                             rel=0.02)
     assert t["top-layers-amortised-ex-per-s"] < t["top-layers-cached-ex-per-s"]  # the cache's cost is counted
     o = result["overhead"]
-    assert "DP training (forward/backward/step)" in o["parts-s"] and "ledger charge (fsync'd)" in o["parts-s"]
+    assert bench.TRAIN_PART in o["parts-s"] and bench.LEDGER_PART in o["parts-s"]
     assert o["examples-per-node"] == 40 and o["steps"] == 3  # one epoch of the node's examples
     assert "lower-layer cache (once per node and job, shown per round)" in o["parts-s"]  # --round-layers 1
     assert 0 < o["overhead-share"] < 1 and o["reply-bytes"] > 0
+    # A run's first charge plans the noise; the later rounds reuse the plan, so the mean is below it x nodes.
+    assert 0 < o["parts-s"][bench.LEDGER_PART] < o["first-charge-s"] * o["nodes"]
+    assert 0 < o["node-first-round-share"] < 1
     text = out.read_text()
     assert f"**{t['cached-over-naive']}**" in text and f"{100 * o['overhead-share']:.1f}%" in text
