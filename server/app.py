@@ -151,10 +151,18 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid, initial_arrays=initial, num_rounds=settings.plan.num_rounds - offset,
         timeout=settings.federation.round_timeout, evaluate_fn=lambda r, arrays: evaluate_global(r + offset, arrays),
     )
-    final = kept["arrays"]  # the last aggregate, or the last one before a divergence
+    _finish(settings, model, test, recorder, strategy, kept, offset)
+
+
+def _finish(settings: RunSettings, model: Any, test: LabelledData, recorder: RunRecorder, strategy: AdapterFedAvg,
+            kept: dict[str, Any], offset: int) -> None:
+    """The run's outputs: the kept adapter (the last aggregate, or the last one before a divergence), the
+    summary, the model card and the report."""
+    task = get_task(settings.model.task)
     meta = AdapterMeta(task.base_ref(settings.model.model_path, settings.model.base_model_id), test.label_names,
                        settings.model.max_seq_len, task.name)
-    adapter_dir = save_adapter(model, record_to_arrays(final), Path(settings.results_dir) / ADAPTER_DIR, meta=meta)
+    adapter_dir = save_adapter(model, record_to_arrays(kept["arrays"]), Path(settings.results_dir) / ADAPTER_DIR,
+                               meta=meta)
     outcome = {"status": "stopped-early", "stop-code": strategy.stop_code, "stop-reason": strategy.stop_reason} \
         if strategy.stop_code else {"status": "completed"}
     recorder.finish({"mode": "federated", "adapter": ADAPTER_DIR, "adapter-round": kept["round"], **outcome,

@@ -147,8 +147,10 @@ def _wire_roundtrip(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray
     return record_to_arrays(array_record_from_proto(proto)), len(blob)
 
 
-def node_round(model_path: str, data: Any, *, settings: RunSettings, steps: int, clock: Clock) -> int:
-    """One node's round, part by part (the pieces ``client/round.py`` runs); returns the reply's bytes."""
+def node_round(model_path: str, data: Any, *, settings: RunSettings, steps: int,
+               clock: Clock) -> tuple[int, dict[str, Any]]:
+    """One node's round, part by part (the pieces ``client/round.py`` runs); returns the reply's bytes and
+    what fp16 transport would change (:func:`half_precision_transport`)."""
     device = pick_device()
     base = load_base(model_path)
     request = _request(settings)
@@ -165,11 +167,31 @@ def node_round(model_path: str, data: Any, *, settings: RunSettings, steps: int,
                             DpParams(SIGMA, 1.0), torch.Generator())
         private.module._close()
     with clock.part(TRAIN_PART):
-        train(model, data, steps=steps, batch_size=request.plan.batch_size, learning_rate=0.5,
-              dp=DpParams(SIGMA, 1.0), device=device, seeds=RoundSeeds.insecure(0, 1, "bench"))
+        plan = request.plan
+        train(model, data, steps=steps, batch_size=plan.batch_size, learning_rate=plan.learning_rate,
+              lora_lr_scale=plan.lora_lr_scale, optimizer=plan.optimizer, dp=DpParams(SIGMA, 1.0), device=device,
+              seeds=RoundSeeds.insecure(0, 1, "bench"))
     with clock.part("update extraction + reply serialisation"):
-        _, size = _wire_roundtrip(to_arrays(model))
-    return size
+        sent = to_arrays(model)
+        _, size = _wire_roundtrip(sent)
+    return size, half_precision_transport(sent, received)
+
+
+def half_precision_transport(sent: dict[str, np.ndarray], received: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What fp16 on the wire would do to one node's DP update: the rounding error, relative to the size of
+    the round's update, of sending the trained values in fp16 and of sending the update (values - global)."""
+    def flat(arrays: Any) -> np.ndarray:
+        return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+
+    update = flat(sent[k] - received[k] for k in sent)
+    values_error = flat(sent[k].astype(np.float16).astype(np.float32) - sent[k] for k in sent)
+    update_error = flat((sent[k] - received[k]).astype(np.float16).astype(np.float32) - (sent[k] - received[k])
+                        for k in sent)
+    norm = float(np.linalg.norm(update)) or 1.0
+    return {"fp32-bytes": int(sum(a.nbytes for a in sent.values())),
+            "fp16-bytes": int(sum(a.astype(np.float16).nbytes for a in sent.values())),
+            "values-error-over-update": round(float(np.linalg.norm(values_error)) / norm, 6),
+            "update-error-over-update": round(float(np.linalg.norm(update_error)) / norm, 6)}
 
 
 def _request(settings: RunSettings, server_round: int = 1) -> RoundRequest:
@@ -221,7 +243,7 @@ def overhead(model_path: str, *, examples: int, steps: int, lora: LoraSettings, 
             states = lower_states(load_base(model_path).encoder, ids, mask, cut)
         clock.parts["lower-layer cache (once per node and job, shown per round)"] /= settings.plan.num_rounds
         data = {"hidden_states": states, "attention_mask": mask, "labels": labels}
-    reply_bytes = node_round(model_path, data, settings=settings, steps=steps, clock=clock)
+    reply_bytes, fp16 = node_round(model_path, data, settings=settings, steps=steps, clock=clock)
     node_parts = {k: v * nodes for k, v in clock.parts.items()}  # every node does the same work
     per_round, first_charge = ledger_charges(settings, examples=examples, steps=steps, nodes=nodes)
     node_parts = {LEDGER_PART: per_round, **node_parts}
@@ -239,7 +261,7 @@ def overhead(model_path: str, *, examples: int, steps: int, lora: LoraSettings, 
     return {"nodes": nodes, "examples-per-node": examples, "steps": steps, "reply-bytes": reply_bytes,
             "lora-layers": lora.lora_layers, "parts-s": {k: round(v, 3) for k, v in parts.items()},
             "overhead-share": round((total - compute) / total, 4), "rounds": settings.plan.num_rounds,
-            "first-charge-s": round(first_charge, 3),
+            "first-charge-s": round(first_charge, 3), "fp16-transport": fp16,
             "node-first-round-share": round(first_charge / (first_charge + clock.parts[TRAIN_PART]), 4)}
 
 
@@ -277,6 +299,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def scale_specs(text: str) -> tuple[Any, ...]:
+    from fedtune.common.errors import ConfigError
+    from fedtune.sim.scale import ScaleSpec
+
+    specs = []
+    for item in text.split(","):
+        clients, model, rounds = ([*item.strip().split(":"), "2"])[:3]
+        if not clients.isdigit() or model not in ("minilm", "tiny") or not rounds.isdigit():
+            raise ConfigError(f"--scale-rows: {item!r} is not CLIENTS:MODEL[:ROUNDS] with MODEL minilm or tiny")
+        specs.append(ScaleSpec(int(clients), model, int(rounds)))
+    return tuple(specs)
+
+
+def merge_scale_rows(previous: dict[str, Any] | None, specs: tuple[Any, ...], out_dir: Path) -> dict[str, Any]:
+    """``specs`` run now; the previous table's other rows kept; the plot redrawn from all of them."""
+    from fedtune.sim.scale import PLOT, plot, scale_rows
+
+    new = scale_rows(out_dir, specs)
+    names = {(r["clients"], r["model"]) for r in new["rows"]}
+    rows = [r for r in (previous or {}).get("rows", []) if (r["clients"], r["model"]) not in names] + new["rows"]
+    rows.sort(key=lambda r: (r["model"], r["clients"]))
+    if rows:
+        plot(rows, out_dir / PLOT)
+    return {"rows": rows, "failed": new["failed"], "plot": PLOT if rows else None}
+
+
 def main(argv: list[str] | None = None, *, render: Callable[[dict[str, Any]], str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedtune-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,6 +342,9 @@ def main(argv: list[str] | None = None, *, render: Callable[[dict[str, Any]], st
                    "as the main job)")
     p.add_argument("--scale", action="store_true", help="also run the 100- and 1,000-client federations")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    p.add_argument("--scale-rows", default="", metavar="CLIENTS:MODEL:ROUNDS,...",
+                   help="run only these federations (model minilm or tiny; e.g. 100:minilm:2,1000:tiny:2) and "
+                        "merge them into the scale table, replacing rows of the same clients and model")
     p.add_argument("--record-run", nargs=3, metavar=("RESULTS_DIR", "WALL_S", "LOAD"),
                    help="add a finished main-job run (make run) to the main-job table and re-render, nothing else")
     args = p.parse_args(argv)
@@ -301,7 +352,10 @@ def main(argv: list[str] | None = None, *, render: Callable[[dict[str, Any]], st
 
     json_path = args.out.with_suffix(".json")
     previous = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    if args.record_run:
+    if args.scale_rows:
+        result = previous
+        result["scale"] = merge_scale_rows(previous.get("scale"), scale_specs(args.scale_rows), args.out.parent)
+    elif args.record_run:
         result = previous
         row = main_job_row(Path(args.record_run[0]), float(args.record_run[1]), float(args.record_run[2]))
         result["main-job"] = [*previous.get("main-job", []), row]

@@ -59,6 +59,21 @@ def _overhead(o: dict[str, Any]) -> list[str]:
         *([f"A deployed node plans alone: its first charge of a run took {o['first-charge-s']:.2f} s, "
            f"{100 * o['node-first-round-share']:.1f}% of that round's training; later rounds reuse the plan.", ""]
           if "first-charge-s" in o else []),
+        *_half_precision(o.get("fp16-transport")),
+    ]
+
+
+def _half_precision(h: dict[str, Any] | None) -> list[str]:
+    if not h:
+        return []
+    return [
+        "### fp16 on the wire?", "",
+        f"The node's trained tensors are {h['fp32-bytes']:,} bytes in fp32 (the reply above adds the record's "
+        f"framing); fp16 would make them {h['fp16-bytes']:,}. Measured on the DP update of the round above "
+        "(the job's learning rates, noise multiplier 1.0): sending the trained *values* in fp16 moves the "
+        f"update by **{100 * h['values-error-over-update']:.2f}%** of its norm; sending the *update* (values "
+        f"minus the global adapter) in fp16 moves it by **{100 * h['update-error-over-update']:.3f}%**. "
+        "Replies stay fp32 values today.", "",
     ]
 
 

@@ -31,5 +31,25 @@ def test_bench_writes_the_side_by_side_loops_and_the_round_breakdown(tiny_model_
     # A run's first charge plans the noise; the later rounds reuse the plan, so the mean is below it x nodes.
     assert 0 < o["parts-s"][bench.LEDGER_PART] < o["first-charge-s"] * o["nodes"]
     assert 0 < o["node-first-round-share"] < 1
+    h = o["fp16-transport"]  # fp16 halves the tensors; rounding the update itself loses less than the values
+    assert h["fp16-bytes"] * 2 == h["fp32-bytes"]
+    assert 0 < h["update-error-over-update"] <= h["values-error-over-update"]
     text = out.read_text()
     assert f"**{t['cached-over-naive']}**" in text and f"{100 * o['overhead-share']:.1f}%" in text
+
+
+def test_scale_rows_are_parsed_and_merged_over_the_previous_table(monkeypatch, tmp_path):
+    from fedtune.common.errors import ConfigError
+    from fedtune.sim import scale
+
+    specs = bench.scale_specs("100:minilm:2, 1000:tiny")
+    assert [(s.clients, s.model, s.rounds) for s in specs] == [(100, "minilm", 2), (1000, "tiny", 2)]
+    with pytest.raises(ConfigError, match="'10:gpt'"):
+        bench.scale_specs("10:gpt")
+    row = {"clients": 1000, "model": "tiny BERT (2x32)", "s-per-round": 1.0}
+    monkeypatch.setattr(scale, "scale_rows", lambda out, specs: {"rows": [row], "failed": [], "plot": None})
+    monkeypatch.setattr(scale, "plot", lambda rows, path: path.write_bytes(b"png"))
+    old = {"rows": [{**row, "s-per-round": 9.0}, {"clients": 100, "model": "all-MiniLM-L6-v2", "s-per-round": 5.0}]}
+    merged = bench.merge_scale_rows(old, specs[1:], tmp_path)
+    assert sorted((r["clients"], r["s-per-round"]) for r in merged["rows"]) == [(100, 5.0), (1000, 1.0)]
+    assert (tmp_path / scale.PLOT).read_bytes() == b"png"
