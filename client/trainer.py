@@ -47,7 +47,26 @@ class TrainResult:
     loss: float  # mean training loss over the round's non-empty batches
     steps: int  # optimizer steps taken (each one charged to the budget under DP)
     examples: int  # examples drawn across all steps
-    opacus_epsilon: float | None = None  # this round alone, by Opacus' own PrivacyEngine accountant
+    # The steps Opacus' own PrivacyEngine accountant recorded this round ((sigma, q, steps) entries; None
+    # without DP): a cross-check of the node's ledger, turned into epsilon only when asked (a PRV evaluation
+    # costs a tenth of a second or more, every node and round).
+    opacus_history: tuple[tuple[float, float, int], ...] | None = None
+    delta: float = 1e-5
+
+    @property
+    def opacus_epsilon(self) -> float | None:
+        """This round alone, by Opacus' PRV accountant as the engine recorded it (inf: clipping without noise)."""
+        if self.opacus_history is None:
+            return None
+        if any(sigma == 0 for sigma, _, _ in self.opacus_history):
+            return math.inf  # clipping without noise: no privacy guarantee at all
+        if not self.opacus_history:
+            return 0.0
+        from opacus.accountants import PRVAccountant
+
+        accountant = PRVAccountant()
+        accountant.history = list(self.opacus_history)
+        return float(accountant.get_epsilon(self.delta))
 
 
 @dataclass(frozen=True)
@@ -204,13 +223,6 @@ def make_optimizer(
     return torch.optim.SGD(groups, lr=learning_rate, momentum=0.9)
 
 
-def _opacus_round_epsilon(private: Private, dp: DpParams) -> float:
-    """This round alone by Opacus' own accountant (a cross-check of the node's ledger)."""
-    if dp.noise_multiplier == 0:
-        return math.inf  # clipping without noise: no privacy guarantee at all
-    return float(private.engine.get_epsilon(dp.delta)) if private.engine.accountant.history else 0.0
-
-
 def train(
     model: PeftModel,
     data: Encoded | Mapping[str, torch.Tensor],
@@ -263,9 +275,10 @@ def train(
         losses.append(accumulate(task, module, optim, batch, device, private=private is not None,
                                  part_size=part_size, pad_to_longest=pad_to_longest))
         examples += len(batch["labels"])
-    opacus_eps = None
+    history = None
     if private is not None and dp is not None:
-        opacus_eps = _opacus_round_epsilon(private, dp)
+        history = tuple((float(s), float(q), int(n)) for s, q, n in private.engine.accountant.history)
         module._close()  # remove Opacus hooks; the PeftModel stays usable
     mean_loss = sum(losses) / len(losses) if losses else math.nan
-    return TrainResult(loss=mean_loss, steps=steps, examples=examples, opacus_epsilon=opacus_eps)
+    return TrainResult(loss=mean_loss, steps=steps, examples=examples, opacus_history=history,
+                       delta=dp.delta if dp is not None else 1e-5)
