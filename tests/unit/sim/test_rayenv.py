@@ -1,0 +1,23 @@
+"""The simulated nodes' settings reach the workers of an existing Ray cluster through Ray's runtime env hook."""
+
+from __future__ import annotations
+
+from fedtune.client.node_config import ENV_SIM_NODES
+from fedtune.common.flower_cli import OWNER_ENV
+from fedtune.sim import rayenv
+
+
+def test_the_hook_adds_the_node_variables_and_keeps_flowers_own(monkeypatch):
+    monkeypatch.setenv(ENV_SIM_NODES, "/shared/run/flower/nodes.json")
+    monkeypatch.setenv(OWNER_ENV, "fedtune-sim:/shared/run")  # the process-owner tag stays on this machine
+    monkeypatch.delenv("FEDTUNE_PRECISION", raising=False)
+    env = rayenv.forward_node_env({"env_vars": {"PYTHONPATH": "/x"}, "working_dir": "."})
+    assert env == {"env_vars": {"PYTHONPATH": "/x", ENV_SIM_NODES: "/shared/run/flower/nodes.json"},
+                   "working_dir": "."}
+    assert rayenv.forward_node_env(None)["env_vars"] == {ENV_SIM_NODES: "/shared/run/flower/nodes.json"}
+
+
+def test_the_hook_is_importable_by_the_name_fedtune_sim_gives_ray():
+    from ray._common.utils import load_class  # what ray.init uses for RAY_RUNTIME_ENV_HOOK
+
+    assert load_class(rayenv.HOOK) is rayenv.forward_node_env
