@@ -142,8 +142,10 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     if problems:
         raise ConfigError(problems)
     overrides = _task_presets(str(overrides.get("task", "classify")), bool(overrides.get("model-path"))) | overrides
-    for key in ("model-path", "dataset"):  # paths stay valid for the Flower processes (another cwd)
-        if overrides.get(key) and Path(str(overrides[key])).exists():
+    # Paths stay valid for the Flower processes (another cwd). A dataset is a file or a built-in name: a
+    # directory of the same name as a built-in corpus (say, a sweep's --out drug-reviews) does not shadow it.
+    for key, exists in (("model-path", Path.exists), ("dataset", Path.is_file)):
+        if overrides.get(key) and exists(Path(str(overrides[key]))):
             overrides[key] = str(Path(str(overrides[key])).resolve())
     overrides.setdefault("min-clients", min(2, args.clients))
     return RunSettings.from_config(overrides)
