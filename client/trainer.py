@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtune.client.randomness import RoundSeeds
+from fedtune.common.accounting import DpEvent, opacus_epsilon
 from fedtune.common.device import autocast
 from fedtune.common.tasks import Task, get_task
 from fedtune.common.tasks.base import Encoded, trim
@@ -60,13 +61,8 @@ class TrainResult:
             return None
         if any(sigma == 0 for sigma, _, _ in self.opacus_history):
             return math.inf  # clipping without noise: no privacy guarantee at all
-        if not self.opacus_history:
-            return 0.0
-        from opacus.accountants import PRVAccountant
-
-        accountant = PRVAccountant()
-        accountant.history = list(self.opacus_history)
-        return float(accountant.get_epsilon(self.delta))
+        events = [DpEvent(q, sigma, steps) for sigma, q, steps in self.opacus_history]
+        return opacus_epsilon(events, self.delta, "prv")
 
 
 @dataclass(frozen=True)
@@ -223,6 +219,15 @@ def make_optimizer(
     return torch.optim.SGD(groups, lr=learning_rate, momentum=0.9)
 
 
+def _private_or_none(model: PeftModel, optim: torch.optim.Optimizer, loader: DataLoader, dp: DpParams | None,
+                     noise: torch.Generator) -> Private | None:
+    """Opacus' wrapping of model, optimiser and loader under DP; None without DP."""
+    model.train()  # Opacus refuses a module in eval mode (a model that was just evaluated)
+    # Opacus' hooks fire on modules whose inputs need no grad (frozen embeddings); harmless here.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+    return privatize(model, optim, loader, dp, noise) if dp is not None else None
+
+
 def train(
     model: PeftModel,
     data: Encoded | Mapping[str, torch.Tensor],
@@ -254,16 +259,10 @@ def train(
     sampler, noise = seeds.generators(device)
     loader = DataLoader(TensorDataset(*named.values()), batch_size=batch_size, shuffle=True, generator=sampler)
     optim = make_optimizer(model, optimizer, learning_rate, lora_lr_scale)
-    module: nn.Module = model
-    model.train()  # Opacus refuses a module in eval mode (a model that was just evaluated)
-    private = None
-    if dp is not None:
-        private = privatize(model, optim, loader, dp, noise)
-        module, optim, loader = private.module, private.optimizer, private.loader
+    private = _private_or_none(model, optim, loader, dp, noise)
+    module, optim, loader = (private.module, private.optimizer, private.loader) if private else (model, optim, loader)
     module.train()
     base_dropout_off(model)
-    # Opacus' hooks fire on modules whose inputs need no grad (frozen embeddings); harmless here.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     losses, examples = [], 0
     part_size = min(PART_SIZE, max_physical_batch() or PART_SIZE) if part_size is None else part_size
     for tensors in _batches(loader, steps):
@@ -276,7 +275,7 @@ def train(
                                  part_size=part_size, pad_to_longest=pad_to_longest))
         examples += len(batch["labels"])
     history = None
-    if private is not None and dp is not None:
+    if private is not None:
         history = tuple((float(s), float(q), int(n)) for s, q, n in private.engine.accountant.history)
         module._close()  # remove Opacus hooks; the PeftModel stays usable
     mean_loss = sum(losses) / len(losses) if losses else math.nan

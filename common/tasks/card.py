@@ -37,11 +37,13 @@ def _fmt(x: Any) -> str:
 
 def model_section(info: CardInfo, shape: str, where: str) -> str:
     """Model, task and how to load (stock transformers + peft) for ner / sft."""
-    meta = info.meta
-    base = meta.base.name
-    if meta.task == "ner":
-        labels = ", ".join(f"`{i}` = {name}" for i, name in enumerate(meta.labels))
-        return f"""## Model
+    return (_ner_section if info.meta.task == "ner" else _sft_section)(info, shape, where)
+
+
+def _ner_section(info: CardInfo, shape: str, where: str) -> str:
+    meta, base = info.meta, info.meta.base.name
+    labels = ", ".join(f"`{i}` = {name}" for i, name in enumerate(meta.labels))
+    return f"""## Model
 
 - **Base model**: `{base}`, {where}.
 - **Architecture**: `AutoModelForTokenClassification` over the base encoder: a linear token head
@@ -65,6 +67,10 @@ enc = tok(["Peter", "flew", "to", "Paris"], is_split_into_words=True, return_ten
 tags = [labels[i] for i in model(**enc).logits.argmax(-1)[0]]  # one per sub-word; read each word's first
 ```
 """
+
+
+def _sft_section(info: CardInfo, shape: str, where: str) -> str:
+    meta, base = info.meta, info.meta.base.name
     return f"""## Model
 
 - **Base model**: `{base}`, {where}.
