@@ -10,6 +10,8 @@ the refusal in its ledger. Example (all keys optional except ``max-epsilon``)::
     min-noise-multiplier = 0.8   # refuse plans that would need less noise
     max-noise-multiplier = 10.0  # refuse when the remaining budget only allows more noise (no utility left)
     max-steps-per-round = 200    # refuse plans with more local DP-SGD steps per round
+    max-seq-len = 256            # refuse requests for longer sequences (0 = no limit)
+    fixed-shape = false          # pad training batches to max-seq-len: time does not depend on row lengths
     allowed-models = ["embedded", "/models/bert-base-uncased"]
     accountant = "prv"           # the node's accountant: prv or rdp (the server's choice is ignored)
     noise-plan = "spread"        # spread | as-requested (see NoisePlan)
@@ -71,6 +73,11 @@ class NodePolicy:
         "Refuse a round when the remaining budget only allows a larger noise multiplier: the update would be "
         "noise with no utility, and the budget is better kept.", 10.0)
     max_steps_per_round: int = _h("Refuse plans with more local DP-SGD steps per round (0 = no limit).", 0)
+    max_seq_len: int = _h("Refuse requests whose max-seq-len is above this (0 = no limit): bounds the memory and time "
+                          "one request can make the node spend. Checked before anything is read or charged.", 0)
+    fixed_shape: bool = _h("Pad every training batch part to the request's max-seq-len (no dynamic padding), so that "
+                           "a round's time and memory do not depend on the lengths of the rows drawn. Costs speed.",
+                           False)
     allowed_models: tuple[str, ...] = _h("Base models this node trains ('embedded' or paths); empty = any.", ())
     accountant: str = _h("The node's accountant: prv or rdp. The server's request is ignored.", "prv")
     noise_plan: NoisePlan = _h(
@@ -106,6 +113,8 @@ class NodePolicy:
                        f"got {self.max_noise_multiplier!r}")
         if self.max_steps_per_round < 0:
             out.append(f"max-steps-per-round must be >= 0, got {self.max_steps_per_round!r}")
+        if self.max_seq_len < 0:
+            out.append(f"max-seq-len must be >= 0, got {self.max_seq_len!r}")
         if self.accountant not in ("prv", "rdp"):
             out.append(f"accountant must be prv or rdp, got {self.accountant!r}")
         if self.noise_plan not in ("spread", "as-requested"):

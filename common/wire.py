@@ -49,7 +49,7 @@ ERROR_CODES: dict[str, str] = {
     "POLICY": "the node's privacy policy is missing or invalid",
     "LEDGER": "the node's privacy ledger is damaged or behind its witness",
     "MODEL": "the base model is not available on this node or does not fit the adapter",
-    "TRAIN": "local training failed",
+    "TRAIN": "local training failed after the round was charged",
     "INTERNAL": "unexpected failure on the node",
 }
 # Why a node refused a round (its policy or its budget said no); detail in its ledger.
@@ -58,6 +58,9 @@ REFUSAL_CODES: dict[str, str] = {
     "POLICY_DELTA": "the requested delta is above the policy's",
     "POLICY_STEPS": "more local steps per round than the policy allows",
     "POLICY_MODEL": "the base model is not in the policy's allowed models",
+    "POLICY_TASK": "the node does not train this task",
+    "POLICY_LABELS": "the labels differ from the ones the node declared",
+    "POLICY_SEQ_LEN": "max-seq-len is above the policy's maximum",
     "POLICY_MIN_NOISE": "the plan needs less noise than the policy's minimum",
     "POLICY_MAX_NOISE": "the remaining budget only allows more noise than the policy's maximum",
     "PLAN_INFEASIBLE": "no noise level meets the requested epsilon",
