@@ -13,14 +13,14 @@ from collections.abc import Callable
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtune.client.admission import ready_model, refusals
 from fedtune.client.node_config import NodeConfig, node_config
 from fedtune.client.node_data import load_rows, tensors
 from fedtune.client.policy import NodePolicy, load_policy
 from fedtune.client.round import NodePrivacy, train_round
-from fedtune.common.adapter import arrays_to_record, load_arrays, record_to_arrays
+from fedtune.common.adapter import arrays_to_record, record_to_arrays
 from fedtune.common.device import pick_device
 from fedtune.common.errors import FedtuneError
-from fedtune.common.model import kept_model
 from fedtune.common.tasks import get_task
 from fedtune.common.wire import ARRAYS, REQUEST, ErrorReply, EvalReply, RoundRequest, WireError
 
@@ -73,17 +73,16 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     def handle() -> RecordDict:
         request = _request(msg)
         config, policy = _node(context)
-        if not policy.release_local_eval or (policy.allowed_models
-                                             and not policy.allows_model(request.model.model_path)):
+        # The same checks, in the same order, as a training round: nothing before the rows depends on them.
+        if not policy.release_local_eval or refusals(request, policy, config):
             return EvalReply("declined").to_content()
         task = get_task(request.model.task)
-        rows = load_rows(config, request.labels, local_eval=True, task=task.name)
+        device = pick_device()
+        model = ready_model(task, request, record_to_arrays(msg.content[ARRAYS]), device)
+        rows = load_rows(config, request.labels, local_eval=True)
         if len(rows.test.dataset) == 0:
             return EvalReply("declined").to_content()
-        device = pick_device()
         base = task.load_base(request.model.model_path)
-        model = kept_model(task, request.model.model_path, request.labels, request.lora, device)
-        load_arrays(model, record_to_arrays(msg.content[ARRAYS]))
         result = task.evaluate(model, base, rows.test, tensors(rows, "test", request.model.model_path,
                                                                 request.model.max_seq_len), device=device)
         return EvalReply("evaluated", result.num_examples, result.loss, result.accuracy).to_content()

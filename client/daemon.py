@@ -14,8 +14,8 @@ per attempt. Exit status: 0 stopped normally, 1 gave up (--max-restarts),
 2 bad input (or the server refused this node's key until --max-restarts), 130/143 on SIGINT/SIGTERM.
 
     fedtune-client --superlink fl.example.org:443 --root-certificates ca.pem --node-key node.key \\
-        --data /srv/data/notes.csv --policy /etc/fedtune/policy.toml --state-dir /var/lib/fedtune \\
-        --app-allowlist /etc/fedtune/allowed-apps.txt
+        --data /srv/data/notes.csv --labels negative,positive --policy /etc/fedtune/policy.toml \\
+        --state-dir /var/lib/fedtune --app-allowlist /etc/fedtune/allowed-apps.txt
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from fedtune.client.node_check import NodeOptions, check
 from fedtune.client.supervisor import EXIT_CONNECTION, Supervisor, explain_305, reachable
 from fedtune.common import exit_codes, logs
 from fedtune.common.errors import FedtuneError, format_problems, problems_of
+from fedtune.common.tasks import DEFAULT_TASK, TASKS
 
 log = logging.getLogger("fedtune.client")
 DEFAULT_METRICS = "127.0.0.1:9465"
@@ -56,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="the node's examples: CSV, JSONL or Parquet")
     p.add_argument("--text-column", default="text", help="column with the text (default: text)")
     p.add_argument("--label-column", default="label", help="column with the label (default: label)")
-    p.add_argument("--labels", default="", help="comma-separated allowed labels (default: any)")
+    p.add_argument("--task", default=DEFAULT_TASK, choices=TASKS,
+                   help=f"the task this node trains (default {DEFAULT_TASK}); requests for another are refused")
+    p.add_argument("--labels", default="",
+                   help="comma-separated label set of the data (classify: its classes, ner: its BIO tags); required "
+                        "for classify and ner. Requests naming other labels are refused before any row is read")
     p.add_argument("--policy", type=Path, help="the node's privacy policy (TOML)")
     p.add_argument("--state-dir", type=Path, required=True, help="privacy state and ledger (back this up)")
     p.add_argument("--app-allowlist", type=Path, help="file of sha256 digests of app bundles this node may run")
@@ -114,7 +119,7 @@ def options(args: argparse.Namespace) -> NodeOptions:
         superlink=args.superlink, data=args.data, state_dir=args.state_dir,
         root_certificates=args.root_certificates, node_key=args.node_key, insecure=args.insecure,
         policy=args.policy, allowlist=args.app_allowlist, allow_any_app=args.allow_any_app,
-        text_column=args.text_column, label_column=args.label_column,
+        text_column=args.text_column, label_column=args.label_column, task=args.task,
         labels=tuple(x.strip() for x in args.labels.split(",") if x.strip()),
         log_file=args.log_file, runtime_port=args.runtime_port, max_restarts=args.max_restarts,
         connect_retries=args.connect_retries, stall_timeout_s=args.stall_timeout, witness=args.witness,

@@ -7,6 +7,7 @@ read-only ledger directory from one run, not five.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
@@ -19,10 +20,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from fedtune.client.gate import read_allowlist
 from fedtune.client.policy import load_policy
 from fedtune.common import tls
-from fedtune.common.data import read_table, validate
 from fedtune.common.errors import ConfigError, FedtuneError, quote
 from fedtune.common.ledger import LEDGER_FILE, Ledger
 from fedtune.common.ledger_key import KEY_FILE, load_or_create_key, private_key_identity, public_identity
+from fedtune.common.tasks import DEFAULT_TASK, get_task
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class NodeOptions:
     allow_any_app: bool = False  # explicit opt-out of app pinning
     text_column: str = "text"  # the column the federation's runs read text from
     label_column: str = "label"  # the column holding labels
-    labels: tuple[str, ...] = ()  # allowed label values (empty: any, at least two)
+    task: str = DEFAULT_TASK  # the task this node trains: a request for another one is refused
+    labels: tuple[str, ...] = ()  # the declared label (or tag) set: a request naming others is refused
     log_file: Path | None = None  # default: STATE_DIR/fedtune-client.log
     runtime_port: int = 9094  # node-local Runtime API port (distinct per node on one host)
     max_restarts: int = 0  # restarts of a failed SuperNode before giving up (0 = forever)
@@ -85,13 +87,16 @@ class NodeOptions:
         pairs: dict[str, object] = {
             "data-path": self.data.resolve(), "state-dir": self.state_dir.resolve(),
             "witness": self.witness_path.resolve(), "text-column": self.text_column,
-            "label-column": self.label_column, "node": self.identity()}
+            "label-column": self.label_column, "task": self.task, "node": self.identity()}
         if self.policy is not None:
             pairs["policy"] = self.policy.resolve()
         for key, value in pairs.items():
             if '"' in str(value) or "'" in str(value) or " " in str(value):
                 raise ConfigError(f"{key} {quote(value)} contains quotes or spaces; use a plain path or column name")
-        return " ".join(f'{k}="{v}"' for k, v in pairs.items())
+        if bad := [x for x in self.labels if "'" in x or not x.isprintable()]:
+            raise ConfigError(f"label {quote(bad[0])} contains a quote or a control character")
+        labels = json.dumps(list(self.labels))  # a TOML literal string: label names may hold spaces
+        return " ".join(f'{k}="{v}"' for k, v in pairs.items()) + f" labels='{labels}'"
 
 
 def _transport_problems(opts: NodeOptions) -> list[str]:
@@ -152,9 +157,14 @@ def _ledger_problems(opts: NodeOptions) -> list[str]:
 
 
 def _data_problems(opts: NodeOptions) -> list[str]:
+    """The data file read as the node's rounds will read it, but strictly: every bad row is a problem here (a
+    round leaves such rows out and logs them)."""
+    task = get_task(opts.task)
+    if task.labelled and len(opts.labels) < 2:
+        return [f"--labels is required for task {task.name}: declare the label set of your data (e.g. --labels "
+                "neg,pos); the node refuses requests naming other labels"]
     try:
-        validate(read_table(opts.data), opts.text_column, opts.label_column, list(opts.labels),
-                 origin=str(opts.data))
+        task.read_file(opts.data, text_column=opts.text_column, label_column=opts.label_column, labels=opts.labels)
     except FedtuneError as err:
         return list(err.problems)
     return []

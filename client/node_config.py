@@ -8,9 +8,11 @@ simulated node's configuration — the same keys — and names it in the environ
 read for any of this.
 
 Keys: ``data-path``, ``state-dir``, ``policy`` (all required), ``text-column``, ``label-column``
-(default ``text`` / ``label``), ``node`` (the node's identity in its ledger header: the sha256 of its
-authentication key, or ``simulation:client-<id>``), ``witness`` (the ledger's witness file, kept outside
-the state directory) and — simulation only — ``insecure-seed``.
+(default ``text`` / ``label``), ``task`` and ``labels`` (the node's declaration: which task it trains and
+its label or tag set; a request for another task or other labels is refused before any row is read, so
+the refusal depends on the declaration, never on the rows), ``node`` (the node's identity in its ledger
+header: the sha256 of its authentication key, or ``simulation:client-<id>``), ``witness`` (the ledger's
+witness file, kept outside the state directory) and — simulation only — ``insecure-seed``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.common.errors import ConfigError
+from fedtune.common.tasks import DEFAULT_TASK, TASKS
 
 ENV_SIM_NODES = "FEDTUNE_SIM_NODES"
 SIMULATED = "partition-id"
@@ -36,6 +39,8 @@ class NodeConfig:
     policy: Path  # the node's privacy policy (TOML)
     text_column: str = "text"
     label_column: str = "label"
+    task: str = DEFAULT_TASK  # the task this node trains (declared by its operator)
+    labels: tuple[str, ...] = ()  # its declared label / tag set (empty: it trains no labelled task)
     node: str = ""  # identity written into the ledger header
     witness: Path | None = None  # the ledger's witness (newest line and hash), outside state_dir
     simulated: bool = False
@@ -50,16 +55,40 @@ class NodeConfig:
         seed = raw.get("insecure-seed")
         if seed is not None and not simulated:
             problems.append("insecure-seed is only allowed for simulated nodes (fedtune-sim)")
+        task = str(raw.get("task", DEFAULT_TASK))
+        if task not in TASKS:
+            problems.append(f"node config 'task' must be one of {', '.join(TASKS)}, got {task[:64]!r}")
+        try:
+            labels = parse_labels(raw.get("labels", ()))
+        except ValueError as err:
+            problems.append(str(err))
         if problems:
             raise ConfigError(problems)
         return cls(
             data_path=Path(str(raw["data-path"])), state_dir=Path(str(raw["state-dir"])),
             policy=Path(str(raw["policy"])), text_column=str(raw.get("text-column", "text")),
-            label_column=str(raw.get("label-column", "label")), node=str(raw.get("node", "")),
+            label_column=str(raw.get("label-column", "label")), task=task, labels=labels,
+            node=str(raw.get("node", "")),
             witness=Path(str(raw["witness"])) if raw.get("witness") else None,
             simulated=simulated, insecure_seed=None if seed is None else int(seed),
             partition_id=int(raw[SIMULATED]) if SIMULATED in raw else None,
         )
+
+
+def parse_labels(raw: Any) -> tuple[str, ...]:
+    """A declared label set: a list (simulation's JSON), or a string holding a JSON list or comma-separated names
+    (``flower-supernode --node-config``); ValueError naming the problem."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        try:
+            raw = json.loads(text) if text.startswith("[") else [x.strip() for x in text.split(",") if x.strip()]
+        except ValueError as err:
+            raise ValueError(f"node config 'labels' is not a JSON list of names ({err})") from err
+    if not isinstance(raw, list | tuple) or not all(isinstance(x, str) and x and len(x) <= 128 for x in raw):
+        raise ValueError("node config 'labels' must be a list of non-empty names of at most 128 characters")
+    if len(set(raw)) != len(raw):
+        raise ValueError("node config 'labels' names a label twice")
+    return tuple(raw)
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,16 +1,19 @@
 """A node's own examples: read from its data file, checked, split and tokenised, cached per process.
 
-Everything here is decided by the node: the file and its columns come from the node's configuration,
-the local test split (only when the policy releases local evaluation) from a seed the node draws once
-with ``secrets`` and keeps in its state directory. The only server input is the run's class names,
-which the node's labels must match (a mismatch is reported to the server as ``DATA_LABELS``, never
-with the rows).
+Everything here is decided by the node: the file, its columns and its label set come from the node's
+configuration, the local test split (only when the policy releases local evaluation) from a seed the node
+draws once with ``secrets`` and keeps in its state directory. The only server input is the order of the
+class names, after the round has checked that they are exactly the node's declared labels. A row that
+fails a check (empty text, a label outside the declaration, a malformed line) is left out and named in
+the node's own log: what the node replies never depends on one row. ``fedtune-client`` reports such rows
+at start-up (``client/node_check.py``), ``fedtune-sim`` before the run starts.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from fedtune.common.errors import DataError
 from fedtune.common.settings import LoraSettings
 from fedtune.common.tasks import get_task
 
+log = logging.getLogger("fedtune.client")
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids [N, T], mask [N, T], labels [N] or [N, T]
 
 LOCAL_TEST_FRACTION = 0.1
@@ -38,7 +42,7 @@ class NodeRows:
     train: LabelledData
     test: LabelledData  # empty unless the policy releases local evaluation
     fingerprint: str  # sha256 over the training examples; stays on the node (ledger)
-    task: str = "classify"
+    task: str
     _tensors: dict[tuple[str, str, int], Tensors] = field(default_factory=dict, compare=False, repr=False)
     _states: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
@@ -60,9 +64,14 @@ def split_seed(state_dir: Path) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _rows(path: str, stamp: tuple[float, int], text_column: str, label_column: str, labels: tuple[str, ...],
-          seed: int | None, task_name: str = "classify") -> NodeRows:
+          seed: int | None, task_name: str) -> NodeRows:
     task = get_task(task_name)
-    mine = task.read_file(Path(path), text_column=text_column, label_column=label_column, labels=labels)
+    skipped: list[str] = []
+    mine = task.read_file(Path(path), text_column=text_column, label_column=label_column, labels=labels,
+                          skipped=skipped)
+    if skipped:  # the node's own log only; the rows are left out of training
+        log.warning("%d problem(s) in the data file; the rows concerned are left out: %s", len(skipped),
+                    "; ".join(skipped[:20]))
     if seed is None or len(mine.dataset) < 10:
         train, test = mine, LabelledData(mine.dataset.select([]), mine.label_names, mine.origin)
     else:
@@ -70,8 +79,9 @@ def _rows(path: str, stamp: tuple[float, int], text_column: str, label_column: s
     return NodeRows(train, test, task.fingerprint(train), task_name)
 
 
-def load_rows(config: NodeConfig, labels: tuple[str, ...], *, local_eval: bool, task: str = "classify") -> NodeRows:
-    """The node's examples, labels mapped onto the run's class names (cached while the file is unchanged)."""
+def load_rows(config: NodeConfig, labels: tuple[str, ...], *, local_eval: bool) -> NodeRows:
+    """The node's examples of its declared task, labels mapped onto ``labels`` (the declared labels, in the run's
+    class order; cached while the file is unchanged)."""
     try:
         info = config.data_path.stat()
     except OSError as err:
@@ -81,7 +91,7 @@ def load_rows(config: NodeConfig, labels: tuple[str, ...], *, local_eval: bool, 
         seed = split_seed(config.state_dir) if config.insecure_seed is None else int.from_bytes(
             hashlib.sha256(f"split/{config.insecure_seed}/{config.node}".encode()).digest()[:7], "big")
     rows = _rows(str(config.data_path), (info.st_mtime, info.st_size), config.text_column, config.label_column,
-                 labels, seed, task)
+                 labels, seed, config.task)
     if rows.num_train < 1:
         raise DataError(f"{config.data_path}: no training examples", code="DATA_EMPTY")
     return rows
@@ -93,7 +103,7 @@ def tensors(rows: NodeRows, part: Literal["train", "test"], model_path: str, max
     if key not in rows._tensors:
         data = rows.train if part == "train" else rows.test
         task = get_task(rows.task)
-        rows._tensors[key] = task.encode(task.load_base(model_path), data, max_len)
+        rows._tensors[key] = task.encode(task.load_base(model_path), data, max_len, strict=False)
     return rows._tensors[key]
 
 

@@ -47,10 +47,11 @@ class PlanRequest:
     accountant: str
     num_rounds: int
     server_round: int
-    sample_rate: float  # q of this node's Poisson sampler
-    steps: int  # local DP-SGD steps this round
+    sample_rate: float | None  # q of this node's Poisson sampler (None: refused before the rows were read)
+    steps: int | None  # local DP-SGD steps this round (None: likewise)
     clip_norm: float
     dp_mode: str = "dp"  # dp | clip-only | off: how the server asks to train (only dp is private)
+    max_seq_len: int = 0  # tokens per example the request asks for
 
     @property
     def rounds_left(self) -> int:
@@ -125,6 +126,14 @@ class NodePolicy:
         """Every way ``request`` falls outside this policy, as (refusal code, detail); empty = allowed.
 
         Noise is checked after planning (see ``client/privacy.py``)."""
+        out = self.request_problems(request)
+        if self.max_steps_per_round and request.steps is not None and request.steps > self.max_steps_per_round:
+            out.append(("POLICY_STEPS", f"the plan needs {request.steps} local steps per round; "
+                                        f"the policy allows at most {self.max_steps_per_round}"))
+        return out
+
+    def request_problems(self, request: PlanRequest) -> list[tuple[str, str]]:
+        """The checks that need only the request, not the node's rows: made before anything is read or charged."""
         out = []
         if self.require_dp and not request.dp:
             out.append(("POLICY_DP_REQUIRED", f"the plan asks for training without DP (dp-mode {request.dp_mode}); "
@@ -132,12 +141,12 @@ class NodePolicy:
         if request.dp and request.delta > self.delta:
             out.append(("POLICY_DELTA", f"the plan asks for delta {request.delta:g}; the policy allows at most "
                                         f"{self.delta:g}"))
-        if self.max_steps_per_round and request.steps > self.max_steps_per_round:
-            out.append(("POLICY_STEPS", f"the plan needs {request.steps} local steps per round; "
-                                        f"the policy allows at most {self.max_steps_per_round}"))
         if self.allowed_models and not self.allows_model(request.model):
             out.append(("POLICY_MODEL", f"base model {request.model or EMBEDDED_MODEL!r} is not in the policy's "
                                         f"allowed-models ({', '.join(self.allowed_models)})"))
+        if self.max_seq_len and request.max_seq_len > self.max_seq_len:
+            out.append(("POLICY_SEQ_LEN", f"the request asks for max-seq-len {request.max_seq_len}; the policy "
+                                          f"allows at most {self.max_seq_len}"))
         return out
 
     @property

@@ -186,6 +186,8 @@ def _plan_run(policy: NodePolicy, request: PlanRequest, history: History) -> flo
 def decide(policy: NodePolicy, request: PlanRequest, history: History, run_sigma: float | None = None) -> Decision:
     """Charge or refuse one round. ``history``: the dataset's charged events so far (all runs);
     ``run_sigma``: the noise this run already charged with (planned at its first round), if any."""
+    if request.sample_rate is None or request.steps is None:
+        raise PrivacyError("a round is decided once the node's rows are read (its sampling rate and steps known)")
     budget = policy.max_epsilon
     before = epsilon_of(history, policy.delta, policy.accountant)
     if problems := policy.check(request):

@@ -1,38 +1,66 @@
-"""One local training round: policy check, budget check, signed charge, DP-SGD, the typed reply.
+"""One local training round, in the order that keeps everything but the DP update independent of the rows.
 
-The order is the privacy contract: under the ledger's lock, check the server's
-plan against the node's policy, plan noise (first round of a run), project the
-dataset's cumulative epsilon after this round, and append a signed entry —
-``refused`` with the reason, or ``charged`` — fsync'd *before* any gradient is
-computed. A crash after the charge wastes budget but never releases an unpaid
-update. The budget key is the policy's ``dataset-id``; the randomness is the
-node's own (``client/randomness.py``); the reply is a ``fedtune.common.wire``
-type, so only its fields leave the node.
+1. **Request checks** (``client/admission.py``): the request against the node's declaration (task, labels)
+   and policy (DP, delta, allowed model, sequence length); then the allowed base model is loaded and the
+   server's adapter checked. A function of the request and the node's configuration only.
+2. **The rows**: read against the node's own declaration (a bad row is left out and logged, never failing the
+   round); only N leaves the node (a disclosed leak: it sets q and the steps).
+3. **The charge**, under the ledger's lock: plan noise (first round of a run), project the dataset's cumulative
+   epsilon, and append a signed entry — ``refused`` with the reason, or ``charged`` — fsync'd *before* any
+   gradient is computed. Identical refusals are coalesced so that a server cannot fill the ledger with them.
+4. **Training**: after the charge the only output that depends on the rows is the DP-protected update. Any
+   failure here is answered with the one code ``TRAIN``, whatever its cause (the node logs the detail).
+
+The budget key is the policy's ``dataset-id``; the randomness is the node's own (``client/randomness.py``);
+the reply is a ``fedtune.common.wire`` type, so only its fields leave the node.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from peft import PeftModel
 
+from fedtune.client.admission import plan_without_rows, ready_model, refusals
 from fedtune.client.node_config import NodeConfig
-from fedtune.client.node_data import load_rows, train_inputs
+from fedtune.client.node_data import NodeRows, load_rows, train_inputs
 from fedtune.client.policy import NodePolicy, PlanRequest
-from fedtune.client.privacy import Decision, decide, steps_per_round
+from fedtune.client.privacy import Decision, decide, epsilon_of, steps_per_round
 from fedtune.client.randomness import RoundSeeds
 from fedtune.client.trainer import DpParams, train
 from fedtune.common.accounting import accountant_record
-from fedtune.common.adapter import Arrays, load_arrays, sent_arrays, to_arrays
+from fedtune.common.adapter import Arrays, sent_arrays, to_arrays
 from fedtune.common.device import pick_device
 from fedtune.common.errors import ConfigError, ModelError
-from fedtune.common.ledger import LEDGER_FILE, Entry, Ledger, LedgerHeader, event_from_json, event_to_json
+from fedtune.common.ledger import (
+    LEDGER_FILE,
+    Entry,
+    Ledger,
+    LedgerHeader,
+    LedgerSession,
+    event_from_json,
+    event_to_json,
+)
 from fedtune.common.ledger_key import KEY_FILE, load_or_create_key
-from fedtune.common.model import kept_model
 from fedtune.common.tasks import get_task
 from fedtune.common.wire import RoundRequest, TrainReply
+
+log = logging.getLogger("fedtune.client")
+# New refusal lines a ledger takes per 24 hours; beyond it a refusal cites the newest refusal line instead of
+# writing one (a server sending one odd request after another cannot fill the ledger to its size limit).
+MAX_REFUSALS_PER_DAY = 100
+
+
+class ChargedRoundFailed(ModelError):
+    """A charged round failed before it could reply: one code whatever the cause (the detail is in the log)."""
+
+    default_code = "TRAIN"
 
 
 @dataclass(frozen=True)
@@ -89,24 +117,49 @@ def _ledger_fields(decision: Decision, request: PlanRequest, policy: NodePolicy,
         "request": {"epsilon": request.epsilon, "delta": request.delta, "num_rounds": request.num_rounds,
                     "local_steps": request.steps, "sample_rate": request.sample_rate, "dp": request.dp,
                     "dp_mode": request.dp_mode,
-                    "clip_norm": request.clip_norm, "accountant": request.accountant, "model": request.model},
+                    "clip_norm": request.clip_norm, "accountant": request.accountant, "model": request.model,
+                    "max_seq_len": request.max_seq_len},
     }
 
 
 def charge_round(node: NodePrivacy, request: PlanRequest, *, run: RunRef, fingerprint: str,
-                 rng: str = "secrets") -> tuple[Decision, Entry]:
-    """Decide and record one round atomically (under the ledger's lock); the entry is on disk on return."""
+                 rng: str = "secrets", refusal: tuple[str, str] | None = None) -> tuple[Decision, Entry]:
+    """Decide and record one round atomically (under the ledger's lock); the entry is on disk on return.
+
+    ``refusal`` (code, reason): refused by the request checks before the rows were read. A refusal identical to
+    one already recorded for this run, or beyond MAX_REFUSALS_PER_DAY, returns that earlier entry instead of
+    appending a new one (its receipt is what the reply cites).
+    """
     key = node.policy.dataset_id
     with node.ledger.session() as session:
         mine = [e for e in session.entries if e["dataset"] == key]
         charged = [e for e in mine if e["decision"] == "charged"]
         history = [event_from_json(e["event"]) for e in charged]
-        run_sigma = next((float(e["event"]["noise_multiplier"]) for e in reversed(charged)
-                          if run.owns(e) and e["event"] is not None), None)
-        decision = decide(node.policy, request, history, run_sigma)
+        if refusal is not None:
+            before = epsilon_of(history, node.policy.delta, node.policy.accountant)
+            decision = Decision(False, "policy: " + refusal[1], refusal[0], None, before, before, None,
+                                node.policy.max_epsilon, False)
+        else:
+            run_sigma = next((float(e["event"]["noise_multiplier"]) for e in reversed(charged)
+                              if run.owns(e) and e["event"] is not None), None)
+            decision = decide(node.policy, request, history, run_sigma)
+        if not decision.charged and (earlier := _coalesced(session, run, decision.reason)) is not None:
+            return decision, earlier
         entry = session.append(_ledger_fields(decision, request, node.policy, run=run, fingerprint=fingerprint,
                                               rng=rng))
     return decision, entry
+
+
+def _coalesced(session: LedgerSession, run: RunRef, reason: str) -> Entry | None:
+    """The earlier refusal entry a new refusal is folded into, if any: the same run and reason, or the newest
+    refusal once the ledger took MAX_REFUSALS_PER_DAY of them in the last 24 hours."""
+    refused = [e for e in session.entries if e["decision"] == "refused"]
+    same = next((e for e in reversed(refused) if e["run"] == run.run_id and e["reason"] == reason), None)
+    if same is not None or not refused:
+        return same
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    recent = sum(dt.datetime.fromisoformat(e["time"]) >= since for e in refused[-MAX_REFUSALS_PER_DAY:])
+    return refused[-1] if recent >= MAX_REFUSALS_PER_DAY else None
 
 
 def _round_cost(decision: Decision) -> float:
@@ -130,11 +183,7 @@ def _reply(decision: Decision, entry: Entry, num_examples: int, node: str,
 def plan_request(request: RoundRequest, num_examples: int) -> PlanRequest:
     """The privacy-relevant part of the server's request, with this node's sampling rate and steps."""
     q, steps = steps_per_round(num_examples, request.plan.batch_size, request.plan.local_epochs)
-    p = request.privacy
-    return PlanRequest(
-        model=request.model.model_path, dp=p.dp, epsilon=p.epsilon, delta=p.delta, accountant=p.accountant,
-        num_rounds=request.plan.num_rounds, server_round=request.server_round, sample_rate=q, steps=steps,
-        clip_norm=p.clip_norm, dp_mode=p.dp_mode)
+    return dataclasses.replace(plan_without_rows(request), sample_rate=q, steps=steps)
 
 
 @dataclass(frozen=True)
@@ -165,31 +214,45 @@ def round_seeds(config: NodeConfig, server_round: int) -> RoundSeeds:
 
 def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeConfig, node: NodePrivacy,
                 run_id: str) -> tuple[TrainReply, Arrays | None]:
-    """Run one round of local training under the node's policy and privacy budget."""
-    task = get_task(request.model.task)
-    rows = load_rows(config, request.labels, local_eval=node.policy.release_local_eval, task=task.name)
-    # Encoded before the charge: an example the model cannot take fails the round before it is paid for.
-    data = train_inputs(rows, request.model.model_path, request.model.max_seq_len, request.lora)
-    plan = plan_request(request, rows.num_train)
-    seeds = round_seeds(config, request.server_round)
+    """Run one round of local training under the node's policy and privacy budget (steps 1-4 above)."""
     run = RunRef(run_id, request.run_key, resumed=request.resumed_after_round > 0)
+    seeds = round_seeds(config, request.server_round)
+    if problems := refusals(request, node.policy, config):
+        code, reason = problems[0][0], "; ".join(p for _, p in problems)
+        decision, entry = charge_round(node, plan_without_rows(request), run=run, fingerprint="", rng=seeds.kind,
+                                       refusal=(code, reason))
+        return _reply(decision, entry, 0, config.node), None
+    task = get_task(request.model.task)
+    device = pick_device()
+    model = ready_model(task, request, global_arrays, device)
+    rows = load_rows(config, request.labels, local_eval=node.policy.release_local_eval)
+    plan = plan_request(request, rows.num_train)
     decision, entry = charge_round(node, plan, run=run, fingerprint=rows.fingerprint, rng=seeds.kind)
     if not decision.charged:
-        return _reply(decision, entry, rows.num_train, config.node), None
-    dp, optimizer = training_mode(decision, request)
+        return _reply(decision, entry, 0, config.node), None
+    try:
+        update, loss = _train_charged(request, decision, rows, model, global_arrays, node.policy,
+                                      steps=plan.steps or 0, seeds=seeds)
+    except Exception as err:  # noqa: BLE001 - after the charge every failure looks the same to the server
+        log.exception("round %s was charged (ledger line %s) and then failed", request.server_round, entry["seq"])
+        raise ChargedRoundFailed(f"round {request.server_round} failed after its charge: {err}") from err
+    reply = _reply(decision, entry, rows.num_train, config.node, loss if node.policy.release_train_loss else None)
+    return reply, sent_arrays(update, request.lora.lora_variant)
 
-    device = pick_device()
-    model = kept_model(task, request.model.model_path, request.labels, request.lora, device)
-    load_arrays(model, global_arrays)
-    result = train(model, data, steps=plan.steps, batch_size=request.plan.batch_size,
+
+def _train_charged(request: RoundRequest, decision: Decision, rows: NodeRows, model: PeftModel,
+                   global_arrays: Arrays, policy: NodePolicy, *, steps: int,
+                   seeds: RoundSeeds) -> tuple[Arrays, float | None]:
+    """DP-SGD on the node's rows from the server's adapter; the update and the (finite) mean training loss."""
+    dp, optimizer = training_mode(decision, request)
+    device = next(model.parameters()).device
+    data = train_inputs(rows, request.model.model_path, request.model.max_seq_len, request.lora)
+    result = train(model, data, steps=steps, batch_size=request.plan.batch_size,
                    learning_rate=optimizer.learning_rate, dp=dp, device=device, seeds=seeds,
-                   optimizer=optimizer.kind, lora_lr_scale=optimizer.lora_lr_scale, task=task)
+                   optimizer=optimizer.kind, lora_lr_scale=optimizer.lora_lr_scale, task=get_task(request.model.task))
     update = to_arrays(model)
     if not all(np.all(np.isfinite(v)) for v in update.values()):
-        raise ModelError("training diverged: the update holds NaN or inf (lower the learning rate); the round "
-                         "stays charged in the ledger", code="TRAIN")
+        raise ModelError("training diverged: the update holds NaN or inf (lower the learning rate)")
     if not any(np.any(update[k] != global_arrays[k]) for k in update):
-        raise ModelError("training left every adapter tensor unchanged (see opacus#820); refusing to reply",
-                         code="TRAIN")
-    loss = result.loss if node.policy.release_train_loss and math.isfinite(result.loss) else None
-    return _reply(decision, entry, rows.num_train, config.node, loss), sent_arrays(update, request.lora.lora_variant)
+        raise ModelError("training left every adapter tensor unchanged (see opacus#820); refusing to reply")
+    return update, result.loss if math.isfinite(result.loss) else None

@@ -148,13 +148,30 @@ def physical_parts(batch: Mapping[str, torch.Tensor], size: int) -> list[dict[st
     return [trim({k: v[idx] for k, v in batch.items()}) for idx in order.split(size)]
 
 
-def fp32_grad_samples(optim: torch.optim.Optimizer) -> None:
-    """Per-example gradients in fp32 before Opacus clips them: under bf16/fp16 autocast they come out in low
-    precision, and a norm computed in bf16 can let a clipped gradient exceed the clipping norm C."""
-    for p in optim.params:  # type: ignore[attr-defined]  # DPOptimizer
-        sample = getattr(p, "grad_sample", None)
-        if sample is not None and sample.dtype != torch.float32:
-            p.grad_sample = sample.float()
+def checked_grad_samples(optim: torch.optim.Optimizer) -> int:
+    """Per-example gradients made safe to clip; returns how many examples were zeroed.
+
+    - fp32: under bf16/fp16 autocast they come out in low precision, and a norm computed in bf16 can let a
+      clipped gradient exceed the clipping norm C.
+    - Finite: an example whose gradient holds NaN or inf in any tensor (weights a server chose can overflow the
+      forward pass of rows close to a direction it picked) gets a zero gradient in every tensor. Opacus would
+      otherwise scale it by C / (inf + 1e-6) = 0, and 0 * inf = NaN would poison the whole update: whether a
+      round fails would then say whether such a row was sampled, with no noise in the way. A zeroed example
+      contributes nothing and its (already charged) sampling still counts: the accountant's assumption, that
+      each example's clipped contribution has norm at most C, holds.
+    """
+    params = [p for p in optim.params if getattr(p, "grad_sample", None) is not None]  # type: ignore[attr-defined]
+    bad: torch.Tensor | None = None  # [B] bool
+    for p in params:
+        if p.grad_sample.dtype != torch.float32:
+            p.grad_sample = p.grad_sample.float()
+        rows = ~torch.isfinite(p.grad_sample.flatten(1)).all(dim=1)
+        bad = rows if bad is None else bad | rows
+    if bad is None or not bool(bad.any()):
+        return 0
+    for p in params:
+        p.grad_sample[bad] = 0.0
+    return int(bad.sum())
 
 
 def accumulate(task: Task, module: nn.Module, optim: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor],
@@ -176,7 +193,7 @@ def accumulate(task: Task, module: nn.Module, optim: torch.optim.Optimizer, batc
         share = len(part["labels"]) / n
         (loss if private else loss * share).backward()
         if private:
-            fp32_grad_samples(optim)
+            checked_grad_samples(optim)
             optim.signal_skip_step(do_skip=i < len(parts) - 1)  # type: ignore[attr-defined]  # DPOptimizer
             optim.step()
         total += float(loss.detach()) * share
@@ -278,6 +295,7 @@ def train(
     if private is not None:
         history = tuple((float(s), float(q), int(n)) for s, q, n in private.engine.accountant.history)
         module._close()  # remove Opacus hooks; the PeftModel stays usable
-    mean_loss = sum(losses) / len(losses) if losses else math.nan
+    finite = [x for x in losses if math.isfinite(x)]  # a zeroed example's loss can be inf (see checked_grad_samples)
+    mean_loss = sum(finite) / len(finite) if finite else math.nan
     return TrainResult(loss=mean_loss, steps=steps, examples=examples, opacus_history=history,
                        delta=dp.delta if dp is not None else 1e-5)

@@ -28,6 +28,11 @@ from fedtune.common.errors import ModelError
 from fedtune.common.model import BaseModelRef, build_classifier, check_base, load_base, probabilities, resolve_base
 
 Arrays = dict[str, np.ndarray]
+# The largest absolute value an adapter tensor may hold, on the wire in either direction. Trained LoRA factors and
+# heads stay orders of magnitude below it; a value beyond it can only be an attempt to overflow a node's forward
+# pass (the loss of a chosen row becomes inf, and whether training then fails would tell the sender whether that
+# row was sampled) or to plant weights that dominate everyone's next round.
+MAX_ADAPTER_VALUE = 1e4
 
 
 def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
@@ -65,8 +70,23 @@ def with_frozen(update: Arrays, reference: Arrays) -> Arrays:
     return {k: update[k] if k in update else reference[k] for k in reference}
 
 
+def _value_problem(name: str, value: np.ndarray, dtype: np.dtype) -> str | None:
+    """What is wrong with ``value`` as a tensor of ``dtype``: checked *after* the cast, since a float64 value above
+    float32's range passes a float64 finiteness check and loads as inf."""
+    if not np.issubdtype(value.dtype, np.floating):
+        return f"{name}: dtype {value.dtype}, expected a floating-point tensor"
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = value.astype(dtype, copy=False)
+    if not np.all(np.isfinite(cast)):
+        return f"{name}: contains NaN or inf (as {dtype})"
+    if cast.size and float(np.max(np.abs(cast))) > MAX_ADAPTER_VALUE:
+        return f"{name}: values up to {float(np.max(np.abs(cast))):.3g}, above the bound {MAX_ADAPTER_VALUE:g}"
+    return None
+
+
 def check_arrays(arrays: Arrays, reference: Arrays) -> list[str]:
-    """Problems that make ``arrays`` unusable as an update of ``reference`` (names, shapes, NaN/inf)."""
+    """Problems that make ``arrays`` unusable in place of ``reference`` (names, shapes, dtype, NaN/inf after the cast
+    to the reference's dtype, magnitude above MAX_ADAPTER_VALUE)."""
     problems = []
     if missing := sorted(set(reference) - set(arrays)):
         problems.append(f"missing tensors: {missing[:3]}{'...' if len(missing) > 3 else ''}")
@@ -75,16 +95,18 @@ def check_arrays(arrays: Arrays, reference: Arrays) -> list[str]:
     for name in sorted(set(arrays) & set(reference)):
         if arrays[name].shape != reference[name].shape:
             problems.append(f"{name}: shape {arrays[name].shape}, expected {reference[name].shape}")
-        elif not np.all(np.isfinite(arrays[name])):
-            problems.append(f"{name}: contains NaN or inf")
+        elif (problem := _value_problem(name, arrays[name], reference[name].dtype)) is not None:
+            problems.append(problem)
     return problems
 
 
 def load_arrays(model: PeftModel, arrays: Arrays) -> None:
-    """Set the model's adapter tensors; every expected tensor must be present with its shape."""
-    if problems := check_arrays(arrays, to_arrays(model)):
+    """Set the model's adapter tensors, cast to the model's dtypes; each must pass :func:`check_arrays`."""
+    reference = to_arrays(model)
+    if problems := check_arrays(arrays, reference):
         raise ModelError(["adapter does not fit the model:", *problems])
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    state = {k: torch.from_numpy(np.ascontiguousarray(v.astype(reference[k].dtype, copy=False)))
+             for k, v in arrays.items()}
     set_peft_model_state_dict(model, state)
 
 

@@ -274,6 +274,11 @@ _KEPT: dict[tuple[Any, ...], PeftModel] = {}
 KEPT_MODELS = 2  # models kept per process (e.g. one run's classifier on CPU); the oldest goes first
 
 
+def model_context(base: BaseModel) -> int:
+    """Positions the base model takes (its config's ``max_position_embeddings``; unbounded when it names none)."""
+    return int(getattr(base.encoder.config, "max_position_embeddings", 0) or 1 << 30)
+
+
 def kept_model(task: Any, model_path: str, labels: Sequence[str], lora: LoraSettings,
                device: torch.device) -> PeftModel:
     """The task's LoRA model for these settings, built once per process and reused round after round.

@@ -29,7 +29,12 @@ TOKEN_SUFFIXES = (".conll", ".txt", ".tsv", ".iob", ".bio")
 JSONL_SUFFIXES = (".jsonl", ".json")
 
 
-def _raise(problems: list[str], code: str = "DATA_SCHEMA") -> None:
+def _raise(problems: list[str], code: str = "DATA_SCHEMA", skipped: list[str] | None = None) -> None:
+    """Raise one DataError listing ``problems``; with ``skipped`` (a node's round) only record them there: the
+    rows they name were left out, and a node's reply must not depend on one row."""
+    if skipped is not None:
+        skipped += problems
+        return
     if problems:
         more = [f"... and {len(problems) - MAX_REPORTED} more problems"] if len(problems) > MAX_REPORTED else []
         raise DataError(problems[:MAX_REPORTED] + more, code=code)
@@ -62,8 +67,8 @@ def _json_lines(path: Path, problems: list[str]) -> Iterable[tuple[int, dict[str
         yield lineno, row
 
 
-def read_sft_jsonl(path: Path) -> LabelledData:
-    """Prompt-response pairs: dataset columns ``prompt``, ``response``, ``line``."""
+def read_sft_jsonl(path: Path, skipped: list[str] | None = None) -> LabelledData:
+    """Prompt-response pairs: dataset columns ``prompt``, ``response``, ``line`` (``skipped``: see ``_raise``)."""
     problems: list[str] = []
     rows: dict[str, list[Any]] = {"prompt": [], "response": [], "line": []}
     for lineno, row in _json_lines(path, problems):
@@ -76,26 +81,28 @@ def read_sft_jsonl(path: Path) -> LabelledData:
         rows["prompt"].append(row["prompt"])
         rows["response"].append(row["response"])
         rows["line"].append(lineno)
-    _raise(problems)
+    _raise(problems, skipped=skipped)
     if not rows["line"]:
         raise DataError(f"{path}: no prompt-response examples", code="DATA_EMPTY")
     return LabelledData(datasets.Dataset.from_dict(rows), [], str(path))
 
 
-def read_conll(path: Path) -> list[tuple[int, int, list[str], list[str]]]:
-    """(line, document, tokens, tags) per sentence; raises DataError listing every malformed line."""
+def read_conll(path: Path, skipped: list[str] | None = None) -> list[tuple[int, int, list[str], list[str]]]:
+    """(line, document, tokens, tags) per sentence; raises DataError listing every malformed line (with
+    ``skipped``: leaves out each sentence holding one, see ``_raise``)."""
     problems: list[str] = []
     out: list[tuple[int, int, list[str], list[str]]] = []
     width: tuple[int, int] | None = None  # (columns, line that set it)
     tokens: list[str] = []
     tags: list[str] = []
-    start, document = 0, 0
+    start, document, broken = 0, 0, [False]
 
     def close() -> None:
-        if tokens:
+        if tokens and not broken[0]:
             out.append((start, document, list(tokens), list(tags)))
         tokens.clear()
         tags.clear()
+        broken[0] = False
 
     for lineno, line in enumerate(_text(path), start=1):
         cols = line.split()
@@ -110,19 +117,21 @@ def read_conll(path: Path) -> list[tuple[int, int, list[str], list[str]]]:
             width = (len(cols), lineno)
             if len(cols) < 2:
                 problems.append(f"{path} line {lineno}: 1 column; a CoNLL line needs the token first and its tag last")
+        broken[0] = broken[0] or len(cols) < 2
         if len(cols) != width[0]:
             problems.append(f"{path} line {lineno}: {len(cols)} columns, expected {width[0]} (as on line {width[1]})")
+            broken[0] = True
             continue
         if not tokens:
             start = lineno
         tokens.append(cols[0])
         tags.append(cols[-1])
     close()
-    _raise(problems)
+    _raise(problems, skipped=skipped)
     return out
 
 
-def read_token_jsonl(path: Path) -> list[tuple[int, int, list[str], list[str]]]:
+def read_token_jsonl(path: Path, skipped: list[str] | None = None) -> list[tuple[int, int, list[str], list[str]]]:
     """(line, document, tokens, tags) per JSONL line ``{"tokens": [...], "tags": [...]}``."""
     problems: list[str] = []
     out = []
@@ -138,7 +147,7 @@ def read_token_jsonl(path: Path) -> list[tuple[int, int, list[str], list[str]]]:
             problems.append(f"{path} line {lineno}: {len(tokens)} tokens but {len(tags)} tags")
             continue
         out.append((lineno, int(row.get("document", 0)) if isinstance(row.get("document"), int) else 0, tokens, tags))
-    _raise(problems)
+    _raise(problems, skipped=skipped)
     return out
 
 
@@ -149,20 +158,24 @@ def tag_names(seen: Iterable[str]) -> list[str]:
 
 
 def token_data(sentences: Sequence[tuple[int, int, list[str], list[str]]], labels: Sequence[str],
-               origin: str) -> LabelledData:
+               origin: str, skipped: list[str] | None = None) -> LabelledData:
     """Sentences as a dataset (``tokens``, ``tags`` as label indices, ``line``, ``document``).
 
     ``labels`` are the run's tag names (empty: every BIO tag seen, ``O`` first). A tag that is not BIO,
-    or not one of ``labels``, is an error naming the file and the sentence's line.
+    or not one of ``labels``, is an error naming the file and the sentence's line (with ``skipped`` and
+    ``labels``: the sentence is left out, see ``_raise``).
     """
     problems = [f"{origin} line {line}: tag {tag!r} is not a BIO tag (O, B-TYPE or I-TYPE)"
                 for line, _, _, tags in sentences for tag in dict.fromkeys(tags) if not BIO.match(tag)]
-    _raise(problems)
+    lenient = skipped is not None and bool(labels)
+    _raise(problems, skipped=skipped if lenient else None)
     names = list(labels) or tag_names(t for _, _, _, tags in sentences for t in tags)
     index = {name: i for i, name in enumerate(names)}
     problems = [f"{origin} line {line}: unknown tag {tag!r}, not one of the run's labels ({', '.join(names[:20])})"
                 for line, _, _, tags in sentences for tag in dict.fromkeys(tags) if tag not in index]
-    _raise(problems, code="DATA_LABELS")
+    _raise(problems, code="DATA_LABELS", skipped=skipped if lenient else None)
+    if lenient:
+        sentences = [s for s in sentences if all(t in index for t in s[3])]
     if not sentences:
         raise DataError(f"{origin}: no sentences", code="DATA_EMPTY")
     if len(names) < 2:
@@ -173,13 +186,14 @@ def token_data(sentences: Sequence[tuple[int, int, list[str], list[str]]], label
     return LabelledData(datasets.Dataset.from_dict(rows), names, origin)
 
 
-def read_token_file(path: Path, labels: Sequence[str]) -> LabelledData:
-    """A CoNLL or token-JSONL file (by suffix) as token data checked against ``labels``."""
+def read_token_file(path: Path, labels: Sequence[str], skipped: list[str] | None = None) -> LabelledData:
+    """A CoNLL or token-JSONL file (by suffix) as token data checked against ``labels`` (``skipped``: see
+    ``_raise``)."""
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
-        return token_data(read_token_jsonl(path), labels, str(path))
+        return token_data(read_token_jsonl(path, skipped), labels, str(path), skipped)
     if suffix in TOKEN_SUFFIXES:
-        return token_data(read_conll(path), labels, str(path))
+        return token_data(read_conll(path, skipped), labels, str(path), skipped)
     raise DataError(f"data file {path} has suffix '{path.suffix}'; NER reads CoNLL "
                     f"({', '.join(TOKEN_SUFFIXES)}) or JSONL ({', '.join(JSONL_SUFFIXES)})")
 

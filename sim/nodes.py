@@ -105,6 +105,7 @@ def prepare(settings: RunSettings, nodes: SimulatedNodes) -> dict[str, str]:
         config: dict[str, object] = {
             "data-path": str(data_path.resolve()), "state-dir": str(nodes.state(pid).resolve()),
             "policy": str(policy.resolve()), "text-column": "text", "label-column": "label",
+            "task": task.name, "labels": list(pool.label_names),  # the node's declaration: the run's own
             "node": f"simulation:client-{pid}", "witness": str(nodes.witness(pid).resolve())}
         if nodes.insecure_seed is not None:
             config["insecure-seed"] = nodes.insecure_seed

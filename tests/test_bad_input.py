@@ -144,8 +144,8 @@ SERVER_TLS = ["--ssl-ca-certfile", "{ca}", "--ssl-certfile", "{cert}", "--ssl-ke
 SERVER_OK = [*SERVER_TLS, "--node-keys", "{node_keys}", "--set", "model-path={model}", "--set", "dataset={data}",
              "--set", "partition-by=group", "--metrics-address", "off", "--work-dir", "{work}"]
 CLIENT_OK = ["--check", "--superlink", "127.0.0.1:{free}", "--root-certificates", "{ca}", "--node-key", "{node_key}",
-             "--data", "{data}", "--policy", "{policy}", "--state-dir", "{state}", "--app-allowlist", "{allow}",
-             "--metrics-address", "off"]
+             "--data", "{data}", "--labels", "neg,pos", "--policy", "{policy}", "--state-dir", "{state}",
+             "--app-allowlist", "{allow}", "--metrics-address", "off"]
 SIM_OK = ["--clients", "2", "--rounds", "1", "--model", "{model}", "--dataset", "{data}", "--set",
           "partition-by=group", "--out", "{work}/sim"]
 

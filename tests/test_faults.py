@@ -91,8 +91,9 @@ class Deployment:
         d = self.node_dir(name)
         cmd = [str(BIN / "fedtune-client"), "--superlink", f"127.0.0.1:{self.server_port}", "--root-certificates",
                str(self.certs / "ca/ca.pem"), "--node-key", str(self.certs / "nodes" / name / "node.key"),
-               "--data", str(d / "data.csv"), "--state-dir", str(d / "state"), "--policy", str(d / "policy.toml"),
-               "--app-allowlist", str(self.root / "allowed.txt"), "--runtime-port", str(free_port()),
+               "--data", str(d / "data.csv"), "--labels", "neg,pos", "--state-dir", str(d / "state"),
+               "--policy", str(d / "policy.toml"), "--app-allowlist", str(self.root / "allowed.txt"),
+               "--runtime-port", str(free_port()),
                "--metrics-address", "off", "--stall-timeout", "30"]
         self.procs[f"node-{name}"] = proc = start(cmd, self.root / f"node-{name}.out")
         return proc
@@ -259,6 +260,7 @@ def test_a_torn_ledger_fails_the_node_check(tmp_path: Path) -> None:
     (tmp_path / "policy.toml").write_text("max-epsilon = 4.0\ndataset-id = \"notes\"\n")
     proc = subprocess.run([str(BIN / "fedtune-client"), "--check", "--superlink", f"127.0.0.1:{free_port()}",
                            "--root-certificates", str(tmp_path / "ca/ca.pem"), "--data", str(tmp_path / "data.csv"),
+                           "--labels", "neg,pos",
                            "--policy", str(tmp_path / "policy.toml"), "--state-dir", str(state), "--allow-any-app"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == exit_codes.BAD_INPUT, proc.stdout + proc.stderr

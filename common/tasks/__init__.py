@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from fedtune.common.tasks.base import IGNORE, Batch, Encoded, Task
 
-__all__ = ["IGNORE", "Batch", "Encoded", "Task", "get_task"]
+__all__ = ["DEFAULT_TASK", "IGNORE", "TASKS", "Batch", "Encoded", "Task", "get_task"]
+
+TASKS = ("classify", "ner", "sft")  # the values of the `task` setting
+DEFAULT_TASK = TASKS[0]
 
 
 def get_task(name: str) -> Task:
@@ -21,4 +24,4 @@ def get_task(name: str) -> Task:
         from fedtune.common.tasks.sft import SFT
 
         return SFT
-    raise ValueError(f"task must be one of classify, ner, sft, got {name!r}")
+    raise ValueError(f"task must be one of {', '.join(TASKS)}, got {name!r}")

@@ -39,6 +39,7 @@ class Task(Protocol):
     headline: str  # the held-out metric reported first: accuracy, entity-f1 or perplexity
     presets: Mapping[str, Any]  # fedtune-sim --task: default settings (kebab keys) of this task's job
     truncates: bool  # encode cuts a long example to max-seq-len (never rejects one): no length check needed
+    labelled: bool  # examples carry a label or tags from a set the node declares (`labels`)
 
     def load_base(self, model_path: str) -> BaseModel:
         """Tokenizer and frozen base model (cached per process); "" = the task's embedded model."""
@@ -48,8 +49,11 @@ class Task(Protocol):
         """The run's dataset (built-in corpus or file), validated; every bad line named."""
         ...
 
-    def read_file(self, path: Path, *, text_column: str, label_column: str, labels: Sequence[str]) -> LabelledData:
-        """A node's data file, validated against the run's labels; every bad line named."""
+    def read_file(self, path: Path, *, text_column: str, label_column: str, labels: Sequence[str],
+                  skipped: list[str] | None = None) -> LabelledData:
+        """A node's data file, validated against its declared labels; every bad line named. With ``skipped``
+        (a node's round), rows that fail a check are left out and described there instead of failing the read:
+        what a node replies must not depend on one row."""
         ...
 
     def write_partition(self, part: LabelledData, directory: Path) -> Path:
@@ -60,8 +64,9 @@ class Task(Protocol):
         """sha256 over the examples (recorded in the node's ledger; never sent)."""
         ...
 
-    def encode(self, base: BaseModel, data: LabelledData, max_len: int) -> Encoded:
-        """Tokenise; a sequence the model cannot take raises DataError naming file and line."""
+    def encode(self, base: BaseModel, data: LabelledData, max_len: int, *, strict: bool = True) -> Encoded:
+        """Tokenise, truncating to ``max_len``; ``strict``: a sequence longer than the model's context raises
+        DataError naming file and line (the operator's check; a node's round truncates it like any other)."""
         ...
 
     def build_model(self, base: BaseModel, labels: Sequence[str], lora: LoraSettings, device: torch.device,

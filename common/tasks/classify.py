@@ -26,6 +26,7 @@ class Classify:
     pipeline_tag = "text-classification"
     headline = "accuracy"
     truncates = True
+    labelled = True  # examples carry labels or tags from a declared set
     presets: dict[str, Any] = {}  # the settings' own defaults are this task's job
 
     def base_ref(self, model_path: str, hub_id: str = "") -> BaseModelRef:
@@ -43,14 +44,15 @@ class Classify:
 
         return load_labelled(settings)
 
-    def read_file(self, path: Path, *, text_column: str, label_column: str, labels: Sequence[str]) -> LabelledData:
+    def read_file(self, path: Path, *, text_column: str, label_column: str, labels: Sequence[str],
+                  skipped: list[str] | None = None) -> LabelledData:
         if len(labels) < 2:
             from fedtune.common.errors import DataError
 
             raise DataError(f"the run names {len(labels)} labels; {self.name} needs at least 2", code="DATA_LABELS")
         from fedtune.common.data import read_table, validate
 
-        return validate(read_table(path), text_column, label_column, list(labels), origin=str(path))
+        return validate(read_table(path), text_column, label_column, list(labels), origin=str(path), skipped=skipped)
 
     def write_partition(self, part: LabelledData, directory: Path) -> Path:
         names = part.label_names
@@ -66,7 +68,7 @@ class Classify:
             digest.update(f"{label}\t{text}\n".encode())
         return digest.hexdigest()
 
-    def encode(self, base: BaseModel, data: LabelledData, max_len: int) -> Encoded:
+    def encode(self, base: BaseModel, data: LabelledData, max_len: int, *, strict: bool = True) -> Encoded:
         from fedtune.common.model import encode
 
         ids, mask = encode(base.tokenizer, data.dataset["text"], max_len)

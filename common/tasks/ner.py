@@ -33,19 +33,27 @@ if TYPE_CHECKING:
 HEAD = "classifier"  # the head's name in AutoModelForTokenClassification (saved with the adapter)
 
 
-def encode_tokens(base: BaseModel, data: LabelledData, max_len: int) -> Encoded:
-    """input_ids / attention_mask / labels [N, max_len]; a word's tag on its first sub-word, else IGNORE."""
-    tok = base.tokenizer
-    words = [list(w) for w in data.dataset["tokens"]]
-    tags = [list(t) for t in data.dataset["tags"]]
-    full = tok(words, is_split_into_words=True, add_special_tokens=True)
-    context = int(getattr(base.encoder.config, "max_position_embeddings", 0) or 1 << 30)
+def _check_context(base: BaseModel, data: LabelledData, words: list[list[str]]) -> None:
+    """DataError naming each sentence longer than the model's context (in sub-word tokens)."""
+    from fedtune.common.model import model_context
+
+    full = base.tokenizer(words, is_split_into_words=True, add_special_tokens=True)
+    context = model_context(base)
     lines = list(data.dataset["line"]) if "line" in data.dataset.column_names else range(1, len(words) + 1)
     problems = [f"{data.origin or 'data'} line {line}: {len(ids)} sub-word tokens, longer than the model's "
                 f"context of {context}"
                 for line, ids in zip(lines, full["input_ids"], strict=True) if len(ids) > context]
     if problems:
         raise DataError(problems[:20], code="DATA_SCHEMA")
+
+
+def encode_tokens(base: BaseModel, data: LabelledData, max_len: int, *, strict: bool = True) -> Encoded:
+    """input_ids / attention_mask / labels [N, max_len]; a word's tag on its first sub-word, else IGNORE."""
+    tok = base.tokenizer
+    words = [list(w) for w in data.dataset["tokens"]]
+    tags = [list(t) for t in data.dataset["tags"]]
+    if strict:
+        _check_context(base, data, words)
     enc = tok(words, is_split_into_words=True, truncation=True, max_length=max_len, padding="max_length",
               return_tensors="pt")
     labels = torch.full(enc["input_ids"].shape, IGNORE, dtype=torch.long)
@@ -70,6 +78,7 @@ class Ner:
     pipeline_tag = "token-classification"
     headline = "entity-f1"
     truncates = False
+    labelled = True  # examples carry labels or tags from a declared set
     presets: dict[str, Any] = {
         "dataset": "conll-sample", "max-seq-len": 64, "lora-targets": "query,value", "lora-rank": 4,
         "lora-alpha": 8.0, "num-rounds": 5, "local-epochs": 2.0, "batch-size": 48, "optimizer": "sgd",
@@ -102,14 +111,15 @@ class Ner:
         path = Path(settings.dataset)
         return read_token_file(path, settings.label_list) if path.exists() else token_data([], [], str(path))
 
-    def read_file(self, path: Path, *, text_column: str, label_column: str, labels: Sequence[str]) -> LabelledData:
+    def read_file(self, path: Path, *, text_column: str, label_column: str, labels: Sequence[str],
+                  skipped: list[str] | None = None) -> LabelledData:
         if len(labels) < 2:
             from fedtune.common.errors import DataError
 
             raise DataError(f"the run names {len(labels)} labels; {self.name} needs at least 2", code="DATA_LABELS")
         from fedtune.common.sequence_data import read_token_file
 
-        return read_token_file(path, labels)
+        return read_token_file(path, labels, skipped)
 
     def write_partition(self, part: LabelledData, directory: Path) -> Path:
         from fedtune.common.sequence_data import write_jsonl
@@ -125,8 +135,8 @@ class Ner:
             digest.update(("\t".join(tokens) + "\n" + ",".join(map(str, tags)) + "\n").encode())
         return digest.hexdigest()
 
-    def encode(self, base: BaseModel, data: LabelledData, max_len: int) -> Encoded:
-        return encode_tokens(base, data, max_len)
+    def encode(self, base: BaseModel, data: LabelledData, max_len: int, *, strict: bool = True) -> Encoded:
+        return encode_tokens(base, data, max_len, strict=strict)
 
     def build_model(self, base: BaseModel, labels: Sequence[str], lora: LoraSettings, device: torch.device,
                     seed: int = 0) -> PeftModel:

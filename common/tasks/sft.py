@@ -71,10 +71,6 @@ def format_pair(tokenizer: Any, prompt: str, response: str | None = None) -> tup
     return f"{prompt}\n\n", f"{response or ''}{tokenizer.eos_token or ''}"
 
 
-def _context(base: BaseModel) -> int:
-    return int(getattr(base.encoder.config, "max_position_embeddings", 0) or 1 << 30)
-
-
 def _fit(prompt: list[int], response: list[int], max_len: int) -> tuple[list[int], list[int]]:
     """Truncate to ``max_len``: the prompt keeps its end (the assistant header), the response its start,
     and the response keeps at least half of the room (so it is never empty)."""
@@ -84,18 +80,20 @@ def _fit(prompt: list[int], response: list[int], max_len: int) -> tuple[list[int
     return prompt[len(prompt) - (max_len - len(response)):], response
 
 
-def encode_pairs(base: BaseModel, data: LabelledData, max_len: int) -> Encoded:
+def encode_pairs(base: BaseModel, data: LabelledData, max_len: int, *, strict: bool = True) -> Encoded:
     """input_ids / attention_mask [N, max_len] (right padding), labels [N, max_len] = response ids, else IGNORE."""
+    from fedtune.common.model import model_context
+
     tok = base.tokenizer
     texts = [format_pair(tok, p, r) for p, r in zip(data.dataset["prompt"], data.dataset["response"], strict=True)]
     prompts = tok([t[0] for t in texts], add_special_tokens=False)["input_ids"]
     responses = tok([t[1] for t in texts], add_special_tokens=False)["input_ids"]
     lines = list(data.dataset["line"]) if "line" in data.dataset.column_names else range(1, len(texts) + 1)
-    context = _context(base)
+    context = model_context(base)
     problems = [f"{data.origin or 'data'} line {line}: {len(p) + len(r)} tokens, longer than the model's "
                 f"context of {context}" for line, p, r in zip(lines, prompts, responses, strict=True)
                 if len(p) + len(r) > context]
-    if problems:
+    if problems and strict:
         raise DataError(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []),
                         code="DATA_SCHEMA")
     n = len(texts)
@@ -131,6 +129,7 @@ class Sft:
     pipeline_tag = "text-generation"
     headline = "perplexity"
     truncates = False
+    labelled = False  # examples carry labels or tags from a declared set
     presets: dict[str, Any] = {
         "dataset": "chitchat", "max-seq-len": 48, "lora-targets": TARGETS, "lora-layers": "26,27,28,29",
         "lora-rank": 8, "lora-alpha": 16.0, "num-rounds": 3, "local-epochs": 0.5, "batch-size": 32,
@@ -167,10 +166,11 @@ class Sft:
             return LabelledData(datasets.Dataset.from_pandas(frame, preserve_index=False), [], "chitchat")
         return read_sft_jsonl(Path(settings.dataset))
 
-    def read_file(self, path: Path, *, text_column: str, label_column: str, labels: Sequence[str]) -> LabelledData:
+    def read_file(self, path: Path, *, text_column: str, label_column: str, labels: Sequence[str],
+                  skipped: list[str] | None = None) -> LabelledData:
         from fedtune.common.sequence_data import read_sft_jsonl
 
-        return read_sft_jsonl(path)
+        return read_sft_jsonl(path, skipped)
 
     def write_partition(self, part: LabelledData, directory: Path) -> Path:
         from fedtune.common.sequence_data import write_jsonl
@@ -185,8 +185,8 @@ class Sft:
             digest.update(f"{len(p)}:{p}\t{r}\n".encode())
         return digest.hexdigest()
 
-    def encode(self, base: BaseModel, data: LabelledData, max_len: int) -> Encoded:
-        return encode_pairs(base, data, max_len)
+    def encode(self, base: BaseModel, data: LabelledData, max_len: int, *, strict: bool = True) -> Encoded:
+        return encode_pairs(base, data, max_len, strict=strict)
 
     def build_model(self, base: BaseModel, labels: Sequence[str], lora: LoraSettings, device: torch.device,
                     seed: int = 0) -> PeftModel:

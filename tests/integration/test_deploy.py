@@ -89,9 +89,9 @@ class Scenario:
                    max_restarts: int = 0) -> list[str]:
         d = self.node_dir(name)
         cmd = [str(BIN / "fedtune-client"), "--superlink", f"127.0.0.1:{self.server_port}",
-               "--data", str(d / "data.csv"), "--state-dir", str(d / "state"), "--policy", str(d / "policy.toml"),
-               "--app-allowlist", str(allowlist), "--runtime-port", str(free_port()),
-               "--max-restarts", str(max_restarts), "--metrics-address", "off"]
+               "--data", str(d / "data.csv"), "--labels", "neg,pos", "--state-dir", str(d / "state"),
+               "--policy", str(d / "policy.toml"), "--app-allowlist", str(allowlist),
+               "--runtime-port", str(free_port()), "--max-restarts", str(max_restarts), "--metrics-address", "off"]
         if insecure:
             cmd.append("--insecure")
         else:

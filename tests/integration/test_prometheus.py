@@ -78,7 +78,8 @@ def test_prometheus_reads_server_and_node_metrics(tmp_path: Path, tiny_model_dir
         wait_until("run submitted", (tmp_path / "srv/current-run.json").exists, 180, server)
         procs.append(start([str(BIN / "fedtune-client"), "--superlink", f"127.0.0.1:{port}", "--root-certificates",
                             str(certs / "ca/ca.pem"), "--node-key", str(certs / "nodes/a/node.key"), "--data",
-                            str(node / "data.csv"), "--policy", str(node / "policy.toml"), "--state-dir",
+                            str(node / "data.csv"), "--labels", "neg,pos", "--policy", str(node / "policy.toml"),
+                            "--state-dir",
                             str(node / "state"), "--allow-any-app", "--runtime-port", str(free_port()),
                             "--metrics-address", f"127.0.0.1:{node_metrics}"], tmp_path / "node.out"))
         assert server.wait(timeout=600) == 0, (tmp_path / "server.out").read_text()[-3000:]

@@ -29,7 +29,7 @@ def node(tmp_path: Path) -> dict[str, object]:
     policy = NodePolicy(max_epsilon=4.0, dataset_id="ward-7", accountant="rdp", max_noise_multiplier=50.0)
     (tmp_path / "policy.toml").write_text(policy_toml(policy))
     return {"data-path": str(tmp_path / "notes.csv"), "state-dir": str(tmp_path / "state"),
-            "policy": str(tmp_path / "policy.toml")}
+            "policy": str(tmp_path / "policy.toml"), "labels": "neg,pos"}
 
 
 def _request(model_dir: Path, **changes: object) -> RoundRequest:
@@ -63,15 +63,18 @@ def test_a_trained_reply_holds_exactly_the_allow_listed_fields(node, tiny_model_
     assert isinstance(parsed, TrainReply) and parsed.status == "trained" and 0 < parsed.epsilon <= 4.0
 
 
-def test_a_malicious_label_column_puts_no_row_text_in_the_reply(node, tiny_model_dir, caplog) -> None:
-    """The server cannot choose the node's columns; labels that do not match get a code, never the rows."""
+def test_labels_other_than_the_declared_ones_are_refused_without_reading_a_row(node, tiny_model_dir) -> None:
+    """The server cannot choose the node's columns or labels: other labels get a fixed refusal (the node's
+    declaration decides it, not its rows), recorded in the ledger, with no row text in the reply."""
     reply = _send(node, _request(tiny_model_dir, labels=("a", "b")), tiny_model_dir)
     text = json.dumps({k: dict(v) for k, v in reply.content.config_records.items()})
-    assert parse_reply(reply.content).code == "DATA_LABELS" and not reply.content.array_records
+    parsed = parse_reply(reply.content)
+    assert parsed.code == "POLICY_LABELS" and not reply.content.array_records and parsed.num_examples == 0
     for row in make_sentiment_frame(120, seed=5)["text"]:
         assert row not in text
-    assert "not one of" in caplog.text  # the detail stays in the node's own log
-    assert set(json.loads(text)["status"]) == {"wire-version", "status", "code", "message"}
+    ledger = [json.loads(line) for line in (Path(node["state-dir"]) / "ledger.jsonl").read_text().splitlines()]
+    assert ledger[-1]["decision"] == "refused" and "this node declared 2" in ledger[-1]["reason"]
+    assert ledger[-1]["fingerprint"] == ""  # refused before the rows were read
 
 
 @pytest.mark.parametrize("change", [

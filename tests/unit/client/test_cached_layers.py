@@ -78,7 +78,7 @@ def test_a_node_trains_from_cached_states_and_sends_the_servers_tensor_names(bas
     data = LabelledData(Dataset.from_dict({"text": frame["text"].tolist(),
                                            "label": (frame["label"] == "pos").astype(int).tolist()}),
                         ["neg", "pos"], "test")
-    rows = NodeRows(data, data, "fp")
+    rows = NodeRows(data, data, "fp", "classify")
     inputs = train_inputs(rows, str(tiny_model_dir), 16, TOP)
     assert "hidden_states" in inputs and "input_ids" not in inputs
     assert inputs["hidden_states"].shape == (48, 16, base.hidden_size)

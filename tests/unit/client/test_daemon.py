@@ -14,6 +14,7 @@ from fedtune.common.errors import ConfigError
 from tests.tiny import make_sentiment_frame
 
 HASH = "ab" * 32
+LABELS = ("neg", "pos")  # the label set a node declares
 
 
 @pytest.fixture()
@@ -31,7 +32,7 @@ def node(tmp_path: Path) -> dict[str, Path]:
 def _argv(n: dict[str, Path], **override: str | None) -> list[str]:
     args = {"--superlink": "127.0.0.1:1", "--root-certificates": str(n["ca"]), "--node-key": str(n["key"]),
             "--data": str(n["data"]), "--policy": str(n["policy"]), "--state-dir": str(n["state"]),
-            "--app-allowlist": str(n["allow"])} | override
+            "--app-allowlist": str(n["allow"]), "--labels": "neg,pos"} | override
     return [x for k, v in args.items() if v is not None for x in (k, v)]
 
 
@@ -60,7 +61,7 @@ def test_every_problem_is_reported_at_once(node: dict[str, Path], tmp_path: Path
 
 
 def test_missing_files_each_get_a_line(node: dict[str, Path], tmp_path: Path) -> None:
-    opts = NodeOptions(superlink="127.0.0.1:1", data=tmp_path / "none.csv", state_dir=node["state"],
+    opts = NodeOptions(superlink="127.0.0.1:1", data=tmp_path / "none.csv", labels=LABELS, state_dir=node["state"],
                        root_certificates=tmp_path / "none.pem", node_key=tmp_path / "none.key",
                        policy=tmp_path / "none.toml", allowlist=tmp_path / "none.txt")
     found = problems(opts)
@@ -69,7 +70,8 @@ def test_missing_files_each_get_a_line(node: dict[str, Path], tmp_path: Path) ->
 
 
 def test_tls_is_required_unless_insecure_is_explicit(node: dict[str, Path]) -> None:
-    base = {"superlink": "127.0.0.1:1", "data": node["data"], "state_dir": node["state"], "policy": node["policy"],
+    base = {"superlink": "127.0.0.1:1", "data": node["data"], "labels": LABELS, "state_dir": node["state"],
+            "policy": node["policy"],
             "allowlist": node["allow"]}
     assert any("--root-certificates is required" in p for p in problems(NodeOptions(**base)))
     assert problems(NodeOptions(**base, insecure=True)) == []
@@ -78,7 +80,8 @@ def test_tls_is_required_unless_insecure_is_explicit(node: dict[str, Path]) -> N
 
 
 def test_app_pinning_is_required_unless_waived(node: dict[str, Path]) -> None:
-    base = {"superlink": "127.0.0.1:1", "data": node["data"], "state_dir": node["state"], "policy": node["policy"],
+    base = {"superlink": "127.0.0.1:1", "data": node["data"], "labels": LABELS, "state_dir": node["state"],
+            "policy": node["policy"],
             "root_certificates": node["ca"]}
     assert any("--app-allowlist" in p for p in problems(NodeOptions(**base)))
     assert problems(NodeOptions(**base, allow_any_app=True)) == []
@@ -86,7 +89,8 @@ def test_app_pinning_is_required_unless_waived(node: dict[str, Path]) -> None:
 
 def test_loose_node_key_permissions_are_reported(node: dict[str, Path]) -> None:
     node["key"].chmod(0o644)
-    opts = NodeOptions(superlink="127.0.0.1:1", data=node["data"], state_dir=node["state"], policy=node["policy"],
+    opts = NodeOptions(superlink="127.0.0.1:1", data=node["data"], labels=LABELS, state_dir=node["state"],
+                       policy=node["policy"],
                        root_certificates=node["ca"], node_key=node["key"], allowlist=node["allow"])
     assert any("chmod 600" in p for p in problems(opts))
 
@@ -115,7 +119,8 @@ def test_exit_305_is_explained(tail: str, insecure: bool, key: bool, expected: s
 
 
 def test_node_config_passes_absolute_paths(node: dict[str, Path]) -> None:
-    opts = NodeOptions(superlink="127.0.0.1:1", data=node["data"], state_dir=node["state"], policy=node["policy"])
+    opts = NodeOptions(superlink="127.0.0.1:1", data=node["data"], labels=LABELS, state_dir=node["state"],
+                       policy=node["policy"])
     config = opts.node_config
     assert f'data-path="{node["data"].resolve()}"' in config and 'policy="' in config and 'state-dir="' in config
 
@@ -140,7 +145,8 @@ def test_shipped_deploy_examples_are_valid() -> None:
 
 
 def test_ledger_key_named_by_the_policy_must_exist_and_be_private(node: dict[str, Path], tmp_path: Path) -> None:
-    opts = NodeOptions(superlink="127.0.0.1:1", data=node["data"], state_dir=node["state"], policy=node["policy"],
+    opts = NodeOptions(superlink="127.0.0.1:1", data=node["data"], labels=LABELS, state_dir=node["state"],
+                       policy=node["policy"],
                        root_certificates=node["ca"], allowlist=node["allow"])
     node["policy"].write_text(f'max-epsilon = 4.0\ndataset-id = "w"\nledger-key = "{tmp_path / "missing.key"}"\n')
     assert any("missing.key" in p and "fedtune-certs node" in p for p in problems(opts))

@@ -22,10 +22,11 @@ from tests.tiny_tasks import make_tiny_decoder, ner_rows, sft_rows, write_conll,
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # a ClientApp called in-process
 
 
-def _node(tmp_path: Path, data: Path) -> dict[str, str]:
+def _node(tmp_path: Path, data: Path, task: str, labels: tuple[str, ...]) -> dict[str, object]:
     policy = NodePolicy(max_epsilon=4.0, dataset_id="ward-7", accountant="rdp", max_noise_multiplier=50.0)
     (tmp_path / "policy.toml").write_text(policy_toml(policy))
-    return {"data-path": str(data), "state-dir": str(tmp_path / "state"), "policy": str(tmp_path / "policy.toml")}
+    return {"data-path": str(data), "state-dir": str(tmp_path / "state"), "policy": str(tmp_path / "policy.toml"),
+            "task": task, "labels": json.dumps(list(labels))}  # node config values are scalars
 
 
 def _round(tmp_path: Path, task_name: str, model_dir: Path, data: Path, labels: tuple[str, ...],
@@ -36,7 +37,8 @@ def _round(tmp_path: Path, task_name: str, model_dir: Path, data: Path, labels: 
     task = get_task(task_name)
     model = task.build_model(task.load_base(str(model_dir)), labels, request.lora, torch.device("cpu"))
     content = RecordDict({"arrays": to_record(model), "request": request.to_record()})
-    context = Context(run_id=1, node_id=7, node_config=_node(tmp_path, data), state=RecordDict(), run_config={})
+    context = Context(run_id=1, node_id=7, node_config=_node(tmp_path, data, task_name, labels), state=RecordDict(),
+                      run_config={})
     reply = client_app.train(Message(content, dst_node_id=7, message_type="train"), context)
     return request, reply, record_to_arrays(content["arrays"])
 
@@ -67,11 +69,23 @@ def test_ner_round_trains_lora_and_the_token_head_under_dp(tmp_path: Path, tiny_
     assert any("classifier" in k for k in before)  # the token head travels with the adapter
 
 
-def test_a_bad_node_file_fails_before_any_charge(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_a_bad_line_leaves_its_sentence_out_and_the_round_trains(tmp_path: Path, tiny_model_dir: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A malformed line costs its sentence, named in the node's own log: the reply does not depend on it."""
+    data = write_conll(tmp_path / "ner.conll", ner_rows(48))
+    data.write_text(data.read_text() + "\nAnn NNP B-PER\nin IN\n")  # the last sentence: a wrong column count
+    labels = ("O", "B-LOC", "I-LOC", "B-PER", "I-PER")
+    _, reply, before = _round(tmp_path, "ner", tiny_model_dir, data, labels, {})
+    _assert_trained(reply, before, tmp_path)
+    assert "ner.conll line" in caplog.text and "left out" in caplog.text
+    assert "ner.conll" not in json.dumps(dict(reply.content.config_records["status"]))
+
+
+def test_a_file_with_no_usable_sentence_fails_before_any_charge(tmp_path: Path, tiny_model_dir: Path) -> None:
     data = tmp_path / "ner.conll"
-    data.write_text("Ann NNP B-PER\nin IN\n")  # line 2: wrong column count
+    data.write_text("Ann NNP B-PER\nin IN\n")  # line 2: wrong column count, so no sentence is left
     _, reply, _ = _round(tmp_path, "ner", tiny_model_dir, data, ("O", "B-PER", "I-PER"), {})
-    assert reply.content.config_records["status"]["code"] == "DATA_SCHEMA"
+    assert reply.content.config_records["status"]["code"] == "DATA_EMPTY"
     assert "ner.conll" not in json.dumps(dict(reply.content.config_records["status"]))
     assert not (tmp_path / "state" / "ledger.jsonl").exists() or "charged" not in (
         tmp_path / "state" / "ledger.jsonl").read_text()

@@ -35,7 +35,7 @@ def _round(tmp_path: Path, model_dir: Path, data: Path, variant: str) -> tuple[M
     policy = NodePolicy(max_epsilon=4.0, dataset_id=f"ward-{variant}", accountant="rdp", max_noise_multiplier=50.0)
     (tmp_path / "policy.toml").write_text(policy_toml(policy))
     node = {"data-path": str(data), "state-dir": str(tmp_path / "state"), "policy": str(tmp_path / "policy.toml"),
-            "text-column": "text", "label-column": "label"}
+            "text-column": "text", "label-column": "label", "labels": "neg,pos"}
     content = RecordDict({"arrays": to_record(model), "request": request.to_record()})
     context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
     reply = client_app.train(Message(content, dst_node_id=7, message_type="train"), context)
