@@ -134,16 +134,21 @@ def max_physical_batch() -> int:
     return int(raw) if raw.isdigit() else 0
 
 
-def physical_parts(batch: Mapping[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+def physical_parts(batch: Mapping[str, torch.Tensor], size: int, *,
+                   fixed_shape: bool = False) -> list[dict[str, torch.Tensor]]:
     """One logical batch cut into physical batches of at most ``size`` examples, grouped by length (longest
     first) so that each part, padded only to its own longest example, carries little padding.
 
     Which examples form the logical (Poisson) batch is unchanged; only the order in which their per-example
-    gradients are computed is. ``size`` <= 0 keeps the batch whole.
+    gradients are computed is. ``size`` <= 0 keeps the batch whole. ``fixed_shape``: the parts keep the
+    batch's own order and the tensors' full width (max-seq-len), so every part's shape is a function of the
+    batch size (Poisson, data-independent) and ``size`` alone, never of the rows' lengths.
     """
     n = len(batch["labels"])
     if size <= 0 or n <= size:
-        return [trim(batch)]
+        return [dict(batch) if fixed_shape else trim(batch)]
+    if fixed_shape:
+        return [{k: v[start:start + size] for k, v in batch.items()} for start in range(0, n, size)]
     order = torch.argsort(batch["attention_mask"].sum(dim=1), descending=True, stable=True)
     return [trim({k: v[idx] for k, v in batch.items()}) for idx in order.split(size)]
 
@@ -175,21 +180,26 @@ def checked_grad_samples(optim: torch.optim.Optimizer) -> int:
 
 
 def accumulate(task: Task, module: nn.Module, optim: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor],
-               device: torch.device, *, private: bool, part_size: int, pad_to_longest: bool = True) -> float:
+               device: torch.device, *, private: bool, part_size: int, pad_to_longest: bool = True,
+               fixed_shape: bool = False) -> float:
     """Forward/backward of one logical batch part by part, then one optimiser step; the batch's mean loss.
 
     Under DP each part's per-example gradients are clipped and summed by Opacus (its skipped steps, as in its
     ``BatchMemoryManager``); the last part's step adds the noise once and divides by the expected batch size,
     so the released step is that of the whole Poisson batch. Without DP the parts' mean losses are weighted by
     their share of the batch, so the gradient is the batch mean's. ``pad_to_longest`` False: the naive loop
-    (the whole batch at once, padded to max-seq-len), kept for the benchmark.
+    (the whole batch at once, padded to max-seq-len), kept for the benchmark. ``fixed_shape``: parts of
+    ``part_size`` at max-seq-len (see :func:`physical_parts`); it takes precedence over ``pad_to_longest``.
     """
-    parts = physical_parts(batch, part_size) if pad_to_longest else [dict(batch)]
+    if fixed_shape:
+        parts = physical_parts(batch, part_size, fixed_shape=True)
+    else:
+        parts = physical_parts(batch, part_size) if pad_to_longest else [dict(batch)]
     n, total = len(batch["labels"]), 0.0
     for i, part in enumerate(parts):
         if i and private:
             optim.zero_grad(set_to_none=True)  # keeps the clipped sum of the skipped steps (Opacus)
-        loss = step_loss(task, module, part, device, pad_to_longest=False)
+        loss = step_loss(task, module, part, device, pad_to_longest=False, fixed_shape=fixed_shape)
         share = len(part["labels"]) / n
         (loss if private else loss * share).backward()
         if private:
@@ -211,12 +221,13 @@ def named_inputs(data: Encoded | Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 def step_loss(task: Task, module: nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device,
-              pad_to_longest: bool = True) -> torch.Tensor:
-    """One batch's loss: padded to its own longest example (dynamic padding), moved to ``device``."""
-    if pad_to_longest:
+              pad_to_longest: bool = True, fixed_shape: bool = False) -> torch.Tensor:
+    """One batch's loss: padded to its own longest example (dynamic padding; ``fixed_shape``: never trimmed, and
+    the task computes every position, e.g. sft's output layer), moved to ``device``."""
+    if pad_to_longest and not fixed_shape:
         batch = trim(batch)
     with autocast(device):
-        return task.loss(module, {k: v.to(device) for k, v in batch.items()})
+        return task.loss(module, {k: v.to(device) for k, v in batch.items()}, fixed_shape=fixed_shape)
 
 
 def make_optimizer(
@@ -260,6 +271,7 @@ def train(
     task: Task | None = None,
     pad_to_longest: bool = True,
     part_size: int | None = None,
+    fixed_shape: bool = False,
 ) -> TrainResult:
     """Train ``model``'s trainable tensors in place for ``steps`` steps.
 
@@ -269,7 +281,10 @@ def train(
     Poisson-sampled with q = 1 / ceil(N / batch_size). ``seeds`` drive sampling, noise and dropout. Each
     batch is cut into length-sorted parts padded to their own longest example (``pad_to_longest``; False is the
     naive loop: each batch whole, padded to max-seq-len); ``part_size`` examples per part (None: ``PART_SIZE``
-    or the node's ``FEDTUNE_MAX_PHYSICAL_BATCH``, whichever is smaller; 0: each batch whole).
+    or the node's ``FEDTUNE_MAX_PHYSICAL_BATCH``, whichever is smaller; 0: each batch whole). ``fixed_shape``
+    (the node policy's ``fixed-shape``): every part padded to the tensors' full length (max-seq-len), so the
+    shapes the model sees, and with them the round's time and memory, depend on the Poisson batch sizes and the
+    settings only, never on the lengths of the rows drawn.
     """
     task = task or get_task("classify")
     named = named_inputs(data)
@@ -289,7 +304,7 @@ def train(
             noise_only_step(optim)
             continue
         losses.append(accumulate(task, module, optim, batch, device, private=private is not None,
-                                 part_size=part_size, pad_to_longest=pad_to_longest))
+                                 part_size=part_size, pad_to_longest=pad_to_longest, fixed_shape=fixed_shape))
         examples += len(batch["labels"])
     history = None
     if private is not None:

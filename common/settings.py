@@ -19,6 +19,8 @@ LoraVariant = Literal["lora", "ffa"]
 AccountantName = Literal["prv", "rdp"]
 OptimizerName = Literal["sgd", "adamw"]
 TaskName = Literal["classify", "ner", "sft"]
+# examples: FedAvg weighted by each node's reported num-examples, capped; equal: every trained node the same weight.
+WeightingName = Literal["examples", "equal"]
 # dp: DP-SGD (clipping + noise, accounted). clip-only: the same pipeline with noise multiplier 0 (no privacy; isolates
 # the cost of the noise). off: plain non-private training with the non-private optimiser (no clipping, no noise).
 DpMode = Literal["dp", "clip-only", "off"]
@@ -166,6 +168,14 @@ class FederationSettings:
     divergence_factor: float = _help(
         "Stop the run as diverged (exit 5) when the held-out loss rises above this many times its round-0 value; "
         "a non-finite loss always stops it. 0 = check non-finite losses only.", 3.0)
+    weighting: WeightingName = _help(
+        "How FedAvg weights the trained nodes' updates: examples (by the num-examples each node reports, which "
+        "the server cannot check, capped at max-node-examples) or equal (every trained node the same weight: "
+        "a node's claim changes nothing).", "examples")
+    max_node_examples: int = _help(
+        "Under weighting = examples, the most examples one node's weight counts: a node reporting more weighs "
+        "this much. 0 = 4 x the median num-examples of the round's trained nodes; with fewer than 3 trained "
+        "nodes that median is no robust bound (one node can set it), so set this or use weighting = equal.", 0)
 
     def problems(self) -> list[str]:
         out = []
@@ -180,6 +190,8 @@ class FederationSettings:
                 out.append(f"{name} must be > 0 seconds, got {value}")
         if not (self.divergence_factor == 0 or (self.divergence_factor > 1 and math.isfinite(self.divergence_factor))):
             out.append(f"divergence-factor must be 0 (off) or > 1, got {self.divergence_factor}")
+        if self.max_node_examples < 0:
+            out.append(f"max-node-examples must be >= 0 (0 = 4 x the round's median), got {self.max_node_examples}")
         return out
 
 

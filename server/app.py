@@ -89,7 +89,8 @@ def _restore(resume: Checkpoint | None, strategy: AdapterFedAvg, recorder: RunRe
 
 def _strategy(settings: RunSettings, request: RoundRequest) -> AdapterFedAvg:
     f = settings.federation
-    return AdapterFedAvg(request, node_wait_timeout=f.node_wait_timeout, fraction_train=f.fraction_train,
+    return AdapterFedAvg(request, node_wait_timeout=f.node_wait_timeout, weighting=f.weighting,
+                         max_node_examples=f.max_node_examples, fraction_train=f.fraction_train,
                          fraction_evaluate=f.fraction_evaluate, min_train_nodes=f.min_clients,
                          min_evaluate_nodes=1, min_available_nodes=f.min_clients)
 

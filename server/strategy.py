@@ -3,8 +3,10 @@
 Every round's request is a typed :class:`~fedtune.common.wire.RoundRequest` (the same for every node,
 with the round number set here). Replies are parsed with :func:`~fedtune.common.wire.parse_reply`
 and sorted into trained / refused (policy or budget; no weights) / error (a code from the node) /
-rejected (malformed, wrong shapes, NaN/inf). Only trained updates are averaged; every reply becomes
-one row of the round's metrics line, holding the reply's fields (never free text from a node).
+rejected (malformed, wrong shapes, NaN/inf). Only trained updates are averaged, each with a bounded weight
+(``weighting``, ``max-node-examples``: a node's num-examples is its own claim; see
+:func:`~fedtune.server.aggregation.node_weights`); every reply becomes one row of the round's metrics line,
+holding the reply's fields (never free text from a node) and, for a trained node, the weight it got.
 
 A node that refuses is excluded from sampling for the rest of the run: its answer would not change,
 since its policy and the run's plan are fixed. (A node that reports ``exhausted`` after training is
@@ -37,7 +39,7 @@ from fedtune.common.adapter import (
     with_frozen,
 )
 from fedtune.common.wire import ARRAYS, REQUEST, ErrorReply, EvalReply, RoundRequest, TrainReply, WireError, parse_reply
-from fedtune.server.aggregation import fedavg
+from fedtune.server.aggregation import WEIGHTINGS, fedavg, node_weights
 
 log = logging.getLogger("fedtune.server")
 ClientRow = dict[str, Any]
@@ -106,7 +108,9 @@ def _train_row(msg: Message, reference: Arrays, lora_variant: str = "lora") -> t
 
 
 def weighted_mean(rows: list[ClientRow], key: str) -> float:
-    pairs = [(r[key], r["num-examples"]) for r in rows if key in r and r.get("num-examples", 0) > 0]
+    """Mean of ``key`` over the rows, by each row's aggregation weight (``weight``) where it has one, else by its
+    num-examples."""
+    pairs = [(r[key], r.get("weight", r["num-examples"])) for r in rows if key in r and r.get("num-examples", 0) > 0]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else math.nan
 
@@ -114,10 +118,16 @@ def weighted_mean(rows: list[ClientRow], key: str) -> float:
 class AdapterFedAvg(FedAvg):
     """Flower FedAvg whose rounds carry a typed request and whose aggregation validates every reply."""
 
-    def __init__(self, request: RoundRequest, *, node_wait_timeout: float = 600.0, **kwargs: Any) -> None:
+    def __init__(self, request: RoundRequest, *, node_wait_timeout: float = 600.0, weighting: str = "examples",
+                 max_node_examples: int = 0, **kwargs: Any) -> None:
+        if weighting not in WEIGHTINGS or max_node_examples < 0:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)} and max-node-examples >= 0, got "
+                             f"weighting={weighting!r}, max-node-examples={max_node_examples}")
         super().__init__(weighted_by_key="num-examples", **kwargs)
         self.request = request
         self.node_wait_timeout = node_wait_timeout
+        self.weighting = weighting  # examples | equal (see aggregation.node_weights)
+        self.max_node_examples = max_node_examples  # 0: 4 x the round's median num-examples
         self.train_rows: dict[int, list[ClientRow]] = {}
         self.eval_rows: dict[int, list[ClientRow]] = {}
         self._reference: Arrays = {}
@@ -183,7 +193,7 @@ class AdapterFedAvg(FedAvg):
             row, arrays = _train_row(msg, self._reference, self.request.lora.lora_variant)
             rows.append(row)
             if arrays is not None:
-                updates.append((arrays, float(row["num-examples"])))
+                updates.append((row, arrays))
             elif row["status"] == "refused":
                 self.excluded[row["node-id"]] = f"refused in round {server_round} ({row['code']})"
             else:
@@ -202,7 +212,15 @@ class AdapterFedAvg(FedAvg):
         if not updates:
             log.warning("round %s: no usable update; the global adapter is unchanged", server_round)
             return None, summary
-        return arrays_to_record(fedavg(updates)), summary
+        return arrays_to_record(self._aggregate(updates)), summary
+
+    def _aggregate(self, updates: list[tuple[ClientRow, Arrays]]) -> Arrays:
+        """FedAvg under bounded weights; each trained node's weight goes into its row (metrics.jsonl)."""
+        weights = node_weights([float(row["num-examples"]) for row, _ in updates], weighting=self.weighting,
+                               cap=self.max_node_examples)
+        for (row, _), weight in zip(updates, weights, strict=True):
+            row["weight"] = float(weight)
+        return fedavg([(arrays, float(w)) for (_, arrays), w in zip(updates, weights, strict=True)])
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rows: list[ClientRow] = []

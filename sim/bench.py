@@ -1,6 +1,6 @@
 """Benchmarks of fedtune's DP training, measured side by side in one run, written to docs/benchmarks.md.
 
-    python -m fedtune.sim.bench [--examples 512] [--steps 3] [--scale] [--out docs/benchmarks.md]
+    python -m fedtune.sim.bench [--examples 512] [--steps 3] [--scale] [--fixed-shape-only] [--out docs/benchmarks.md]
 
 1. Throughput: examples/s of DP-SGD (Opacus, the job's batch size) on Rotten Tomatoes snippets with the
    embedded MiniLM, for the naive loop (every batch padded to max-seq-len, fp32, LoRA in every layer) against
@@ -10,7 +10,10 @@
 2. Per-round overhead: one node's round cut into its parts (request and reply (de)serialisation, ledger
    charge, model build and adapter load, Opacus wrapping, forward/backward, update extraction) and the
    server's per-round work (aggregation, held-out evaluation).
-3. With ``--scale``: federations of 100 clients (MiniLM) and 1,000 clients (tiny BERT) through Flower's
+3. Fixed shape: the default loop against the same loop with the node policy's ``fixed-shape`` (every part
+   padded to max-seq-len, so a round's time does not depend on the lengths of the rows drawn), interleaved in
+   one process; ``--fixed-shape-only`` runs this part alone and merges it into the existing figures.
+4. With ``--scale``: federations of 100 clients (MiniLM) and 1,000 clients (tiny BERT) through Flower's
    simulation engine (``fedtune.sim.scale``), with time per round, peak memory and bytes per client.
 """
 
@@ -76,12 +79,13 @@ def _precision(choice: str):
             os.environ[ENV_PRECISION] = saved
 
 
-def _rate(model_path: str, lora: LoraSettings, data: Any, *, batch: int, steps: int, pad_to_longest: bool,
-          device: torch.device, precision: str = "auto", part_size: int | None = None) -> float:
+def dp_rate(model_path: str, lora: LoraSettings, data: Any, *, batch: int, steps: int, pad_to_longest: bool,
+          device: torch.device, precision: str = "auto", part_size: int | None = None,
+          fixed_shape: bool = False) -> float:
     """DP-SGD examples/s of ``train`` (after a warm-up round) for one configuration."""
     base = load_base(model_path)
     kwargs = dict(batch_size=batch, learning_rate=0.5, dp=DpParams(SIGMA, 1.0), device=device,
-                  pad_to_longest=pad_to_longest, part_size=part_size)
+                  pad_to_longest=pad_to_longest, part_size=part_size, fixed_shape=fixed_shape)
     with _precision(precision):
         train(build_model(base, 2, lora, device), data, steps=1, seeds=RoundSeeds.insecure(0, 0, "warm"), **kwargs)
         model = build_model(base, 2, lora, device)
@@ -101,7 +105,7 @@ def throughput(model_path: str, *, examples: int, batch: int, steps: int, max_le
     states = lower_states(encoder, ids, mask, cut)
     cache_s_per_example = (time.perf_counter() - start) / len(ids)
     plain = (ids, mask, labels)
-    rate = functools.partial(_rate, model_path, batch=batch, steps=steps, device=device)
+    rate = functools.partial(dp_rate, model_path, batch=batch, steps=steps, device=device)
     naive = rate(NAIVE_LORA, plain, pad_to_longest=False, precision="fp32")
     padded = rate(NAIVE_LORA, plain, pad_to_longest=True, precision="fp32", part_size=0)
     parts = rate(NAIVE_LORA, plain, pad_to_longest=True, precision="fp32")
@@ -289,6 +293,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": machine(), "model": args.model or "all-MiniLM-L6-v2 (embedded)"}
     out["throughput"] = throughput(args.model, examples=args.examples, batch=args.batch, steps=args.steps,
                                    max_len=args.seq, top=top)
+    from fedtune.sim.shape_cost import fixed_shape_cost
+
+    out["fixed-shape"] = fixed_shape_cost(args.model, examples=args.examples, batch=args.batch, steps=args.steps,
+                                          max_len=args.seq, top=top)
     node_examples = args.node_examples or args.examples
     out["overhead"] = overhead(args.model, examples=node_examples, steps=math.ceil(node_examples / args.batch),
                                lora=LoraSettings(lora_layers=args.round_layers), eval_examples=args.eval_examples)
@@ -345,6 +353,9 @@ def main(argv: list[str] | None = None, *, render: Callable[[dict[str, Any]], st
     p.add_argument("--scale-rows", default="", metavar="CLIENTS:MODEL:ROUNDS,...",
                    help="run only these federations (model minilm or tiny; e.g. 100:minilm:2,1000:tiny:2) and "
                         "merge them into the scale table, replacing rows of the same clients and model")
+    p.add_argument("--fixed-shape-only", action="store_true",
+                   help="run only the fixed-shape comparison (the default loop with and without the node policy's "
+                        "fixed-shape) and merge it into the existing figures, keeping every other row")
     p.add_argument("--record-run", nargs=3, metavar=("RESULTS_DIR", "WALL_S", "LOAD"),
                    help="add a finished main-job run (make run) to the main-job table and re-render, nothing else")
     args = p.parse_args(argv)
@@ -355,6 +366,13 @@ def main(argv: list[str] | None = None, *, render: Callable[[dict[str, Any]], st
     if args.scale_rows:
         result = previous
         result["scale"] = merge_scale_rows(previous.get("scale"), scale_specs(args.scale_rows), args.out.parent)
+    elif args.fixed_shape_only:
+        from fedtune.sim.shape_cost import fixed_shape_cost
+
+        result = previous
+        result["fixed-shape"] = fixed_shape_cost(args.model, examples=args.examples, batch=args.batch,
+                                                 steps=args.steps, max_len=args.seq,
+                                                 top=LoraSettings(lora_layers=args.top_layers))
     elif args.record_run:
         result = previous
         row = main_job_row(Path(args.record_run[0]), float(args.record_run[1]), float(args.record_run[2]))

@@ -78,8 +78,9 @@ class Task(Protocol):
         """How the adapter names its base model (never by a path of this machine)."""
         ...
 
-    def loss(self, module: nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean over the batch's examples of each example's own loss (scalar)."""
+    def loss(self, module: nn.Module, batch: Batch, *, fixed_shape: bool = False) -> torch.Tensor:
+        """Mean over the batch's examples of each example's own loss (scalar). ``fixed_shape``: every tensor the
+        model computes has a shape set by the batch's shape alone (no shortcut that depends on the rows)."""
         ...
 
     def evaluate(self, model: nn.Module, base: BaseModel, data: LabelledData, encoded: Encoded, *,

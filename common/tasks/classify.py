@@ -80,7 +80,8 @@ class Classify:
 
         return build_model(base, len(labels), lora, device, seed=seed)
 
-    def loss(self, module: nn.Module, batch: Batch) -> torch.Tensor:
+    def loss(self, module: nn.Module, batch: Batch, *, fixed_shape: bool = False) -> torch.Tensor:
+        # every shape follows the batch's: fixed_shape needs nothing more here
         # input_ids, or the frozen lower layers' cached states (hidden_states), with attention_mask
         logits = module(**{k: v for k, v in batch.items() if k != "labels"}).float()  # [B, L]
         return nn.functional.cross_entropy(logits, batch["labels"])

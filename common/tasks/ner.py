@@ -170,7 +170,8 @@ class Ner:
                             layers_to_transform=lora.layers or None, modules_to_save=[HEAD], bias="none")
         return attach_lora(model, config, lora, base.path)
 
-    def loss(self, module: nn.Module, batch: Batch) -> torch.Tensor:
+    def loss(self, module: nn.Module, batch: Batch, *, fixed_shape: bool = False) -> torch.Tensor:
+        # every shape follows the batch's: fixed_shape needs nothing more here
         logits = _logits(module, batch)  # [B, T, L]
         token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=IGNORE,
                                                  reduction="none")  # [B, T]

@@ -108,17 +108,20 @@ def encode_pairs(base: BaseModel, data: LabelledData, max_len: int, *, strict: b
     return ids, mask, labels
 
 
-def response_logits(module: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logits(module: nn.Module, batch: Batch, *, every_position: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [B, K, V], targets [B, K]) for the positions that predict a response token of some example.
 
     The output layer runs only from the batch's first response position on (``logits_to_keep``): the
     vocabulary projection is the largest matrix of a small decoder, and prompt positions carry no loss.
+    ``every_position`` (fixed-shape training): it runs on every position, so its cost does not depend on how
+    long the batch's prompts are (K = T - 1).
     """
     labels = batch["labels"]  # [B, T]
     width = labels.shape[1]
     has = (labels != IGNORE).any(dim=0).nonzero()
     first = int(has[0]) if len(has) else width - 1  # first position holding a response token (>= 1)
-    keep = width - max(first - 1, 0)
+    keep = width if every_position else width - max(first - 1, 0)
     out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
     logits = out.logits[:, :-1].float()  # position t predicts token t + 1
     return logits, labels[:, width - keep + 1:]
@@ -201,10 +204,10 @@ class Sft:
                             layers_to_transform=lora.layers or None, bias="none")
         return attach_lora(lm, config, lora, base.path)
 
-    def loss(self, module: nn.Module, batch: Batch) -> torch.Tensor:
+    def loss(self, module: nn.Module, batch: Batch, *, fixed_shape: bool = False) -> torch.Tensor:
         from fedtune.common.tasks.base import per_example_mean
 
-        logits, targets = response_logits(module, batch)  # [B, K, V], [B, K]
+        logits, targets = response_logits(module, batch, every_position=fixed_shape)  # [B, K, V], [B, K]
         token_loss = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE,
                                                  reduction="none")  # [B, K]
         return per_example_mean(token_loss, targets)

@@ -62,8 +62,20 @@ def test_dp_mode_and_the_older_dp_key(config, mode):
     ({"divergence-factor": 0.5}, "divergence-factor must be 0 (off) or > 1"),
     ({"nonprivate-learning-rate": 0}, "nonprivate-learning-rate must be > 0"),
     ({"nonprivate-optimizer": "lion"}, "nonprivate-optimizer must be one of sgd, adamw"),
+    ({"weighting": "median"}, "weighting must be one of examples, equal, got 'median'"),
+    ({"max-node-examples": -5}, "max-node-examples must be >= 0 (0 = 4 x the round's median), got -5"),
+    ({"max-node-examples": "many"}, "max-node-examples must be an integer, got 'many'"),
 ])
 def test_bad_privacy_modes_and_baseline_settings_are_named(config, message):
     with pytest.raises(ConfigError) as err:
         RunSettings.from_config(config)
     assert message in str(err.value)
+
+
+def test_aggregation_weighting_round_trips_and_defaults_to_bounded_examples():
+    assert (RunSettings().federation.weighting, RunSettings().federation.max_node_examples) == ("examples", 0)
+    settings = RunSettings.from_config({"weighting": "equal", "max-node-examples": "2000"})
+    assert settings.federation.weighting == "equal" and settings.federation.max_node_examples == 2000
+    assert RunSettings.from_config(settings.to_config()) == settings
+    assert settings.to_config()["weighting"] == "equal" and settings.to_config()["max-node-examples"] == 2000
+

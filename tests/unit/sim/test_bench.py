@@ -34,8 +34,13 @@ def test_bench_writes_the_side_by_side_loops_and_the_round_breakdown(tiny_model_
     h = o["fp16-transport"]  # fp16 halves the tensors; rounding the update itself loses less than the values
     assert h["fp16-bytes"] * 2 == h["fp32-bytes"]
     assert 0 < h["update-error-over-update"] <= h["values-error-over-update"]
+    f = result["fixed-shape"]  # the default loop with and without the node policy's fixed-shape, pair by pair
+    assert f["default-ex-per-s"] > 0 and f["fixed-shape-ex-per-s"] > 0 and f["cached-fixed-shape-ex-per-s"] > 0
+    assert len(f["fixed-over-default-runs"]) == f["repeats"] == len(f["default-runs"])
+    assert min(f["fixed-over-default-runs"]) <= f["fixed-over-default"] <= max(f["fixed-over-default-runs"])
     text = out.read_text()
     assert f"**{t['cached-over-naive']}**" in text and f"{100 * o['overhead-share']:.1f}%" in text
+    assert f"**{f['fixed-over-default']:.2f}**" in text and f"**{f['cached-fixed-over-default']:.2f}**" in text
 
 
 def test_scale_rows_are_parsed_and_merged_over_the_previous_table(monkeypatch, tmp_path):
@@ -53,3 +58,26 @@ def test_scale_rows_are_parsed_and_merged_over_the_previous_table(monkeypatch, t
     merged = bench.merge_scale_rows(old, specs[1:], tmp_path)
     assert sorted((r["clients"], r["s-per-round"]) for r in merged["rows"]) == [(100, 5.0), (1000, 1.0)]
     assert (tmp_path / scale.PLOT).read_bytes() == b"png"
+
+
+def test_fixed_shape_only_replaces_that_section_and_keeps_every_other_row(monkeypatch, tmp_path):
+    from fedtune.sim import shape_cost
+
+    out = tmp_path / "bench.md"
+    previous = {"machine": {"load-1min": 1.0}, "throughput": {"default-ex-per-s": 136.9}, "overhead": {"nodes": 5},
+                "fixed-shape": {"fixed-over-default": 0.1}, "scale": {"rows": [{"clients": 100}]},
+                "main-job": [{"results": "run1"}]}
+    out.with_suffix(".json").write_text(json.dumps(previous))
+    asked = {}
+
+    def measured(model_path, **kwargs):
+        asked.update(kwargs)
+        return {"fixed-over-default": 0.6}
+
+    monkeypatch.setattr(shape_cost, "fixed_shape_cost", measured)
+    assert main(["--fixed-shape-only", "--examples", "64", "--steps", "2", "--out", str(out)],
+                render=lambda r: json.dumps(r)) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result == {**previous, "fixed-shape": {"fixed-over-default": 0.6}}
+    assert json.loads(out.read_text()) == result
+    assert asked["examples"] == 64 and asked["steps"] == 2 and asked["top"].lora_layers == "4,5"

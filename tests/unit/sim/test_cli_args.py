@@ -24,3 +24,11 @@ def test_a_ray_address_must_be_host_and_port():
     assert _settings("--ray-address", "10.0.0.5:6379").federation is not None
     with pytest.raises(ConfigError, match="--ray-address expects HOST:PORT"):
         _settings("--ray-address", "my-cluster")
+
+
+def test_the_aggregation_settings_are_in_fedtune_sim_help():
+    from fedtune.sim.cli import parser
+
+    text = parser().format_help()
+    assert "weighting (default 'examples'):" in text and "max-node-examples (default 0):" in text
+    assert "4 x the median" in text
