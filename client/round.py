@@ -249,7 +249,8 @@ def _train_charged(request: RoundRequest, decision: Decision, rows: NodeRows, mo
     data = train_inputs(rows, request.model.model_path, request.model.max_seq_len, request.lora)
     result = train(model, data, steps=steps, batch_size=request.plan.batch_size,
                    learning_rate=optimizer.learning_rate, dp=dp, device=device, seeds=seeds,
-                   optimizer=optimizer.kind, lora_lr_scale=optimizer.lora_lr_scale, task=get_task(request.model.task))
+                   optimizer=optimizer.kind, lora_lr_scale=optimizer.lora_lr_scale, task=get_task(request.model.task),
+                   fixed_shape=policy.fixed_shape)
     update = to_arrays(model)
     if not all(np.all(np.isfinite(v)) for v in update.values()):
         raise ModelError("training diverged: the update holds NaN or inf (lower the learning rate)")

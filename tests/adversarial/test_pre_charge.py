@@ -111,3 +111,28 @@ def test_a_sequence_length_above_the_policy_or_the_model_is_refused_before_the_r
     replies = [send(n, too_long, adapter(tiny_model_dir, too_long)) for n in (a, b)]
     assert public(replies[0]) == public(replies[1])
     assert dict(replies[0].content.config_records["status"])["code"] == "BAD_REQUEST"
+
+
+def test_a_fixed_shape_node_trains_every_part_at_the_requested_length(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    """The timing channel of dynamic padding: with the policy's fixed-shape, the shapes the model sees (and so a
+    round's time and memory) depend on the request and the Poisson batch sizes, not on row lengths."""
+    from fedtune.client import round as node_round
+
+    seen: list[int] = []
+    real_train = node_round.train
+
+    def spy(model, data, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        handle = model.register_forward_pre_hook(
+            lambda _m, args, kw: seen.append((kw.get("input_ids") if kw.get("input_ids") is not None
+                                              else kw["attention_mask"]).shape[1]), with_kwargs=True)
+        try:
+            return real_train(model, data, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(node_round, "train", spy)
+    frame, _ = neighbours()
+    node = make_node(tmp_path / "n", frame, dataclasses.replace(POLICY, fixed_shape=True))
+    req = request(tiny_model_dir)
+    assert parse_reply(send(node, req, adapter(tiny_model_dir, req)).content).status == "trained"
+    assert seen and set(seen) == {req.model.max_seq_len}
