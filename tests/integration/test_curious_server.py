@@ -1,8 +1,8 @@
 """A scripted curious coordinator against the real ClientApp, through Flower's real simulation engine.
 
 The coordinator (tests/integration/curious_app/curious.py) asks the same round twice with the same
-weights and run seed, then with another run key and class order, then with labels that do not match
-the node's data. It must not be able to cancel the noise, open a new budget, or read a row.
+weights and run seed, then with another run key and class order, then with labels other than the ones
+the node declared. It must not be able to cancel the noise, open a new budget, or read a row.
 """
 
 from __future__ import annotations
@@ -57,11 +57,14 @@ def test_a_curious_server_learns_nothing_it_should_not(tiny_model_dir, sentiment
     ledger = [json.loads(x) for x in (tmp_path / "out" / "clients" / "client-0" / "ledger.jsonl").read_text()
               .splitlines()]
     rounds = [e for e in ledger if e.get("kind") == "round"]
-    assert len(rounds) == 3 and {e["dataset"] for e in rounds} == {"sentiment/client-0"}  # bad labels: no charge
-    assert {e["rng"] for e in rounds} == {"secrets"}
+    assert [e["decision"] for e in rounds] == ["charged"] * 3 + ["refused"]  # bad labels: refused, no charge
+    assert {e["dataset"] for e in rounds} == {"sentiment/client-0"} and {e["rng"] for e in rounds} == {"secrets"}
 
-    # 4. Labels that do not match: a code and a fixed message, no row, no column name, no path.
-    assert bad["config"]["status"]["code"] == "DATA_LABELS" and not bad["arrays"] and not bad["metrics"]
+    # 4. Labels that are not the node's declared ones: refused before any row is read; no row, no column name,
+    # no path, and no examples count in the reply.
+    status = bad["config"]["status"]
+    assert status["status"] == "refused" and status["code"] == "POLICY_LABELS" and not bad["arrays"]
+    assert bad["metrics"]["metrics"]["num-examples"] == 0 and rounds[-1]["fingerprint"] == ""
     text = json.dumps(bad)
     rows = pd.read_csv(sentiment_csv)["text"]
     assert not any(row in text for row in rows) and "/" not in text.replace("see node log", "")
