@@ -196,16 +196,20 @@ CHARGE: dict[str, Check] = {
     "accountant": _object, "epsilon": _optional(_number(0.0, 1e9)), "epsilon_round": _optional(_number(0.0, 1e9)),
     "budget": _number(0.0, 1e6, lo_open=True),
 }
+# A fresh random value in every entry the node writes: without it, the entry hash (the ledger head the
+# server receives) would be a function of values the server knows or can guess, and of the data fingerprint,
+# so the server could test candidate datasets offline. Optional: entries written before it verify unchanged.
+OPTIONAL_COMMON: dict[str, Check] = {"nonce": _text(64, HEX64)}
 OPTIONAL_CHARGE: dict[str, Check] = {
     "run_key": _text(MAX_ID), "projected": _optional(_number(0.0, 1e9)), "request": _object,
     "rng": _rng, "released": _released,
 }
 FIELDS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {  # kind -> (required, optional)
-    "header": (COMMON | POLICY, {}),
-    "policy": (COMMON | POLICY, {}),
-    "round": (COMMON | CHARGE, OPTIONAL_CHARGE),
-    "repair": (COMMON | CHARGE | {"repair": _object}, {"run_key": _text(MAX_ID), "projected": OPTIONAL_CHARGE[
-        "projected"]}),
+    "header": (COMMON | POLICY, OPTIONAL_COMMON),
+    "policy": (COMMON | POLICY, OPTIONAL_COMMON),
+    "round": (COMMON | CHARGE, OPTIONAL_COMMON | OPTIONAL_CHARGE),
+    "repair": (COMMON | CHARGE | {"repair": _object}, OPTIONAL_COMMON | {
+        "run_key": _text(MAX_ID), "projected": OPTIONAL_CHARGE["projected"]}),
 }
 NESTED: dict[str, dict[str, Check]] = {"event": EVENT, "accountant": ACCOUNTANT, "repair": REPAIR}
 
