@@ -15,8 +15,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtune.client.node_config import NodeConfig
 from fedtune.client.node_data import load_rows, train_inputs
@@ -31,6 +33,7 @@ from fedtune.common.errors import ConfigError, ModelError
 from fedtune.common.ledger import LEDGER_FILE, Entry, Ledger, LedgerHeader, event_from_json, event_to_json
 from fedtune.common.ledger_key import KEY_FILE, load_or_create_key
 from fedtune.common.model import kept_model
+from fedtune.common.receipts import sign_receipt
 from fedtune.common.tasks import get_task
 from fedtune.common.wire import RoundRequest, TrainReply
 
@@ -115,16 +118,20 @@ def _round_cost(decision: Decision) -> float:
     return math.inf if math.isinf(decision.epsilon_after) else decision.epsilon_after - decision.epsilon_before
 
 
-def _reply(decision: Decision, entry: Entry, num_examples: int, node: str,
-           train_loss: float | None = None) -> TrainReply:
+def _reply(decision: Decision, entry: Entry, num_examples: int, node: str, train_loss: float | None = None, *,
+           key: Ed25519PrivateKey, run_id: str, server_round: int) -> TrainReply:
+    """The typed reply, with the node's signature (its ledger key) over the receipt the server will keep."""
     event = decision.event
+    status: Literal["trained", "refused"] = "trained" if decision.charged else "refused"
+    seq, head = int(entry["seq"]), str(entry["hash"])
     return TrainReply(
-        status="trained" if decision.charged else "refused", code=decision.code, num_examples=num_examples,
+        status=status, code=decision.code, num_examples=num_examples,
         epsilon=decision.epsilon_after,
         epsilon_round=_round_cost(decision),
         epsilon_budget=decision.budget, noise_multiplier=event.noise_multiplier if event is not None else 0.0,
-        exhausted=decision.exhausted, ledger_key=str(entry["key"]), ledger_seq=int(entry["seq"]),
-        ledger_head=str(entry["hash"]), node=node, train_loss=train_loss)
+        exhausted=decision.exhausted, ledger_key=str(entry["key"]), ledger_seq=seq, ledger_head=head,
+        node_sig=sign_receipt(key, run=run_id, round=server_round, seq=seq, head=head, status=status),
+        node=node, train_loss=train_loss)
 
 
 def plan_request(request: RoundRequest, num_examples: int) -> PlanRequest:
@@ -175,7 +182,8 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
     run = RunRef(run_id, request.run_key, resumed=request.resumed_after_round > 0)
     decision, entry = charge_round(node, plan, run=run, fingerprint=rows.fingerprint, rng=seeds.kind)
     if not decision.charged:
-        return _reply(decision, entry, rows.num_train, config.node), None
+        return _reply(decision, entry, rows.num_train, config.node, key=node.ledger.key, run_id=run_id,
+                      server_round=request.server_round), None
     dp, optimizer = training_mode(decision, request)
 
     device = pick_device()
@@ -192,4 +200,5 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
         raise ModelError("training left every adapter tensor unchanged (see opacus#820); refusing to reply",
                          code="TRAIN")
     loss = result.loss if node.policy.release_train_loss and math.isfinite(result.loss) else None
-    return _reply(decision, entry, rows.num_train, config.node, loss), sent_arrays(update, request.lora.lora_variant)
+    return _reply(decision, entry, rows.num_train, config.node, loss, key=node.ledger.key, run_id=run_id,
+                  server_round=request.server_round), sent_arrays(update, request.lora.lora_variant)

@@ -35,6 +35,7 @@ RNG_SEEDED = "seeded-insecure:"
 MAX_INT_DIGITS = 18
 MAX_TEXT = 4096  # reasons and request values
 MAX_ID = 256  # ids, names, dataset keys
+MAX_SEQ = 10**12  # largest sequence number (line) an entry, a reply or a receipt may name
 HEX64 = re.compile(r"[0-9a-f]{64}")
 KEY_ID = re.compile(r"ed25519:[0-9a-f]{32}")
 NODE_ID = re.compile(r"sha256:[0-9a-f]{64}|simulation:client-\d{1,9}")
@@ -181,7 +182,7 @@ REPAIR: dict[str, Check] = {
 }
 COMMON: dict[str, Check] = {
     "format": _text(MAX_ID, choices=(FORMAT,)), "kind": _text(MAX_ID, choices=KINDS),
-    "seq": _number(1, 1e12, integer=True), "prev": _text(64, HEX64), "time": _text(40),
+    "seq": _number(1, MAX_SEQ, integer=True), "prev": _text(64, HEX64), "time": _text(40),
     "key": _text(MAX_ID, KEY_ID), "hash": _text(64, HEX64), "sig": signature_problem,
 }
 POLICY: dict[str, Check] = {

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from fedtune.common.accounting import DpEvent, accountant_record, opacus_epsilon
 from fedtune.common.ledger import Entry, Ledger, LedgerHeader, canonical, event_from_json, event_to_json, sign
 from fedtune.common.ledger_key import load_or_create_key, public_path
+from fedtune.common.receipts import Receipt, sign_receipt
 
 NODE_A = "sha256:" + "a1" * 32
 NODE_B = "sha256:" + "b2" * 32
@@ -95,6 +96,20 @@ def charge(node: Node, server_round: int, event: DpEvent | None = EVENT, *, run:
 def four_rounds(node: Node) -> list[Entry]:
     """Header, rounds 1-3 charged, round 4 refused: five signed lines."""
     return [charge(node, r) for r in (1, 2, 3, 4)]
+
+
+NODE_STATUS = {"charged": "trained", "refused": "refused"}
+
+
+def receipt(node: Node, entry: dict, flower_id: str = "17", *, run: str = "9", status: str | None = None,
+            server_round: int | None = None) -> Receipt:
+    """The server's receipt of the node's reply citing ``entry``, signed by the node as client/round.py does."""
+    status = status or NODE_STATUS[entry["decision"]]
+    server_round = entry["round"] if server_round is None else server_round
+    node_status = "trained" if status == "rejected" else status
+    sig = sign_receipt(node.key, run=run, round=server_round, seq=entry["seq"], head=entry["hash"],
+                       status=node_status)
+    return Receipt(server_round, flower_id, entry["key"], entry["seq"], entry["hash"], status, run=run, node_sig=sig)
 
 
 def lines(path: Path) -> list[dict]:
