@@ -71,10 +71,15 @@ def make_node(root: Path, node: str = NODE_A, *, budget: float = 8.0, delta: flo
 
 
 def charge(node: Node, server_round: int, event: DpEvent | None = EVENT, *, run: str = "9",
-           rng: str = "secrets", header: LedgerHeader | None = None) -> Entry:
-    """Decide and append one round like a node: charged if the projection fits the budget, else refused."""
+           rng: str = "secrets", header: LedgerHeader | None = None, fingerprint: str = "f" * 64,
+           bound: bool = True) -> Entry:
+    """Decide and append one round like a node: charged if the projection fits the budget, else refused.
+
+    ``bound=False``: a ledger without a header (the policy only shapes the entry's fields).
+    """
     policy = header or node.header
-    with node.ledger(policy).session() as s:
+    ledger = node.ledger(policy) if bound else Ledger(node.ledger_path, node.key, witness=node.witness)
+    with ledger.session() as s:
         mine = [e for e in s.entries if e["dataset"] == policy.dataset and e["decision"] == "charged"]
         history = [event_from_json(e["event"]) for e in mine]
         before = opacus_epsilon([e for e in history if e], policy.delta, policy.accountant)
@@ -82,7 +87,7 @@ def charge(node: Node, server_round: int, event: DpEvent | None = EVENT, *, run:
             else float("inf")
         charged = after <= policy.budget
         return s.append({
-            "run": run, "run_key": "rk", "round": server_round, "dataset": policy.dataset, "fingerprint": "f" * 64,
+            "run": run, "run_key": "rk", "round": server_round, "dataset": policy.dataset, "fingerprint": fingerprint,
             "decision": "charged" if charged else "refused",
             "reason": "" if charged else f"budget: epsilon would reach {after:.4f} > budget {policy.budget:.4f}",
             "event": event_to_json(event), "delta": policy.delta, "accountant": accountant_record(policy.accountant),
