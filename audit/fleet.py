@@ -84,7 +84,7 @@ def _receipt_set(check: RecordCheck, keys: Mapping[str, PublicKey], problems: li
         public = keys.get(r.ledger_key)
         if public is None:
             continue
-        if (why := r.signature_problem(public)) is not None:
+        if (why := r.node_signature_problem(public)) is not None:
             problems.append(f"{source}: the receipt for round {r.round} (run {r.run}) from node {r.node}, ledger "
                             f"line {r.seq}, was not signed by the node: {why}")
             continue

@@ -153,7 +153,7 @@ class Receipt:
         return {"round": self.round, "node": self.node, "ledger_key": self.ledger_key, "seq": self.seq,
                 "head": self.head, "status": self.status, "run": self.run, "node_sig": self.node_sig}
 
-    def signature_problem(self, public: ed25519.Ed25519PublicKey) -> str | None:
+    def node_signature_problem(self, public: ed25519.Ed25519PublicKey) -> str | None:
         """None when the node signed this receipt's values with ``public``'s key (see :func:`sign_receipt`)."""
         status = NODE_STATUS.get(self.status, self.status)
         return receipt_signature_problem(public, self.node_sig, run=self.run, round=self.round, seq=self.seq,

@@ -52,7 +52,7 @@ def node(tmp_path: Path) -> Node:
 def test_a_rejected_reply_is_checked_against_the_trained_signature(node: Node) -> None:
     entry = read(node.ledger_path).entries[1][1]
     rejected = receipt(node, entry, status="rejected")  # the server rejected the update; the node said trained
-    assert rejected.signature_problem(node.key.public_key()) is None
+    assert rejected.node_signature_problem(node.key.public_key()) is None
     assert cross_check(entry["key"], read(node.ledger_path).entries, [rejected]) == []
 
 
@@ -61,7 +61,7 @@ def test_refusals_may_cite_an_earlier_refusal_but_charges_must_match_their_round
     key = entries[0][1]["key"]
     refusal, charge = entries[4][1], entries[1][1]
     coalesced = receipt(node, refusal, run="10", server_round=7)  # a later run's round 7 answered with line 5
-    assert coalesced.signature_problem(node.key.public_key()) is None
+    assert coalesced.node_signature_problem(node.key.public_key()) is None
     assert cross_check(key, entries, [coalesced]) == []
     problems = [str(p) for p in cross_check(key, entries, [
         receipt(node, charge, status="refused"),  # a refusal citing a charge

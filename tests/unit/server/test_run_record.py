@@ -43,7 +43,7 @@ def test_every_accepted_reply_makes_a_receipt_the_node_signed(rows: dict[int, li
     assert sorted((r.node, r.status) for r in made) == [("1", "trained"), ("2", "refused"), ("3", "rejected")]
     assert all(r.run == RUN_ID and r.ledger_key == LEDGER_KEY for r in made)
     # A rejected reply was a trained one: the node's signature covers "trained".
-    assert [r.signature_problem(NODE_KEY.public_key()) for r in made] == [None, None, None]
+    assert [r.node_signature_problem(NODE_KEY.public_key()) for r in made] == [None, None, None]
     key = load_or_create_key(tmp_path / "server.key")
     write_record(tmp_path / "results", RUN_ID, "k", rows, key)
     check = read_run_record(tmp_path / "results", key.public_key())
