@@ -7,7 +7,9 @@ optionally, its ledger and policy files). Say whose ledger each file must be wit
 ``--node`` (one per ledger, in order) or the roster: a ledger of another node fails.
 Give each node's policy file with ``--policy`` (one for all ledgers, or one per
 ledger): budget and delta then come from it, not from the ledger. ``--server-record
-RUN_DIR`` cross-checks every ledger against the receipts the server signed.
+RUN_DIR`` (repeat it for several runs) cross-checks every ledger against the receipts in
+each run record; a receipt counts only when the node it names signed it (its reply's
+``node-sig``, checked with that node's public key).
 
 Exit status: 0 when every check passes; 1 when any check fails (each problem names
 the ledger and line); 2 for usage errors (missing files, unreadable keys or policies).
@@ -53,9 +55,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", action="append", type=Path, default=[], metavar="FILE",
                    help="the node's policy TOML (max-epsilon, delta, accountant, dataset-id): one for all "
                         "ledgers, or one per LEDGER in order")
-    p.add_argument("--server-record", type=Path, metavar="RUN_DIR",
-                   help="the server's run directory (run-record.json): cross-check ledgers against its receipts")
-    p.add_argument("--server-key", type=Path, metavar="PEM", help="the server's record public key (PEM)")
+    p.add_argument("--server-record", type=Path, action="append", default=[], metavar="RUN_DIR",
+                   help="a server run directory (run-record.json): cross-check ledgers against its receipts, each "
+                        "verified against the signature of the node it names; repeat for several runs")
+    p.add_argument("--server-key", type=Path, action="append", default=[], metavar="PEM",
+                   help="the server's record public key (PEM); repeat when the records were signed by "
+                        "different keys (each record must verify with one of them)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"relative disagreement allowed between recorded and recomputed epsilon, at most "
                         f"{DEFAULT_TOLERANCE} (budgets are always strict)")
@@ -113,10 +118,10 @@ def _run(args: argparse.Namespace) -> AuditReport:
         raise ConfigError(f"--max-delta must be in (0, 1), got {args.max_delta}")
     roster = read_roster(args.roster) if args.roster else None
     keys, specs = _keys(args, roster), _specs(args, roster)
-    server_key = load_public_key(args.server_key) if args.server_key else None
-    if args.server_record is not None and not args.server_record.exists():
-        raise ConfigError(f"server record {args.server_record} does not exist")
-    report = audit(specs, keys, tolerance=args.tolerance, record_dir=args.server_record, server_key=server_key,
+    server_keys = [load_public_key(path) for path in args.server_key]
+    if missing := [str(d) for d in args.server_record if not d.exists()]:
+        raise ConfigError(f"server record {', '.join(missing)} does not exist")
+    report = audit(specs, keys, tolerance=args.tolerance, record_dir=args.server_record, server_key=server_keys,
                    strict_rng=args.strict_rng)
     if args.html:
         from fedtune.audit.report import write_html

@@ -34,6 +34,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedtune.audit.policy import AuditPolicy
+from fedtune.audit.policy_changes import policy_change_problems
 from fedtune.common.accounting import COUNTERPART, DpEvent, dp_accounting_epsilon, opacus_epsilon
 from fedtune.common.errors import PrivacyError
 from fedtune.common.ledger import Entry, Problem, read, verify
@@ -98,6 +99,15 @@ class Limits:
         what = "header" if entry["kind"] == "header" else "policy entry"
         return cls(float(entry["budget"]), float(entry["delta"]), entry["accountant"], entry["dataset"],
                    f"{what} (line {number})")
+
+
+@dataclass(frozen=True)
+class ReceiptSet:
+    """The receipts of one run record that a ledger is cross-checked against."""
+
+    source: str  # the run record they come from (named in every finding)
+    receipts: tuple[Receipt, ...]
+    binding: bool = True  # False: receipts the node did not sign (format 1): findings are notices, not problems
 
 
 @dataclass(frozen=True)
@@ -325,7 +335,7 @@ def _binding(first: tuple[int, Entry] | None, spec: LedgerSpec, report: LedgerAu
 
 
 def audit_ledger(spec: LedgerSpec, keys: Mapping[str, ed25519.Ed25519PublicKey], *,
-                 tolerance: float = DEFAULT_TOLERANCE, receipts: Sequence[Receipt] = (),
+                 tolerance: float = DEFAULT_TOLERANCE, receipts: Sequence[ReceiptSet] = (),
                  strict_rng: bool = False) -> LedgerAudit:
     """Verify one ledger and recompute every entry's epsilon; all problems are collected, none raised."""
     parsed = read(spec.path)
@@ -350,8 +360,14 @@ def audit_ledger(spec: LedgerSpec, keys: Mapping[str, ed25519.Ed25519PublicKey],
             _policy_entry(number, entry, state, spec, report)
         else:
             _charge_entry(number, entry, state, tolerance, strict_rng, report)
-    if report.key is not None and receipts:
-        report.problems.extend(cross_check(report.key, parsed.entries, receipts))
+    report.problems.extend(policy_change_problems(valid))
+    for held in receipts if report.key is not None else ():
+        found = cross_check(str(report.key), parsed.entries, held.receipts, held.source)
+        if held.binding:
+            report.problems.extend(found)
+        else:
+            report.notices.extend([Problem(p.line, f"{p.message}; an unsigned receipt (format 1), not held against "
+                                                   "the node") for p in found])
     return report
 
 

@@ -73,11 +73,11 @@ def render(report: AuditReport) -> Group:
     for ledger in report.ledgers:
         parts += _listing(ledger, ledger.notices, "yellow")
         parts += _listing(ledger, ledger.problems, "red")
-    if report.record is not None:
-        parts += [Text(f"{report.record.path}: {n}", style="yellow") for n in report.record.notices]
-        if report.record.record is not None:
-            parts.append(Text(f"{report.record.path}: {len(report.record.record.receipts)} receipts of run "
-                              f"{report.record.record.run} cross-checked"))
+    for check in report.records:
+        parts += [Text(f"{check.path}: {n}", style="yellow") for n in check.notices]
+        if check.record is not None:
+            parts.append(Text(f"{check.path}: {len(check.record.receipts)} receipts of run {check.record.run} "
+                              "cross-checked"))
     parts += [Text(f"run record: {p}", style="red") for p in report.problems]
     verdict = ("all ledgers verified" if report.ok else "AUDIT FAILED") + (
         f" (budgets strict; tolerance {100 * report.tolerance:g}% between recorded and replayed epsilon)")

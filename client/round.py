@@ -23,8 +23,10 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from peft import PeftModel
 
 from fedtune.client.admission import plan_without_rows, ready_model, refusals
@@ -48,6 +50,7 @@ from fedtune.common.ledger import (
     event_to_json,
 )
 from fedtune.common.ledger_key import KEY_FILE, load_or_create_key
+from fedtune.common.receipts import sign_receipt
 from fedtune.common.tasks import get_task
 from fedtune.common.wire import RoundRequest, TrainReply
 
@@ -168,16 +171,20 @@ def _round_cost(decision: Decision) -> float:
     return math.inf if math.isinf(decision.epsilon_after) else decision.epsilon_after - decision.epsilon_before
 
 
-def _reply(decision: Decision, entry: Entry, num_examples: int, node: str,
-           train_loss: float | None = None) -> TrainReply:
+def _reply(decision: Decision, entry: Entry, num_examples: int, node: str, train_loss: float | None = None, *,
+           key: Ed25519PrivateKey, run_id: str, server_round: int) -> TrainReply:
+    """The typed reply, with the node's signature (its ledger key) over the receipt the server will keep."""
     event = decision.event
+    status: Literal["trained", "refused"] = "trained" if decision.charged else "refused"
+    seq, head = int(entry["seq"]), str(entry["hash"])
     return TrainReply(
-        status="trained" if decision.charged else "refused", code=decision.code, num_examples=num_examples,
+        status=status, code=decision.code, num_examples=num_examples,
         epsilon=decision.epsilon_after,
         epsilon_round=_round_cost(decision),
         epsilon_budget=decision.budget, noise_multiplier=event.noise_multiplier if event is not None else 0.0,
-        exhausted=decision.exhausted, ledger_key=str(entry["key"]), ledger_seq=int(entry["seq"]),
-        ledger_head=str(entry["hash"]), node=node, train_loss=train_loss)
+        exhausted=decision.exhausted, ledger_key=str(entry["key"]), ledger_seq=seq, ledger_head=head,
+        node_sig=sign_receipt(key, run=run_id, round=server_round, seq=seq, head=head, status=status),
+        node=node, train_loss=train_loss)
 
 
 def plan_request(request: RoundRequest, num_examples: int) -> PlanRequest:
@@ -221,7 +228,8 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
         code, reason = problems[0][0], "; ".join(p for _, p in problems)
         decision, entry = charge_round(node, plan_without_rows(request), run=run, fingerprint="", rng=seeds.kind,
                                        refusal=(code, reason))
-        return _reply(decision, entry, 0, config.node), None
+        return _reply(decision, entry, 0, config.node, key=node.ledger.key, run_id=run_id,
+                      server_round=request.server_round), None
     task = get_task(request.model.task)
     device = pick_device()
     model = ready_model(task, request, global_arrays, device)
@@ -229,14 +237,16 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
     plan = plan_request(request, rows.num_train)
     decision, entry = charge_round(node, plan, run=run, fingerprint=rows.fingerprint, rng=seeds.kind)
     if not decision.charged:
-        return _reply(decision, entry, 0, config.node), None
+        return _reply(decision, entry, 0, config.node, key=node.ledger.key, run_id=run_id,
+                      server_round=request.server_round), None
     try:
         update, loss = _train_charged(request, decision, rows, model, global_arrays, node.policy,
                                       steps=plan.steps or 0, seeds=seeds)
     except Exception as err:  # noqa: BLE001 - after the charge every failure looks the same to the server
         log.exception("round %s was charged (ledger line %s) and then failed", request.server_round, entry["seq"])
         raise ChargedRoundFailed(f"round {request.server_round} failed after its charge: {err}") from err
-    reply = _reply(decision, entry, rows.num_train, config.node, loss if node.policy.release_train_loss else None)
+    reply = _reply(decision, entry, rows.num_train, config.node, loss if node.policy.release_train_loss else None,
+                   key=node.ledger.key, run_id=run_id, server_round=request.server_round)
     return reply, sent_arrays(update, request.lora.lora_variant)
 
 

@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import stat
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -65,6 +66,7 @@ MAX_LEDGER_BYTES = 32 * 1024 * 1024  # ~25,000 rounds; larger files are refused 
 MAX_LINES = 100_000  # lines read at most (with the byte limit, this bounds the memory a ledger can take)
 CHUNK = 1024 * 1024
 ACCOUNTING_KINDS = ("round", "repair")  # entries that charge or refuse a round
+NONCE_BYTES = 32  # every entry gets a fresh "nonce" (64 hex), so its hash cannot be recomputed from guesses
 
 
 @dataclass(frozen=True)
@@ -335,10 +337,15 @@ class LedgerSession:
         return self.write("round", fields)
 
     def write(self, kind: str, fields: Mapping[str, Any]) -> Entry:
-        """Sign and durably append one entry of ``kind`` (header, policy, round, repair)."""
+        """Sign and durably append one entry of ``kind`` (header, policy, round, repair).
+
+        Every entry gets a fresh 256-bit ``nonce`` from ``secrets``: the entry's hash leaves the node (the
+        ledger head in each reply), and without a secret in it the server could recompute that hash for
+        candidate datasets (the fingerprint) from values it knows or guesses.
+        """
         prev = self.all_entries[-1]["hash"] if self.all_entries else GENESIS
         entry = sign({**fields, "format": FORMAT, "kind": kind, "seq": len(self.all_entries) + 1, "prev": prev,
-                      "time": _utc_now(), "key": self.key_id}, self._key)
+                      "time": _utc_now(), "key": self.key_id, "nonce": secrets.token_hex(NONCE_BYTES)}, self._key)
         if shape := entry_problems(entry):
             raise PrivacyError([f"ledger {self.path}: refusing to append a malformed entry: {p}" for p in shape])
         line = canonical(entry) + b"\n"

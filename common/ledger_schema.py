@@ -35,6 +35,7 @@ RNG_SEEDED = "seeded-insecure:"
 MAX_INT_DIGITS = 18
 MAX_TEXT = 4096  # reasons and request values
 MAX_ID = 256  # ids, names, dataset keys
+MAX_SEQ = 10**12  # largest sequence number (line) an entry, a reply or a receipt may name
 HEX64 = re.compile(r"[0-9a-f]{64}")
 KEY_ID = re.compile(r"ed25519:[0-9a-f]{32}")
 NODE_ID = re.compile(r"sha256:[0-9a-f]{64}|simulation:client-\d{1,9}")
@@ -181,7 +182,7 @@ REPAIR: dict[str, Check] = {
 }
 COMMON: dict[str, Check] = {
     "format": _text(MAX_ID, choices=(FORMAT,)), "kind": _text(MAX_ID, choices=KINDS),
-    "seq": _number(1, 1e12, integer=True), "prev": _text(64, HEX64), "time": _text(40),
+    "seq": _number(1, MAX_SEQ, integer=True), "prev": _text(64, HEX64), "time": _text(40),
     "key": _text(MAX_ID, KEY_ID), "hash": _text(64, HEX64), "sig": signature_problem,
 }
 POLICY: dict[str, Check] = {
@@ -196,16 +197,20 @@ CHARGE: dict[str, Check] = {
     "accountant": _object, "epsilon": _optional(_number(0.0, 1e9)), "epsilon_round": _optional(_number(0.0, 1e9)),
     "budget": _number(0.0, 1e6, lo_open=True),
 }
+# A fresh random value in every entry the node writes: without it, the entry hash (the ledger head the
+# server receives) would be a function of values the server knows or can guess, and of the data fingerprint,
+# so the server could test candidate datasets offline. Optional: entries written before it verify unchanged.
+OPTIONAL_COMMON: dict[str, Check] = {"nonce": _text(64, HEX64)}
 OPTIONAL_CHARGE: dict[str, Check] = {
     "run_key": _text(MAX_ID), "projected": _optional(_number(0.0, 1e9)), "request": _object,
     "rng": _rng, "released": _released,
 }
 FIELDS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {  # kind -> (required, optional)
-    "header": (COMMON | POLICY, {}),
-    "policy": (COMMON | POLICY, {}),
-    "round": (COMMON | CHARGE, OPTIONAL_CHARGE),
-    "repair": (COMMON | CHARGE | {"repair": _object}, {"run_key": _text(MAX_ID), "projected": OPTIONAL_CHARGE[
-        "projected"]}),
+    "header": (COMMON | POLICY, OPTIONAL_COMMON),
+    "policy": (COMMON | POLICY, OPTIONAL_COMMON),
+    "round": (COMMON | CHARGE, OPTIONAL_COMMON | OPTIONAL_CHARGE),
+    "repair": (COMMON | CHARGE | {"repair": _object}, OPTIONAL_COMMON | {
+        "run_key": _text(MAX_ID), "projected": OPTIONAL_CHARGE["projected"]}),
 }
 NESTED: dict[str, dict[str, Check]] = {"event": EVENT, "accountant": ACCOUNTANT, "repair": REPAIR}
 

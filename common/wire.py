@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args, get_type_hints
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.common.errors import FedtuneError
-from fedtune.common.ledger_schema import NODE_ID
+from fedtune.common.ledger_schema import HEX64, KEY_ID, MAX_SEQ, NODE_ID, signature_problem
 from fedtune.common.settings import LoraSettings, ModelSettings, PrivacySettings, TrainPlan, key_of
 
 WIRE_VERSION = 1
@@ -67,8 +66,6 @@ REFUSAL_CODES: dict[str, str] = {
     "BUDGET_EXHAUSTED": "the privacy budget is spent",
     "BUDGET_UNBOUNDED": "the dataset was trained without DP before",
 }
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_KEY_ID = re.compile(r"^ed25519:[0-9a-f]{16,64}$")
 
 
 class WireError(FedtuneError):
@@ -209,10 +206,12 @@ class TrainReply:
     ledger_key: str  # "ed25519:<hex>": the key that signs the node's ledger
     ledger_seq: int  # sequence number of the ledger entry recording this round (the receipt)
     ledger_head: str  # hash of that entry
+    node_sig: str  # the node's Ed25519 signature (ledger key) over run, round, seq, head, status: receipts.sign_receipt
     node: str = ""  # the node's identity (sha256 of its authentication key, or simulation:client-<id>)
     train_loss: float | None = None  # only when the node's policy releases it (a disclosed leak)
 
-    STATUS_KEYS: ClassVar[tuple[str, ...]] = ("wire-version", "status", "code", "ledger-key", "ledger-head", "node")
+    STATUS_KEYS: ClassVar[tuple[str, ...]] = (
+        "wire-version", "status", "code", "ledger-key", "ledger-head", "node-sig", "node")
     METRIC_KEYS: ClassVar[tuple[str, ...]] = (
         "num-examples", "epsilon", "epsilon-round", "epsilon-budget", "noise-multiplier", "exhausted", "ledger-seq")
     OPTIONAL_METRICS: ClassVar[tuple[str, ...]] = ("train-loss",)
@@ -233,7 +232,7 @@ class TrainReply:
         content = RecordDict({
             STATUS: ConfigRecord({"wire-version": WIRE_VERSION, "status": self.status, "code": self.code,
                                   "ledger-key": self.ledger_key, "ledger-head": self.ledger_head,
-                                  "node": self.node}),
+                                  "node-sig": self.node_sig, "node": self.node}),
             METRICS: MetricRecord(metrics)})
         if arrays is not None:
             content[ARRAYS] = arrays
@@ -258,14 +257,19 @@ class TrainReply:
                 ledger_key=_check_type("ledger-key", str, status["ledger-key"]),
                 ledger_seq=_check_type("ledger-seq", int, metrics["ledger-seq"]),
                 ledger_head=_check_type("ledger-head", str, status["ledger-head"]),
+                node_sig=_check_type("node-sig", str, status["node-sig"]),
                 node=_check_type("node", str, status["node"]),
                 train_loss=_check_type("train-loss", float, metrics["train-loss"]) if "train-loss" in metrics else None,
             )
         except ValueError as err:
             raise WireError(str(err), code="MALFORMED") from err
         bad = []
-        if not _KEY_ID.match(reply.ledger_key) or not _HEX64.match(reply.ledger_head) or reply.ledger_seq < 1:
+        # The same validators as the ledger and the receipts: an accepted reply always makes a valid receipt.
+        if not KEY_ID.fullmatch(reply.ledger_key) or not HEX64.fullmatch(reply.ledger_head) \
+                or not 1 <= reply.ledger_seq <= MAX_SEQ:
             bad.append("ledger receipt (key, seq, head) is malformed")
+        if (sig := signature_problem(reply.node_sig)) is not None:
+            bad.append(f"node-sig {sig}")
         if reply.node and not NODE_ID.fullmatch(reply.node):
             bad.append("node identity is malformed")
         if reply.status == "trained" and (reply.code or reply.num_examples < 1):

@@ -87,9 +87,9 @@ def _restore(resume: Checkpoint | None, strategy: AdapterFedAvg, recorder: RunRe
     recorder.metrics_path.write_text("".join(json.dumps(line) + "\n" for line in resume.metrics_lines))
 
 
-def _strategy(settings: RunSettings, request: RoundRequest) -> AdapterFedAvg:
+def _strategy(settings: RunSettings, request: RoundRequest, run_id: str) -> AdapterFedAvg:
     f = settings.federation
-    return AdapterFedAvg(request, node_wait_timeout=f.node_wait_timeout, weighting=f.weighting,
+    return AdapterFedAvg(request, run_id=run_id, node_wait_timeout=f.node_wait_timeout, weighting=f.weighting,
                          max_node_examples=f.max_node_examples, fraction_train=f.fraction_train,
                          fraction_evaluate=f.fraction_evaluate, min_train_nodes=f.min_clients,
                          min_evaluate_nodes=1, min_available_nodes=f.min_clients)
@@ -116,7 +116,7 @@ def main(grid: Grid, context: Context) -> None:
     # The node reuses its noise plan across a resume: same run-key, and resumed-after-round > 0.
     request = RoundRequest(server_round=1, run_key=key, resumed_after_round=offset, labels=tuple(test.label_names),
                            model=settings.model, lora=settings.lora, plan=settings.plan, privacy=settings.privacy)
-    strategy = _strategy(settings, request)
+    strategy = _strategy(settings, request, str(context.run_id))
     _restore(resume, strategy, recorder)
     first_started = resume.first_started if resume else time.time()
     initial = arrays_to_record(resume.arrays) if resume else to_record(model)

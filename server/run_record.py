@@ -3,12 +3,15 @@
 Every training reply carries the node's ledger key, the line it wrote for the round and that line's hash.
 After each round the ServerApp signs all receipts so far (``RUN_DIR/run-record.json``) with its record
 key, so ``fedtune-audit --server-record RUN_DIR --server-key server-record.pub`` can show that a node's
-ledger was not truncated or rolled back after the server saw it. The receipts are rebuilt from the
-strategy's per-round rows, which checkpoints keep, so a resumed run's record holds every round.
+ledger was not truncated or rolled back after the server saw it. Each receipt keeps the node's own
+signature over it (``node-sig``) and the Flower run id of the attempt that got the reply. The receipts
+are rebuilt from the strategy's per-round rows, which checkpoints keep, so a resumed run's record holds
+every round.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,10 +19,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedtune.common.errors import PrivacyError
 from fedtune.common.ledger_key import load_or_create_key, public_path
 from fedtune.common.receipts import RECORD_KEY_FILE, Receipt, RunRecord, write_run_record
 
+log = logging.getLogger("fedtune.server")
 ENV_RECORD_KEY = "FEDTUNE_RECORD_KEY"  # set by fedtune-server (WORK_DIR/server-record.key) and fedtune-sim
 PUBLIC_FILE = "server-record.pub"
 
@@ -33,18 +36,25 @@ def record_key(results_dir: Path) -> ed25519.Ed25519PrivateKey:
 
 
 def receipts(train_rows: Mapping[int, list[dict[str, Any]]]) -> list[Receipt]:
-    """A receipt for every reply that named a ledger head (trained, refused, or rejected for its update)."""
+    """A receipt for every reply that named a ledger head (trained, refused, or rejected for its update).
+
+    The wire contract validates every field a receipt holds, so every accepted reply makes a valid one; a
+    row that does not raises PrivacyError. Rows restored from a checkpoint written before nodes signed their
+    replies (no ``node-sig``) make no receipt: a format-2 record only holds receipts the node signed. Each is
+    logged.
+    """
     out = []
     for server_round in sorted(train_rows):
         for row in train_rows[server_round]:
             if not {"ledger-key", "ledger-seq", "ledger-head"} <= set(row):
                 continue
-            try:
-                out.append(Receipt(server_round, row.get("node") or str(row["node-id"]), row["ledger-key"],
-                                   int(row["ledger-seq"]),
-                                   row["ledger-head"], row["status"]))
-            except PrivacyError:  # a malformed head: the reply was already rejected, nothing to vouch for
+            node = row.get("node") or str(row["node-id"])
+            if "node-sig" not in row:
+                log.warning("round %s, node %s: a reply recorded before nodes signed their replies (an older "
+                            "checkpoint); it has no receipt in the run record", server_round, node)
                 continue
+            out.append(Receipt(server_round, node, row["ledger-key"], int(row["ledger-seq"]), row["ledger-head"],
+                               row["status"], run=row["run"], node_sig=row["node-sig"]))
     return out
 
 

@@ -74,17 +74,19 @@ def reply_row(reply: TrainReply) -> ClientRow:
         "epsilon-round": reply.epsilon_round, "epsilon-budget": reply.epsilon_budget,
         "epsilon-remaining": reply.epsilon_budget - reply.epsilon, "noise-multiplier": reply.noise_multiplier,
         "exhausted": reply.exhausted, "ledger-key": reply.ledger_key, "ledger-seq": reply.ledger_seq,
-        "ledger-head": reply.ledger_head, "node": reply.node,
+        "ledger-head": reply.ledger_head, "node-sig": reply.node_sig, "node": reply.node,
     }
     if reply.train_loss is not None:
         row["train-loss"] = reply.train_loss
     return row
 
 
-def _train_row(msg: Message, reference: Arrays, lora_variant: str = "lora") -> tuple[ClientRow, Arrays | None]:
+def _train_row(msg: Message, reference: Arrays, lora_variant: str = "lora", run_id: str = "",
+               ) -> tuple[ClientRow, Arrays | None]:
     """One training reply -> (row for the metrics log, arrays to aggregate or None).
 
     Under FFA-LoRA a node sends only what trains (B and the head); A is restored from ``reference``.
+    A reply that names a ledger entry records ``run_id`` (this attempt's Flower run id) for its receipt.
     """
     row: ClientRow = {"node-id": msg.metadata.src_node_id}
     if msg.has_error():  # Flower itself failed (app refused by the node's gate, process died, timeout)
@@ -97,7 +99,7 @@ def _train_row(msg: Message, reference: Arrays, lora_variant: str = "lora") -> t
         return row | {"status": "error", "code": reply.code}, None
     if not isinstance(reply, TrainReply):
         return row | {"status": "rejected", "code": "MALFORMED"}, None
-    row |= reply_row(reply)
+    row |= reply_row(reply) | {"run": run_id}
     if reply.status != "trained":
         return row, None
     record = msg.content.array_records[ARRAYS]
@@ -118,13 +120,14 @@ def weighted_mean(rows: list[ClientRow], key: str) -> float:
 class AdapterFedAvg(FedAvg):
     """Flower FedAvg whose rounds carry a typed request and whose aggregation validates every reply."""
 
-    def __init__(self, request: RoundRequest, *, node_wait_timeout: float = 600.0, weighting: str = "examples",
-                 max_node_examples: int = 0, **kwargs: Any) -> None:
+    def __init__(self, request: RoundRequest, *, run_id: str, node_wait_timeout: float = 600.0,
+                 weighting: str = "examples", max_node_examples: int = 0, **kwargs: Any) -> None:
         if weighting not in WEIGHTINGS or max_node_examples < 0:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)} and max-node-examples >= 0, got "
                              f"weighting={weighting!r}, max-node-examples={max_node_examples}")
         super().__init__(weighted_by_key="num-examples", **kwargs)
         self.request = request
+        self.run_id = run_id  # Flower run id of this attempt (a resumed run has a new one): each receipt's run
         self.node_wait_timeout = node_wait_timeout
         self.weighting = weighting  # examples | equal (see aggregation.node_weights)
         self.max_node_examples = max_node_examples  # 0: 4 x the round's median num-examples
@@ -190,7 +193,7 @@ class AdapterFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rows, updates = [], []
         for msg in replies:
-            row, arrays = _train_row(msg, self._reference, self.request.lora.lora_variant)
+            row, arrays = _train_row(msg, self._reference, self.request.lora.lora_variant, self.run_id)
             rows.append(row)
             if arrays is not None:
                 updates.append((row, arrays))

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from fedtune.common.accounting import DpEvent, accountant_record, opacus_epsilon
 from fedtune.common.ledger import Entry, Ledger, LedgerHeader, canonical, event_from_json, event_to_json, sign
 from fedtune.common.ledger_key import load_or_create_key, public_path
+from fedtune.common.receipts import Receipt, sign_receipt
 
 NODE_A = "sha256:" + "a1" * 32
 NODE_B = "sha256:" + "b2" * 32
@@ -70,10 +71,15 @@ def make_node(root: Path, node: str = NODE_A, *, budget: float = 8.0, delta: flo
 
 
 def charge(node: Node, server_round: int, event: DpEvent | None = EVENT, *, run: str = "9",
-           rng: str = "secrets", header: LedgerHeader | None = None) -> Entry:
-    """Decide and append one round like a node: charged if the projection fits the budget, else refused."""
+           rng: str = "secrets", header: LedgerHeader | None = None, fingerprint: str = "f" * 64,
+           bound: bool = True) -> Entry:
+    """Decide and append one round like a node: charged if the projection fits the budget, else refused.
+
+    ``bound=False``: a ledger without a header (the policy only shapes the entry's fields).
+    """
     policy = header or node.header
-    with node.ledger(policy).session() as s:
+    ledger = node.ledger(policy) if bound else Ledger(node.ledger_path, node.key, witness=node.witness)
+    with ledger.session() as s:
         mine = [e for e in s.entries if e["dataset"] == policy.dataset and e["decision"] == "charged"]
         history = [event_from_json(e["event"]) for e in mine]
         before = opacus_epsilon([e for e in history if e], policy.delta, policy.accountant)
@@ -81,7 +87,7 @@ def charge(node: Node, server_round: int, event: DpEvent | None = EVENT, *, run:
             else float("inf")
         charged = after <= policy.budget
         return s.append({
-            "run": run, "run_key": "rk", "round": server_round, "dataset": policy.dataset, "fingerprint": "f" * 64,
+            "run": run, "run_key": "rk", "round": server_round, "dataset": policy.dataset, "fingerprint": fingerprint,
             "decision": "charged" if charged else "refused",
             "reason": "" if charged else f"budget: epsilon would reach {after:.4f} > budget {policy.budget:.4f}",
             "event": event_to_json(event), "delta": policy.delta, "accountant": accountant_record(policy.accountant),
@@ -95,6 +101,20 @@ def charge(node: Node, server_round: int, event: DpEvent | None = EVENT, *, run:
 def four_rounds(node: Node) -> list[Entry]:
     """Header, rounds 1-3 charged, round 4 refused: five signed lines."""
     return [charge(node, r) for r in (1, 2, 3, 4)]
+
+
+NODE_STATUS = {"charged": "trained", "refused": "refused"}
+
+
+def receipt(node: Node, entry: dict, flower_id: str = "17", *, run: str = "9", status: str | None = None,
+            server_round: int | None = None) -> Receipt:
+    """The server's receipt of the node's reply citing ``entry``, signed by the node as client/round.py does."""
+    status = status or NODE_STATUS[entry["decision"]]
+    server_round = entry["round"] if server_round is None else server_round
+    node_status = "trained" if status == "rejected" else status
+    sig = sign_receipt(node.key, run=run, round=server_round, seq=entry["seq"], head=entry["hash"],
+                       status=node_status)
+    return Receipt(server_round, flower_id, entry["key"], entry["seq"], entry["hash"], status, run=run, node_sig=sig)
 
 
 def lines(path: Path) -> list[dict]:

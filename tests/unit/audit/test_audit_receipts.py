@@ -9,21 +9,18 @@ import pytest
 
 from fedtune.audit.cli import main
 from fedtune.common.ledger_key import load_or_create_key, public_path
-from fedtune.common.receipts import RECORD_KEY_FILE, Receipt, RunRecord, write_run_record
-from tests.unit.audit.ledgers import NODE_A, NODE_B, Node, charge, lines, make_node
-
-STATUS = {"charged": "trained", "refused": "refused"}
+from fedtune.common.receipts import RECORD_KEY_FILE, RunRecord, write_run_record
+from tests.unit.audit.ledgers import NODE_A, NODE_B, Node, charge, lines, make_node, receipt
 
 
 def record_rounds(run_dir: Path, server_key: Path, *nodes: tuple[Node, str]) -> None:
-    """The server's run record: a receipt for every round entry each node reported."""
+    """The server's run record: a receipt, signed by the node, for every round entry each node reported."""
     key = load_or_create_key(server_key)
     record = RunRecord("run-9", "rk")
     for node, flower_id in nodes:
         for e in lines(node.ledger_path):
             if e["kind"] == "round":
-                record = record.with_receipt(Receipt(e["round"], flower_id, e["key"], e["seq"], e["hash"],
-                                                     STATUS[e["decision"]]))
+                record = record.with_receipt(receipt(node, e, flower_id))
     write_run_record(run_dir, record, key)
 
 

@@ -14,7 +14,9 @@ from flwr.app import Context, Message, RecordDict
 from fedtune.client import app as client_app
 from fedtune.client.policy import NodePolicy, policy_toml
 from fedtune.common.adapter import to_record
+from fedtune.common.ledger_key import load_public_key
 from fedtune.common.model import build_model, load_base
+from fedtune.common.receipts import receipt_signature_problem
 from fedtune.common.settings import RunSettings
 from fedtune.common.wire import ERROR_CODES, RoundRequest, TrainReply, parse_reply
 from tests.tiny import make_sentiment_frame
@@ -75,6 +77,22 @@ def test_labels_other_than_the_declared_ones_are_refused_without_reading_a_row(n
     ledger = [json.loads(line) for line in (Path(node["state-dir"]) / "ledger.jsonl").read_text().splitlines()]
     assert ledger[-1]["decision"] == "refused" and "this node declared 2" in ledger[-1]["reason"]
     assert ledger[-1]["fingerprint"] == ""  # refused before the rows were read
+
+
+def test_replies_carry_the_nodes_signature_over_what_they_report(node, tiny_model_dir) -> None:
+    """The server keeps (run, round, seq, head, status) as a receipt; the node signs it with its ledger key."""
+    request = _request(tiny_model_dir)
+    trained = parse_reply(_send(node, request, tiny_model_dir, run_id=3).content)
+    public = load_public_key(Path(node["state-dir"]) / "ledger-signing.pub")  # created on the node's first round
+    no_dp = _request(tiny_model_dir, privacy=dataclasses.replace(request.privacy, dp_mode="off"))
+    refused = parse_reply(_send(node, no_dp, tiny_model_dir, run_id=3).content)
+    assert isinstance(trained, TrainReply) and isinstance(refused, TrainReply)
+    assert (trained.status, refused.status, refused.code) == ("trained", "refused", "POLICY_DP_REQUIRED")
+    for reply in (trained, refused):
+        values = {"run": "3", "round": 1, "seq": reply.ledger_seq, "head": reply.ledger_head, "status": reply.status}
+        assert receipt_signature_problem(public, reply.node_sig, **values) is None
+        for other in ({"run": "4"}, {"round": 2}, {"seq": reply.ledger_seq - 1}):
+            assert "does not verify" in str(receipt_signature_problem(public, reply.node_sig, **(values | other)))
 
 
 @pytest.mark.parametrize("change", [

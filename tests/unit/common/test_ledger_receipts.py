@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,19 +21,18 @@ from fedtune.common.receipts import (
     read_run_record,
     write_run_record,
 )
-from tests.unit.audit.ledgers import flip_signature_bits, four_rounds, lines, make_node
+from tests.unit.audit.ledgers import Node, flip_signature_bits, four_rounds, lines, make_node, receipt
 
 
-def receipts_for(entries: list[dict], node: str = "17") -> list[Receipt]:
-    """What the server records from the node's replies: one receipt per round entry."""
-    status = {"charged": "trained", "refused": "refused"}
-    return [Receipt(e["round"], node, e["key"], e["seq"], e["hash"], status[e["decision"]]) for e in entries]
+def receipts_for(node: Node, entries: list[dict], flower_id: str = "17") -> list[Receipt]:
+    """What the server records from the node's replies: one receipt per round entry, signed by the node."""
+    return [receipt(node, e, flower_id) for e in entries]
 
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> tuple[Path, list[Receipt]]:
     node = make_node(tmp_path / "node")
-    return node.ledger_path, receipts_for(four_rounds(node))
+    return node.ledger_path, receipts_for(node, four_rounds(node))
 
 
 def test_record_round_trip_and_signature(tmp_path: Path, ledger: tuple[Path, list[Receipt]]) -> None:
@@ -89,7 +89,7 @@ def test_cross_check_names_round_node_and_line(ledger: tuple[Path, list[Receipt]
     diverged = [(n, e | {"hash": "0" * 64}) if n == 3 else (n, e) for n, e in read(path).entries]
     assert "line 3: differs from the server's receipt for round 2 from node 17" in str(
         cross_check(key, diverged, receipts)[0])
-    relabelled = [Receipt(r.round, r.node, r.ledger_key, r.seq, r.head, "refused") for r in receipts[:1]]
+    relabelled = [replace(r, status="refused") for r in receipts[:1]]
     problem = str(cross_check(key, read(path).entries, relabelled)[0])
     assert problem == "line 2: says round 1 charged, but the server's receipt for round 1 from node 17 says refused"
     assert cross_check("ed25519:" + "0" * 32, short, receipts) == []  # another node's receipts

@@ -49,6 +49,7 @@ def test_a_torn_charge_is_charged_from_its_own_bytes(node: Node, capsys: pytest.
     assert event_from_json(entry["event"]) == EVENT
     assert entry["epsilon"] == pytest.approx(opacus_epsilon([EVENT] * 3, 1e-5, "prv"))
     assert entry["repair"]["sha256"] == hashlib.sha256(torn).hexdigest() and entry["repair"]["bytes"] == 700
+    assert len(entry["nonce"]) == 64 and entry["nonce"] not in torn.decode()  # a fresh nonce, like every entry
     assert Witness(node.witness).read().seq == 4
     assert charge(node, 4)["decision"] == "refused"  # the repaired charge counts: round 4 no longer fits
     code = audit_main([str(node.ledger_path), "-k", str(node.public_key), "--node", NODE_A])

@@ -14,7 +14,7 @@ from fedtune.common.adapter import arrays_to_record, record_to_arrays
 from fedtune.common.errors import ConfigError
 from fedtune.server.checkpoint import LATEST, Checkpoint, CheckpointStore, RoundOffset, run_key
 from fedtune.server.strategy import AdapterFedAvg
-from tests.unit.server.fakes import REQUEST_TEMPLATE, evaluated, server_round, shifted, trained
+from tests.unit.server.fakes import REQUEST_TEMPLATE, RUN_ID, evaluated, server_round, shifted, trained
 
 ARRAYS = {"lora_A": np.arange(6, dtype=np.float32).reshape(2, 3), "lora_B": np.zeros((3, 2), dtype=np.float32)}
 
@@ -92,7 +92,7 @@ class FakeGrid:
 
 
 def _strategy() -> AdapterFedAvg:
-    return AdapterFedAvg(REQUEST_TEMPLATE, fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=2,
+    return AdapterFedAvg(REQUEST_TEMPLATE, run_id=RUN_ID, fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=2,
                          min_evaluate_nodes=2, min_available_nodes=2)
 
 

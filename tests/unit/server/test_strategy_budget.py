@@ -16,7 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedtune.common.adapter import arrays_to_record
 from fedtune.common.wire import ErrorReply
 from fedtune.server.strategy import AdapterFedAvg
-from tests.unit.server.fakes import REQUEST_TEMPLATE, evaluated, raw, refused, server_round, shifted, trained
+from tests.unit.server.fakes import REQUEST_TEMPLATE, RUN_ID, evaluated, raw, refused, server_round, shifted, trained
 
 
 @pytest.fixture(autouse=True)
@@ -63,8 +63,9 @@ class ScriptedGrid(BudgetGrid):
 
 
 def _start(grid: BudgetGrid, rounds: int, min_nodes: int, wait: float = 600.0) -> tuple[AdapterFedAvg, list[int]]:
-    strategy = AdapterFedAvg(REQUEST_TEMPLATE, node_wait_timeout=wait, fraction_train=1.0, fraction_evaluate=1.0,
-                             min_train_nodes=min_nodes, min_evaluate_nodes=1, min_available_nodes=min_nodes)
+    strategy = AdapterFedAvg(REQUEST_TEMPLATE, run_id=RUN_ID, node_wait_timeout=wait, fraction_train=1.0,
+                             fraction_evaluate=1.0, min_train_nodes=min_nodes, min_evaluate_nodes=1,
+                             min_available_nodes=min_nodes)
     evaluated_rounds: list[int] = []
 
     def evaluate_fn(r: int, arrays: ArrayRecord) -> MetricRecord:
@@ -140,3 +141,17 @@ def test_every_reply_is_held_to_the_contract(answer, status: str, code: str) -> 
         assert set(row) >= {"epsilon", "ledger-key", "ledger-seq", "ledger-head", "bytes"}
     elif code != "BAD_UPDATE":  # a well-formed reply with an unusable update keeps its contract fields
         assert set(row) <= {"node-id", "status", "code"}
+
+
+def test_a_reply_whose_ids_would_not_make_a_receipt_is_rejected_and_not_averaged() -> None:
+    """The wire uses the ledger's validators: a 16-hex key id (not ``ed25519:`` + 32 hex) is MALFORMED."""
+    grid = ScriptedGrid({1: lambda m: trained(m, shifted(m, 1.0)), 2: lambda m: trained(m, shifted(m, 3.0)),
+                         3: lambda m: trained(m, shifted(m, 100.0), ledger_key="ed25519:" + "ab" * 8)})
+    strategy = AdapterFedAvg(REQUEST_TEMPLATE, run_id=RUN_ID, fraction_train=1.0, fraction_evaluate=0.0,
+                             min_train_nodes=1, min_available_nodes=3)
+    result = strategy.start(grid=grid, initial_arrays=arrays_to_record({"w": np.zeros(2, dtype=np.float32)}),
+                            num_rounds=1)
+    rows = {r["node-id"]: r for r in strategy.train_rows[1]}
+    assert (rows[3]["status"], rows[3]["code"]) == ("rejected", "MALFORMED") and "ledger-key" not in rows[3]
+    assert np.allclose(result.arrays.to_numpy_ndarrays()[0], 2.0)  # the mean of nodes 1 and 2 only
+    assert all(rows[n]["node-sig"] and rows[n]["run"] == RUN_ID for n in (1, 2))
