@@ -13,7 +13,7 @@ from fedtune.common.adapter import arrays_to_record, record_to_arrays
 from fedtune.common.settings import RunSettings
 from fedtune.server.app import _strategy
 from fedtune.server.strategy import AdapterFedAvg
-from tests.unit.server.fakes import REQUEST_TEMPLATE, evaluated, shifted, trained
+from tests.unit.server.fakes import REQUEST_TEMPLATE, RUN_ID, evaluated, shifted, trained
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -37,8 +37,8 @@ class ClaimsGrid:
 
 
 def _round(grid: ClaimsGrid, **weights) -> tuple[AdapterFedAvg, float]:
-    strategy = AdapterFedAvg(REQUEST_TEMPLATE, fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1,
-                             min_evaluate_nodes=1, min_available_nodes=1, **weights)
+    strategy = AdapterFedAvg(REQUEST_TEMPLATE, run_id=RUN_ID, fraction_train=1.0, fraction_evaluate=0.0,
+                             min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1, **weights)
     seen: list[float] = []
 
     def evaluate_fn(r: int, arrays: ArrayRecord) -> MetricRecord:
@@ -76,7 +76,7 @@ def test_a_node_claiming_a_billion_examples_weighs_the_cap():
 
 def test_the_run_settings_reach_the_strategy():
     settings = RunSettings.from_config({"weighting": "equal", "max-node-examples": 500})
-    strategy = _strategy(settings, REQUEST_TEMPLATE)
+    strategy = _strategy(settings, REQUEST_TEMPLATE, RUN_ID)
     assert (strategy.weighting, strategy.max_node_examples) == ("equal", 500)
     with pytest.raises(ValueError, match="weighting='median'"):
-        AdapterFedAvg(REQUEST_TEMPLATE, weighting="median")
+        AdapterFedAvg(REQUEST_TEMPLATE, run_id=RUN_ID, weighting="median")
