@@ -31,7 +31,7 @@ from fedtune.audit.ledger_audit import (
     checked_tolerance,
     summary,
 )
-from fedtune.common.receipts import RECORD_FORMAT_V1, RecordCheck, read_run_record
+from fedtune.common.ledger.receipts import RECORD_FORMAT_V1, RecordCheck, read_run_record
 
 PublicKey = ed25519.Ed25519PublicKey
 

@@ -1,6 +1,6 @@
 """Audit of one epsilon ledger: integrity, binding, limits from the policy, epsilon replayed twice.
 
-For each ledger: every line must parse (bounded, see ``common/ledger.py``), chain
+For each ledger: every line must parse (bounded, see ``common/ledger/chain.py``), chain
 (``seq``, ``prev``), hash and carry a canonical, valid Ed25519 signature by a key the
 auditor was given. Line 1 must be the signed header; it binds the ledger to a node
 (``--node``, ``--roster``) and states the policy. The limits every entry is held to
@@ -35,11 +35,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedtune.audit.policy import AuditPolicy
 from fedtune.audit.policy_changes import policy_change_problems
-from fedtune.common.accounting import COUNTERPART, DpEvent, dp_accounting_epsilon, opacus_epsilon
 from fedtune.common.errors import PrivacyError
-from fedtune.common.ledger import Entry, Problem, read, verify
-from fedtune.common.ledger_schema import RNG_SECURE, RNG_SEEDED, entry_problems, event_from_json
-from fedtune.common.receipts import Receipt, cross_check
+from fedtune.common.ledger.chain import Entry, Problem, read, verify
+from fedtune.common.ledger.receipts import Receipt, cross_check
+from fedtune.common.ledger.schema import RNG_SECURE, RNG_SEEDED, entry_problems, event_from_json
+from fedtune.common.privacy.accountant import COUNTERPART, DpEvent, dp_accounting_epsilon, opacus_epsilon
 
 DEFAULT_TOLERANCE = 0.01  # relative; measured agreement is ~0.2% (PRV vs PLD) and ~0.1% (RDP vs RDP)
 # Plus this much absolute: Opacus' PRV returns the upper end of an estimate +- eps_error (0.01 by default),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedtune.common.ledger import Entry, Problem
+from fedtune.common.ledger.chain import Entry, Problem
 
 POLICY_KINDS = ("header", "policy")
 

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from fedtune.audit.fleet import AuditReport
 from fedtune.audit.ledger_audit import EntryAudit, Findings, LedgerAudit
-from fedtune.common.accounting import COUNTERPART
+from fedtune.common.privacy.accountant import COUNTERPART
 
 
 def _num(x: float | None) -> str:

@@ -22,8 +22,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedtune.common.errors import ConfigError
-from fedtune.common.ledger_key import key_id, load_public_key
-from fedtune.common.ledger_schema import NODE_ID
+from fedtune.common.ledger.key import key_id, load_public_key
+from fedtune.common.ledger.schema import NODE_ID
 
 MAX_ROSTER_BYTES = 4 * 1024 * 1024
 

@@ -19,11 +19,12 @@ from peft import PeftModel
 
 from fedtune.client.node_config import NodeConfig
 from fedtune.client.policy import NodePolicy, PlanRequest
-from fedtune.common.adapter import Arrays, load_arrays
 from fedtune.common.errors import ModelError
-from fedtune.common.model import kept_model, model_context
+from fedtune.common.models.adapter import load_arrays
+from fedtune.common.models.base import kept_model, model_context
 from fedtune.common.tasks import Task
-from fedtune.common.wire import RoundRequest, WireError
+from fedtune.common.wire.arrays import Arrays
+from fedtune.common.wire.contract import RoundRequest, WireError
 
 
 def plan_without_rows(request: RoundRequest) -> PlanRequest:

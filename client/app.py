@@ -18,11 +18,11 @@ from fedtune.client.node_config import NodeConfig, node_config
 from fedtune.client.node_data import load_rows, tensors
 from fedtune.client.policy import NodePolicy, load_policy
 from fedtune.client.round import NodePrivacy, train_round
-from fedtune.common.adapter import arrays_to_record, record_to_arrays
-from fedtune.common.device import pick_device
 from fedtune.common.errors import FedtuneError
+from fedtune.common.models.device import pick_device
 from fedtune.common.tasks import get_task
-from fedtune.common.wire import ARRAYS, REQUEST, ErrorReply, EvalReply, RoundRequest, WireError
+from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
+from fedtune.common.wire.contract import ARRAYS, REQUEST, ErrorReply, EvalReply, RoundRequest, WireError
 
 log = logging.getLogger("fedtune.client")
 app = ClientApp()

@@ -95,9 +95,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _ledger_command(opts: NodeOptions, repair: bool) -> int:
     """--repair-ledger / --adopt-witness: one operator action on the ledger, then exit."""
-    from fedtune.common.ledger import Ledger
-    from fedtune.common.ledger_key import load_private_key
-    from fedtune.common.ledger_repair import repair_torn_ledger
+    from fedtune.client.ledger_repair import repair_torn_ledger
+    from fedtune.common.ledger.chain import Ledger
+    from fedtune.common.ledger.key import load_private_key
 
     try:
         key = load_private_key(opts.ledger_key_path())

@@ -50,7 +50,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedtune.common.errors import ConfigError, FedtuneError
-from fedtune.common.flower_cli import flower_bin
+from fedtune.common.flower.processes import flower_bin
 
 log = logging.getLogger("fedtune.gate")
 HASH = re.compile(r"^[0-9a-f]{64}$")

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from fedtune.client.node_config import NodeConfig
-from fedtune.common.data import LabelledData, holdout_split
+from fedtune.common.data.table import LabelledData, holdout_split
 from fedtune.common.errors import DataError
 from fedtune.common.settings import LoraSettings
 from fedtune.common.tasks import get_task
@@ -117,7 +117,7 @@ def train_inputs(rows: NodeRows, model_path: str, max_len: int, lora: LoraSettin
     ids, mask, labels = tensors(rows, "train", model_path, max_len)
     if rows.task != "classify":
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    from fedtune.common.model import frozen_prefix, lower_states
+    from fedtune.common.tasks.classify.model import frozen_prefix, lower_states
 
     encoder = get_task(rows.task).load_base(model_path).encoder
     cut = frozen_prefix(encoder, lora)

@@ -125,7 +125,7 @@ class NodePolicy:
     def check(self, request: PlanRequest) -> list[tuple[str, str]]:
         """Every way ``request`` falls outside this policy, as (refusal code, detail); empty = allowed.
 
-        Noise is checked after planning (see ``client/privacy.py``)."""
+        Noise is checked after planning (see ``client/budget.py``)."""
         out = self.request_problems(request)
         if self.max_steps_per_round and request.steps is not None and request.steps > self.max_steps_per_round:
             out.append(("POLICY_STEPS", f"the plan needs {request.steps} local steps per round; "

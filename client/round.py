@@ -12,7 +12,7 @@
    failure here is answered with the one code ``TRAIN``, whatever its cause (the node logs the detail).
 
 The budget key is the policy's ``dataset-id``; the randomness is the node's own (``client/randomness.py``);
-the reply is a ``fedtune.common.wire`` type, so only its fields leave the node.
+the reply is a ``fedtune.common.wire.contract`` type, so only its fields leave the node.
 """
 
 from __future__ import annotations
@@ -30,17 +30,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from peft import PeftModel
 
 from fedtune.client.admission import plan_without_rows, ready_model, refusals
+from fedtune.client.budget import Decision, decide, epsilon_of
 from fedtune.client.node_config import NodeConfig
 from fedtune.client.node_data import NodeRows, load_rows, train_inputs
 from fedtune.client.policy import NodePolicy, PlanRequest
-from fedtune.client.privacy import Decision, decide, epsilon_of, steps_per_round
 from fedtune.client.randomness import RoundSeeds
 from fedtune.client.trainer import DpParams, train
-from fedtune.common.accounting import accountant_record
-from fedtune.common.adapter import Arrays, sent_arrays, to_arrays
-from fedtune.common.device import pick_device
 from fedtune.common.errors import ConfigError, ModelError
-from fedtune.common.ledger import (
+from fedtune.common.ledger.chain import (
     LEDGER_FILE,
     Entry,
     Ledger,
@@ -49,10 +46,14 @@ from fedtune.common.ledger import (
     event_from_json,
     event_to_json,
 )
-from fedtune.common.ledger_key import KEY_FILE, load_or_create_key
-from fedtune.common.receipts import sign_receipt
+from fedtune.common.ledger.key import KEY_FILE, load_or_create_key
+from fedtune.common.ledger.receipts import sign_receipt
+from fedtune.common.models.adapter import to_arrays
+from fedtune.common.models.device import pick_device
+from fedtune.common.privacy.accountant import accountant_record, steps_per_round
 from fedtune.common.tasks import get_task
-from fedtune.common.wire import RoundRequest, TrainReply
+from fedtune.common.wire.arrays import Arrays, sent_arrays
+from fedtune.common.wire.contract import RoundRequest, TrainReply
 
 log = logging.getLogger("fedtune.client")
 # New refusal lines a ledger takes per 24 hours; beyond it a refusal cites the newest refusal line instead of

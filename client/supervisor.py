@@ -24,7 +24,14 @@ from pathlib import Path
 
 from fedtune.client.node_check import NodeOptions
 from fedtune.common import exit_codes
-from fedtune.common.flower_cli import die_with_parent, flower_bin, flower_env, start_group, stop_owned, stop_process
+from fedtune.common.flower.processes import (
+    die_with_parent,
+    flower_bin,
+    flower_env,
+    start_group,
+    stop_owned,
+    stop_process,
+)
 
 log = logging.getLogger("fedtune.client")
 EXIT_CONNECTION = 305  # flower-supernode: could not initialise the connection (TLS, key, registration)

@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtune.client.randomness import RoundSeeds
-from fedtune.common.accounting import DpEvent, opacus_epsilon
-from fedtune.common.device import autocast
+from fedtune.common.models.device import autocast
+from fedtune.common.privacy.accountant import DpEvent, opacus_epsilon
 from fedtune.common.tasks import Task, get_task
 from fedtune.common.tasks.base import Encoded, trim
 

@@ -1,7 +1,7 @@
 """The fedtune ServerApp: FedAvg over LoRA adapters, held-out evaluation, results on disk.
 
 Settings are parsed once here; what reaches the nodes is one typed request per round
-(:class:`fedtune.common.wire.RoundRequest`): no seed, no data columns, nothing that keys a budget.
+(:class:`fedtune.common.wire.contract.RoundRequest`): no seed, no data columns, nothing that keys a budget.
 """
 
 from __future__ import annotations
@@ -16,20 +16,14 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.common.adapter import (
-    AdapterMeta,
-    arrays_to_record,
-    load_arrays,
-    record_to_arrays,
-    save_adapter,
-    to_record,
-)
-from fedtune.common.data import LabelledData, federation_split
-from fedtune.common.device import pick_device
-from fedtune.common.model_card import write_model_card
+from fedtune.common.data.table import LabelledData, federation_split
+from fedtune.common.models.adapter import AdapterMeta, load_arrays, save_adapter, to_record
+from fedtune.common.models.card import write_model_card
+from fedtune.common.models.device import pick_device
 from fedtune.common.settings import RunSettings
 from fedtune.common.tasks import get_task
-from fedtune.common.wire import RoundRequest
+from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
+from fedtune.common.wire.contract import RoundRequest
 from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR, Checkpoint, CheckpointStore, RoundOffset, run_key
 from fedtune.server.divergence import (
     STOP_CODE,

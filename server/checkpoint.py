@@ -34,9 +34,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedtune.common.adapter import Arrays
 from fedtune.common.durable import fsync_dir
 from fedtune.common.errors import ConfigError
+from fedtune.common.wire.arrays import Arrays
 
 ENV_CHECKPOINT_DIR = "FEDTUNE_CHECKPOINT_DIR"  # set by fedtune-server on the SuperLink (server side only)
 LATEST = "LATEST"

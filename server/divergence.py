@@ -57,7 +57,7 @@ def quality_warnings(final_accuracy: float | None, baseline: MajorityBaseline) -
 def baseline_fields(held_out: Any, rounds: Sequence[Row]) -> dict[str, Any]:
     """Summary fields: the held-out set's majority-class accuracy, and a warning when the final model is no better.
 
-    ``held_out`` is a :class:`fedtune.common.data.LabelledData`; ``rounds`` the run's metrics lines."""
+    ``held_out`` is a :class:`fedtune.common.data.table.LabelledData`; ``rounds`` the run's metrics lines."""
     baseline = majority_baseline(list(held_out.dataset["label"]), held_out.label_names)
     final = rounds[-1].get("accuracy") if rounds else None
     return {**baseline.fields(), "warnings": quality_warnings(final, baseline)}

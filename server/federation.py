@@ -28,8 +28,8 @@ from cryptography import x509
 
 from fedtune.common.durable import write_atomically
 from fedtune.common.errors import RunError
-from fedtune.common.flower_cli import (
-    FlwrCli,
+from fedtune.common.flower.control import FlwrCli, write_app_dir, write_connection
+from fedtune.common.flower.processes import (
     die_with_parent,
     flower_env,
     start_cause,
@@ -37,8 +37,6 @@ from fedtune.common.flower_cli import (
     stop_group,
     stop_owned,
     wait_healthy,
-    write_app_dir,
-    write_connection,
 )
 from fedtune.common.settings import RunSettings
 from fedtune.server.control_auth import TOKEN_ENV, new_token, write_cli_credentials
@@ -139,7 +137,7 @@ class Federation:
     """Starts the SuperLink, registers nodes, submits and follows the run."""
 
     def __init__(self, opts: ServerOptions) -> None:
-        from fedtune.common.receipts import RECORD_KEY_FILE
+        from fedtune.common.ledger.receipts import RECORD_KEY_FILE
         from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR  # imports torch/PEFT: only once a run starts
         from fedtune.server.run_record import ENV_RECORD_KEY
 

@@ -20,18 +20,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.common.accounting import steps_per_round
 from fedtune.common.durable import write_atomically
 from fedtune.common.errors import ConfigError
-from fedtune.common.model_card import CardInfo, NodeStatement
+from fedtune.common.models.card import CardInfo, NodeStatement
+from fedtune.common.privacy.accountant import steps_per_round
 from fedtune.common.settings import TrainPlan
 
 if TYPE_CHECKING:
     import datasets
 
-    from fedtune.common.adapter import AdapterMeta
-    from fedtune.common.evaluation import EvalResult
+    from fedtune.common.models.adapter import AdapterMeta
     from fedtune.common.settings import PrivacySettings, RunSettings
+    from fedtune.common.tasks.result import EvalResult
 
 METRICS_FILE = "metrics.jsonl"
 CSV_FILE = "metrics.csv"
@@ -71,7 +71,7 @@ def node_name(row: Mapping[str, Any]) -> str:
 
 def eval_fields(result: EvalResult, label_names: list[str]) -> dict[str, Any]:
     """Round-line fields of a held-out evaluation: per-label precision/recall/F1, confusion matrix, groups."""
-    from fedtune.common.evaluation import label_metrics
+    from fedtune.common.tasks.classify.evaluation import label_metrics
 
     def clean(x: float) -> float | None:
         return None if math.isnan(x) else round(x, 6)
@@ -101,7 +101,7 @@ def held_out_groups(dataset: datasets.Dataset, column: str) -> list[str] | None:
 
 def card_info(meta: AdapterMeta, settings: RunSettings, rounds: list[dict[str, Any]], status: str) -> CardInfo:
     """The model card's facts, from the run's round lines (the replies the server received)."""
-    from fedtune.common.evaluation import LabelMetrics
+    from fedtune.common.tasks.classify.evaluation import LabelMetrics
 
     last = next((r for r in reversed(rounds) if r.get("per-label")), rounds[-1] if rounds else {})
     def num(x: Any) -> float:

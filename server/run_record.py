@@ -19,8 +19,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedtune.common.ledger_key import load_or_create_key, public_path
-from fedtune.common.receipts import RECORD_KEY_FILE, Receipt, RunRecord, write_run_record
+from fedtune.common.ledger.key import load_or_create_key, public_path
+from fedtune.common.ledger.receipts import RECORD_KEY_FILE, Receipt, RunRecord, write_run_record
 
 log = logging.getLogger("fedtune.server")
 ENV_RECORD_KEY = "FEDTUNE_RECORD_KEY"  # set by fedtune-server (WORK_DIR/server-record.key) and fedtune-sim

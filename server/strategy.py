@@ -1,7 +1,7 @@
 """FedAvg over LoRA adapters that speaks the wire contract and tolerates refusing and misbehaving nodes.
 
-Every round's request is a typed :class:`~fedtune.common.wire.RoundRequest` (the same for every node,
-with the round number set here). Replies are parsed with :func:`~fedtune.common.wire.parse_reply`
+Every round's request is a typed :class:`~fedtune.common.wire.contract.RoundRequest` (the same for every node,
+with the round number set here). Replies are parsed with :func:`~fedtune.common.wire.contract.parse_reply`
 and sorted into trained / refused (policy or budget; no weights) / error (a code from the node) /
 rejected (malformed, wrong shapes, NaN/inf). Only trained updates are averaged, each with a bounded weight
 (``weighting``, ``max-node-examples``: a node's num-examples is its own claim; see
@@ -30,7 +30,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedtune.common.adapter import (
+from fedtune.common.wire.arrays import (
     Arrays,
     arrays_to_record,
     check_arrays,
@@ -38,7 +38,16 @@ from fedtune.common.adapter import (
     sent_arrays,
     with_frozen,
 )
-from fedtune.common.wire import ARRAYS, REQUEST, ErrorReply, EvalReply, RoundRequest, TrainReply, WireError, parse_reply
+from fedtune.common.wire.contract import (
+    ARRAYS,
+    REQUEST,
+    ErrorReply,
+    EvalReply,
+    RoundRequest,
+    TrainReply,
+    WireError,
+    parse_reply,
+)
 from fedtune.server.aggregation import WEIGHTINGS, fedavg, node_weights
 
 log = logging.getLogger("fedtune.server")

@@ -38,13 +38,15 @@ import torch
 
 from fedtune.client.randomness import RoundSeeds
 from fedtune.client.trainer import PART_SIZE, DpParams, privatize, train
-from fedtune.common.adapter import arrays_to_record, load_arrays, record_to_arrays, to_arrays
-from fedtune.common.data import federation_split
-from fedtune.common.device import ENV_PRECISION, autocast_dtype, pick_device
-from fedtune.common.model import build_model, encode, frozen_prefix, load_base, lower_states
+from fedtune.common.data.table import federation_split
+from fedtune.common.models.adapter import load_arrays, to_arrays
+from fedtune.common.models.base import encode, load_base
+from fedtune.common.models.device import ENV_PRECISION, autocast_dtype, pick_device
 from fedtune.common.settings import DataSettings, LoraSettings, RunSettings
 from fedtune.common.tasks import get_task
-from fedtune.common.wire import RoundRequest
+from fedtune.common.tasks.classify.model import build_model, frozen_prefix, lower_states
+from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
+from fedtune.common.wire.contract import RoundRequest
 
 NAIVE_LORA = LoraSettings(lora_layers="")  # LoRA in every layer: the loop before caching
 TRAIN_PART = "DP training (forward/backward/step)"
@@ -208,7 +210,7 @@ def ledger_charges(settings: RunSettings, *, examples: int, steps: int, nodes: i
     simulation's actor runs them (accountant caches cold at the start): the mean per round, and one node's
     first round alone (its noise plan; what a deployed node pays once per run)."""
     from fedtune.client.round import NodePrivacy, RunRef, charge_round, plan_request
-    from fedtune.common import accounting
+    from fedtune.common.privacy import accountant as accounting
     from fedtune.sim.nodes import default_policy
 
     for cached in (accounting._opacus_epsilon, accounting._dp_accounting_epsilon, accounting._rdp_upper_bound):
@@ -234,7 +236,7 @@ def overhead(model_path: str, *, examples: int, steps: int, lora: LoraSettings, 
     ``lora`` is the job's LoRA configuration; with ``lora-layers`` set the node's lower-layer cache is
     counted too (its cost spread over the job's rounds).
     """
-    from fedtune.common.evaluation import evaluate
+    from fedtune.common.tasks.classify.evaluation import evaluate
     from fedtune.server.aggregation import fedavg
 
     settings = RunSettings.from_config({"lora-layers": lora.lora_layers})

@@ -1,7 +1,7 @@
 """``fedtune-sim --central``: the central baseline, on the same split as the federated run.
 
 One node holds the union of the clients' training data: the training pool that ``fedtune-sim`` would
-partition between the simulated nodes (:func:`fedtune.common.data.federation_split`, the same seed, cap
+partition between the simulated nodes (:func:`fedtune.common.data.table.federation_split`, the same seed, cap
 and held-out set). It is prepared like any simulated node (:func:`fedtune.sim.nodes.prepare` with one
 client: data file, policy, ledger key, roster) and trains through the node's own code path
 (:func:`fedtune.client.round.train_round`): policy check, noise planned by the node's accountant over the
@@ -28,14 +28,15 @@ from typing import Any
 from fedtune.client.node_config import ENV_SIM_NODES, NodeConfig
 from fedtune.client.policy import load_policy
 from fedtune.client.round import NodePrivacy, train_round
-from fedtune.common.adapter import AdapterMeta, Arrays, load_arrays, save_adapter, to_arrays
-from fedtune.common.data import LabelledData
-from fedtune.common.device import pick_device
+from fedtune.common.data.table import LabelledData
 from fedtune.common.errors import FedtuneError, ModelError
-from fedtune.common.model_card import write_model_card
+from fedtune.common.models.adapter import AdapterMeta, load_arrays, save_adapter, to_arrays
+from fedtune.common.models.card import write_model_card
+from fedtune.common.models.device import pick_device
 from fedtune.common.settings import RunSettings
 from fedtune.common.tasks import get_task
-from fedtune.common.wire import RoundRequest
+from fedtune.common.wire.arrays import Arrays
+from fedtune.common.wire.contract import RoundRequest
 from fedtune.server.app import held_out, round_line
 from fedtune.server.checkpoint import run_key
 from fedtune.server.divergence import STOP_CODE, DivergenceGuard, baseline_fields, diverged_reason, spent_epsilon

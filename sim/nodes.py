@@ -1,7 +1,7 @@
 """Simulated nodes, set up like deployed ones: each gets its own data file, policy file, state directory.
 
 ``fedtune-sim`` plays every simulated node's operator. Before the federation starts it splits the
-run's dataset once (:func:`fedtune.common.data.federation_split`: the server's held-out set, then the
+run's dataset once (:func:`fedtune.common.data.table.federation_split`: the server's held-out set, then the
 training pool), partitions the pool with ``flwr-datasets``, writes each partition to
 ``OUT/clients/client-<id>/data.parquet``, a policy file for each node that has none, and one node
 configuration file that the simulated ClientApps read through ``FEDTUNE_SIM_NODES``
@@ -19,15 +19,15 @@ import tomli_w
 
 from fedtune.client.node_config import ENV_SIM_NODES, write_simulation_nodes
 from fedtune.client.policy import NodePolicy, load_policy, policy_toml
-from fedtune.common.data import LabelledData, federation_split
+from fedtune.common.data.table import LabelledData, federation_split
 from fedtune.common.errors import ConfigError
-from fedtune.common.ledger import LEDGER_FILE
-from fedtune.common.ledger_key import KEY_FILE, load_or_create_key, public_path
-from fedtune.common.partition import make_partitioner
-from fedtune.common.receipts import RECORD_KEY_FILE
+from fedtune.common.ledger.chain import LEDGER_FILE
+from fedtune.common.ledger.key import KEY_FILE, load_or_create_key, public_path
+from fedtune.common.ledger.receipts import RECORD_KEY_FILE
 from fedtune.common.settings import RunSettings
 from fedtune.common.tasks import get_task
 from fedtune.server.run_record import ENV_RECORD_KEY
+from fedtune.sim.partition import make_partitioner
 
 NODES_FILE = "nodes.json"
 ROSTER_FILE = "roster.toml"  # OUT/clients/roster.toml: fedtune-audit --roster

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedtune.common.data import LabelledData
+from fedtune.common.data.table import LabelledData
 from fedtune.common.errors import ConfigError
 from fedtune.common.settings import RunSettings
 from fedtune.common.tasks import get_task

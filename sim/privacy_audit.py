@@ -48,14 +48,16 @@ from rich.console import Console
 from rich.table import Table
 
 from fedtune.audit.empirical import CONFIDENCE, EmpiricalBound, bound, guess, max_lower_bound
-from fedtune.client.privacy import plan_noise, steps_per_round
+from fedtune.client.budget import plan_noise
 from fedtune.client.randomness import RoundSeeds
 from fedtune.client.trainer import DpParams, train
-from fedtune.common.accounting import DpEvent, opacus_epsilon
-from fedtune.common.data import cap, load_labelled
+from fedtune.common.data.table import cap
 from fedtune.common.errors import ConfigError, FedtuneError
-from fedtune.common.model import BaseModel, build_model, encode, load_base
+from fedtune.common.models.base import BaseModel, encode, load_base
+from fedtune.common.privacy.accountant import DpEvent, opacus_epsilon, steps_per_round
 from fedtune.common.settings import DataSettings, LoraSettings
+from fedtune.common.tasks.classify.data import load_labelled
+from fedtune.common.tasks.classify.model import build_model
 
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids [N, T], attention_mask [N, T], labels [N]
 CPU = torch.device("cpu")

@@ -15,7 +15,7 @@ from typing import Any
 
 from fedtune.client.node_config import ENV_SIM_NODES
 from fedtune.client.trainer import ENV_MAX_PHYSICAL_BATCH
-from fedtune.common.device import ENV_PRECISION
+from fedtune.common.models.device import ENV_PRECISION
 
 HOOK = f"{__name__}.forward_node_env"
 FORWARDED = (ENV_SIM_NODES, ENV_PRECISION, ENV_MAX_PHYSICAL_BATCH)

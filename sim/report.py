@@ -19,7 +19,7 @@ from fedtune.audit.policy import read_policy
 from fedtune.audit.roster import read_roster
 from fedtune.common.durable import write_atomically
 from fedtune.common.errors import FedtuneError
-from fedtune.common.ledger_key import load_public_key
+from fedtune.common.ledger.key import load_public_key
 from fedtune.server.report import CONFIG_FILE, AuditVerdict, read_rounds, write_report
 from fedtune.server.results import node_name, portable
 from fedtune.server.run_record import PUBLIC_FILE

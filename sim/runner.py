@@ -7,7 +7,7 @@ deployment runs), poll its status with ``flwr list --format json`` (``flwr run
 done — on success, failure, Ctrl-C or SIGTERM alike. The SuperLink runs in its
 own process group and dies with us; Flower's detached children
 (flower-superexec, flwr-simulation, Ray) carry an owner tag and are swept
-(:func:`fedtune.common.flower_cli.stop_owned`). The run's own log is fetched into
+(:func:`fedtune.common.flower.processes.stop_owned`). The run's own log is fetched into
 the work directory before anything is stopped.
 """
 
@@ -25,8 +25,8 @@ from typing import Any
 
 from fedtune.common import exit_codes
 from fedtune.common.errors import RunError
-from fedtune.common.flower_cli import (
-    FlwrCli,
+from fedtune.common.flower.control import FlwrCli, write_app_dir, write_connection
+from fedtune.common.flower.processes import (
     die_with_parent,
     flower_bin,
     flower_env,
@@ -35,8 +35,6 @@ from fedtune.common.flower_cli import (
     stop_group,
     stop_owned,
     wait_healthy,
-    write_app_dir,
-    write_connection,
 )
 
 __all__ = ["LocalSimulation", "SignalExit", "SimulationSpec", "free_port", "handle_signals", "write_app_dir"]

@@ -37,7 +37,7 @@ def tiny_model(path: Path) -> Path:
     """A randomly initialised 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved to ``path``."""
     from transformers import BertConfig, BertModel
 
-    from fedtune.common.model import load_base
+    from fedtune.common.models.base import load_base
 
     tokenizer = load_base("").tokenizer
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
@@ -77,7 +77,7 @@ class PeakMemory:
 
 
 def _full_model_bytes(model_path: str) -> int:
-    from fedtune.common.model import load_base
+    from fedtune.common.models.base import load_base
 
     return sum(p.numel() * p.element_size() for p in load_base(model_path).encoder.parameters())
 

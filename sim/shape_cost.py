@@ -12,9 +12,10 @@ import statistics
 from typing import Any
 
 from fedtune.client.trainer import PART_SIZE
-from fedtune.common.device import autocast_dtype, pick_device
-from fedtune.common.model import frozen_prefix, load_base, lower_states
+from fedtune.common.models.base import load_base
+from fedtune.common.models.device import autocast_dtype, pick_device
 from fedtune.common.settings import LoraSettings
+from fedtune.common.tasks.classify.model import frozen_prefix, lower_states
 from fedtune.sim.bench import NAIVE_LORA, corpus, dp_rate, machine
 
 

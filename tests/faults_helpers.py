@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fedtune.common.flower_cli import owned_pids
+from fedtune.common.flower.processes import owned_pids
 
 
 def session_pids(sid: int) -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fedtune.common.evaluation import EvalResult
+from fedtune.common.tasks.result import EvalResult
 from fedtune.server.results import RunRecorder, eval_fields
 
 

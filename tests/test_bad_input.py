@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from fedtune.common import exit_codes, tls
-from fedtune.common.accounting import accountant_record
-from fedtune.common.flower_cli import free_port
-from fedtune.common.ledger import Ledger
-from fedtune.common.ledger_key import load_or_create_key
+from fedtune.common.flower.processes import free_port
+from fedtune.common.ledger.chain import Ledger
+from fedtune.common.ledger.key import load_or_create_key
+from fedtune.common.privacy.accountant import accountant_record
 from tests.tiny import make_sentiment_frame
 
 BIN = Path(sys.executable).parent

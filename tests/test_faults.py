@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from fedtune.common import exit_codes
-from fedtune.common.accounting import accountant_record
-from fedtune.common.flower_cli import free_port, owned_pids
-from fedtune.common.ledger import ACCOUNTING_KINDS
+from fedtune.common.flower.processes import free_port, owned_pids
+from fedtune.common.ledger.chain import ACCOUNTING_KINDS
+from fedtune.common.privacy.accountant import accountant_record
 from tests.faults_helpers import kill_owned, kill_session, session_pids, start, wait_until
 from tests.tiny import make_sentiment_frame
 
@@ -243,8 +243,8 @@ def test_a_torn_ledger_fails_the_node_check(tmp_path: Path) -> None:
 
     from fedtune.client.round import NodePrivacy  # noqa: F401 - the node's own ledger writer is importable
     from fedtune.common import tls
-    from fedtune.common.ledger import Ledger
-    from fedtune.common.ledger_key import load_or_create_key
+    from fedtune.common.ledger.chain import Ledger
+    from fedtune.common.ledger.key import load_or_create_key
 
     tls.create_ca(tmp_path / "ca")
     state = tmp_path / "state"

@@ -13,15 +13,15 @@ DEFAULT_TASK = TASKS[0]
 def get_task(name: str) -> Task:
     """The task named by the ``task`` setting (imports its module lazily)."""
     if name == "classify":
-        from fedtune.common.tasks.classify import CLASSIFY
+        from fedtune.common.tasks.classify.task import CLASSIFY
 
         return CLASSIFY
     if name == "ner":
-        from fedtune.common.tasks.ner import NER
+        from fedtune.common.tasks.ner.task import NER
 
         return NER
     if name == "sft":
-        from fedtune.common.tasks.sft import SFT
+        from fedtune.common.tasks.sft.task import SFT
 
         return SFT
     raise ValueError(f"task must be one of {', '.join(TASKS)}, got {name!r}")

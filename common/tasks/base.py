@@ -19,10 +19,10 @@ from torch import nn
 if TYPE_CHECKING:
     from peft import PeftModel
 
-    from fedtune.common.data import LabelledData
-    from fedtune.common.evaluation import EvalResult
-    from fedtune.common.model import BaseModel, BaseModelRef
+    from fedtune.common.data.table import LabelledData
+    from fedtune.common.models.base import BaseModel, BaseModelRef
     from fedtune.common.settings import DataSettings, LoraSettings
+    from fedtune.common.tasks.result import EvalResult
 
 # input_ids [N, T], attention_mask [N, T], labels [N] (classify) or [N, T] (ner, sft; -100 = no loss)
 Encoded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

@@ -1,4 +1,4 @@
-"""The model card's task-specific parts for the ner and sft tasks (the classify card is ``common/model_card.py``'s).
+"""The model card's task-specific parts for the ner and sft tasks (the classify card is ``common/models/card.py``'s).
 
 Both adapters are stock PEFT adapters over stock transformers classes, so the card shows how to load them
 with ``transformers`` + ``peft`` alone.
@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fedtune.common.model_card import CardInfo
+    from fedtune.common.models.card import CardInfo
 
 # Hub metadata per task: (model-index task type, metrics named in the card header)
 HUB = {"ner": ("token-classification", ["f1", "precision", "recall", "accuracy", "loss"]),

@@ -18,10 +18,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedtune.client import app as client_app
 from fedtune.client.policy import NodePolicy, policy_toml
-from fedtune.common.adapter import Arrays, arrays_to_record, to_arrays
-from fedtune.common.model import build_model, load_base
+from fedtune.common.models.adapter import to_arrays
+from fedtune.common.models.base import load_base
 from fedtune.common.settings import RunSettings
-from fedtune.common.wire import RoundRequest
+from fedtune.common.tasks.classify.model import build_model
+from fedtune.common.wire.arrays import Arrays, arrays_to_record
+from fedtune.common.wire.contract import RoundRequest
 from tests.tiny import make_sentiment_frame
 
 LABELS = ("neg", "pos")

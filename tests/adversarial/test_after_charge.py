@@ -24,9 +24,10 @@ from fedtune.client.policy import NodePolicy, PlanRequest
 from fedtune.client.randomness import RoundSeeds
 from fedtune.client.round import MAX_REFUSALS_PER_DAY, NodePrivacy, RunRef, charge_round
 from fedtune.client.trainer import DpParams, train
-from fedtune.common.adapter import to_arrays
-from fedtune.common.model import build_model, encode, load_base, lower_states
+from fedtune.common.models.adapter import to_arrays
+from fedtune.common.models.base import encode, load_base
 from fedtune.common.settings import LoraSettings
+from fedtune.common.tasks.classify.model import build_model, lower_states
 from tests.tiny import make_sentiment_frame
 
 CPU = torch.device("cpu")

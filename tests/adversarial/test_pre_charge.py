@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.client.policy import NodePolicy, policy_toml
-from fedtune.common.wire import TrainReply, parse_reply
+from fedtune.common.wire.contract import TrainReply, parse_reply
 from tests.adversarial.node import (
     LABELS,
     adapter,

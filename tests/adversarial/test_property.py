@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedtune.client.policy import NodePolicy
-from fedtune.common.wire import RoundRequest
+from fedtune.common.wire.contract import RoundRequest
 from tests.adversarial.node import adapter, make_node, neighbours, public, request, send, with_values
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # a ClientApp called in-process

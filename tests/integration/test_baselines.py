@@ -10,8 +10,9 @@ import pytest
 
 from fedtune.client.node_data import LOCAL_TEST_FRACTION
 from fedtune.common import exit_codes
-from fedtune.common.data import federation_split, load_labelled
+from fedtune.common.data.table import federation_split
 from fedtune.common.settings import DataSettings
+from fedtune.common.tasks.classify.data import load_labelled
 from fedtune.sim.cli import main
 
 

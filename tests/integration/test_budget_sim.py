@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.audit.cli import main as audit_main
-from fedtune.common.ledger import ACCOUNTING_KINDS
+from fedtune.common.ledger.chain import ACCOUNTING_KINDS
 from fedtune.sim.cli import main as sim_main
 
 pytestmark = pytest.mark.slow  # two federations of 3 nodes with per-node policies; make test-all
@@ -47,7 +47,7 @@ def _rounds(out: Path) -> list[dict]:
 
 def _by_client(out: Path, state: Path) -> dict[int, dict[int, dict]]:
     """Per round, per client: rows are matched to clients by the ledger key each reply names."""
-    from fedtune.common.ledger_key import key_id, load_public_key
+    from fedtune.common.ledger.key import key_id, load_public_key
 
     keys = {key_id(load_public_key(state / f"client-{i}" / "ledger-signing.pub")): i for i in range(3)}
     return {r["round"]: {keys[c["ledger-key"]]: c for c in r["clients"]} for r in _rounds(out)[1:]}

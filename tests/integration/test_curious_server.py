@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from fedtune.common.settings import RunSettings
-from fedtune.common.wire import TrainReply
+from fedtune.common.wire.contract import TrainReply
 from fedtune.sim.nodes import SimulatedNodes, prepare
 from fedtune.sim.runner import LocalSimulation, SimulationSpec
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from fedtune.common import exit_codes
-from fedtune.common.flower_cli import free_port
-from fedtune.common.ledger import ACCOUNTING_KINDS
+from fedtune.common.flower.processes import free_port
+from fedtune.common.ledger.chain import ACCOUNTING_KINDS
 from tests.tiny import make_sentiment_frame
 
 BIN = Path(sys.executable).parent
@@ -156,7 +156,8 @@ def _intrude(sc: Scenario) -> None:
     """A local process with only the CA certificate tries the control API: flwr CLI and a raw request."""
     import httpx
 
-    from fedtune.common.flower_cli import FlwrCli, flower_env, write_connection
+    from fedtune.common.flower.control import FlwrCli, write_connection
+    from fedtune.common.flower.processes import flower_env
 
     home = sc.root / "intruder-home"
     write_connection(home, f"127.0.0.1:{sc.server_port}", root_certificates=sc.certs / "ca/ca.pem")
@@ -244,7 +245,7 @@ def _audit_ledgers(sc: Scenario, names: str) -> dict[str, list[tuple[str, int]]]
 
     from fedtune.audit.ledger_audit import LedgerSpec, audit_ledger
     from fedtune.audit.policy import read_policy
-    from fedtune.common.ledger_key import key_id
+    from fedtune.common.ledger.key import key_id
 
     charged = {}
     for name in names:

@@ -21,16 +21,8 @@ import httpx
 import pytest
 
 from fedtune.common import tls
-from fedtune.common.flower_cli import (
-    FlwrCli,
-    flower_bin,
-    flower_env,
-    free_port,
-    start_group,
-    stop_group,
-    wait_healthy,
-    write_connection,
-)
+from fedtune.common.flower.control import FlwrCli, write_connection
+from fedtune.common.flower.processes import flower_bin, flower_env, free_port, start_group, stop_group, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "deploy" / "nginx" / "fedtune-fleet.conf.template"

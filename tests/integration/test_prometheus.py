@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fedtune.common.flower_cli import free_port
-from fedtune.common.ledger import ACCOUNTING_KINDS
+from fedtune.common.flower.processes import free_port
+from fedtune.common.ledger.chain import ACCOUNTING_KINDS
 from tests.faults_helpers import kill_owned, kill_session, start, wait_until
 from tests.tiny import make_sentiment_frame
 

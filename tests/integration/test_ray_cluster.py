@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.common.flower_cli import free_port, start_group, stop_group
+from fedtune.common.flower.processes import free_port, start_group, stop_group
 from fedtune.sim.cli import main
 
 pytestmark = pytest.mark.slow

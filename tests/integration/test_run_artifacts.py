@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fedtune.common.adapter import load_adapter
-from fedtune.common.ledger import ACCOUNTING_KINDS
-from fedtune.common.model_card import card_metadata
+from fedtune.common.ledger.chain import ACCOUNTING_KINDS
+from fedtune.common.models.card import card_metadata
+from fedtune.common.tasks.classify.adapter import load_adapter
 from fedtune.sim.cli import main
 from fedtune.sim.report import write_run_report
 
@@ -113,7 +113,7 @@ def test_a_second_virtualenv_loads_the_copied_adapter(run, tiny_model_dir, moved
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)], check=True)
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), *map(str, wheels.glob("fedtune-*.whl"))],
                    check=True)
-    script = ("import json, fedtune.common.adapter as a; assert 'site-packages' in a.__file__, a.__file__; "
+    script = ("import json, fedtune.common.models.adapter as a; assert 'site-packages' in a.__file__, a.__file__; "
               f"print(json.dumps(a.load_adapter('my-adapter').predict_proba({TEXTS!r}).tolist()))")
     proc = subprocess.run([str(venv / "bin" / "python"), "-c", script], cwd=moved, capture_output=True, text=True,
                           timeout=600, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})

@@ -11,7 +11,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedtune.common.model import build_classifier, load_base
+from fedtune.common.models.base import load_base
+from fedtune.common.tasks.classify.model import build_classifier
 from fedtune.sim.cli import main
 
 

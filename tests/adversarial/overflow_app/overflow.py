@@ -17,10 +17,12 @@ import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.common.adapter import arrays_to_record, to_arrays
-from fedtune.common.model import build_model, load_base
+from fedtune.common.models.adapter import to_arrays
+from fedtune.common.models.base import load_base
 from fedtune.common.settings import RunSettings
-from fedtune.common.wire import ARRAYS, REQUEST, RoundRequest
+from fedtune.common.tasks.classify.model import build_model
+from fedtune.common.wire.arrays import arrays_to_record
+from fedtune.common.wire.contract import ARRAYS, REQUEST, RoundRequest
 
 app = ServerApp()
 CRAFTED = {"ordinary": None, "float32-overflow": 1e39, "huge": 1e8, "at-the-bound": 1e4, "nan": float("nan")}
@@ -31,7 +33,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 def targeted(model: torch.nn.Module, tokenizer, start: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # noqa: ANN001
     """The head along the target row's pooled features, scaled so that its logit just overflows float32 while
     rows pointing elsewhere stay finite: on the old node the update was NaN exactly when the target was drawn."""
-    from fedtune.common.model import encode
+    from fedtune.common.models.base import encode
 
     seen: list[torch.Tensor] = []
     head = model.base_model.model.head

@@ -14,10 +14,12 @@ import numpy as np
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.common.adapter import record_to_arrays, to_record
-from fedtune.common.model import build_model, load_base
+from fedtune.common.models.adapter import to_record
+from fedtune.common.models.base import load_base
 from fedtune.common.settings import RunSettings
-from fedtune.common.wire import ARRAYS, REQUEST, RoundRequest
+from fedtune.common.tasks.classify.model import build_model
+from fedtune.common.wire.arrays import record_to_arrays
+from fedtune.common.wire.contract import ARRAYS, REQUEST, RoundRequest
 
 app = ServerApp()
 

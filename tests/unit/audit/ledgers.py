@@ -17,10 +17,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedtune.common.accounting import DpEvent, accountant_record, opacus_epsilon
-from fedtune.common.ledger import Entry, Ledger, LedgerHeader, canonical, event_from_json, event_to_json, sign
-from fedtune.common.ledger_key import load_or_create_key, public_path
-from fedtune.common.receipts import Receipt, sign_receipt
+from fedtune.common.ledger.chain import Entry, Ledger, LedgerHeader, canonical, event_from_json, event_to_json, sign
+from fedtune.common.ledger.key import load_or_create_key, public_path
+from fedtune.common.ledger.receipts import Receipt, sign_receipt
+from fedtune.common.privacy.accountant import DpEvent, accountant_record, opacus_epsilon
 
 NODE_A = "sha256:" + "a1" * 32
 NODE_B = "sha256:" + "b2" * 32

@@ -14,9 +14,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedtune.audit.cli import main
-from fedtune.common.ledger import canonical, sign
-from fedtune.common.ledger_key import key_id, load_or_create_key, public_path
-from fedtune.common.receipts import RECORD_FILE, RECORD_FORMAT, RECORD_FORMAT_V1, Receipt, RunRecord, write_run_record
+from fedtune.common.ledger.chain import canonical, sign
+from fedtune.common.ledger.key import key_id, load_or_create_key, public_path
+from fedtune.common.ledger.receipts import (
+    RECORD_FILE,
+    RECORD_FORMAT,
+    RECORD_FORMAT_V1,
+    Receipt,
+    RunRecord,
+    write_run_record,
+)
 from tests.unit.audit.ledgers import NODE_B, charge, make_node, receipt
 
 
@@ -86,7 +93,7 @@ def test_a_receipt_the_node_did_not_sign_fails_the_record_not_the_node(
 
 
 def sign_other(f: dict, **changes: object) -> str:
-    from fedtune.common.receipts import sign_receipt
+    from fedtune.common.ledger.receipts import sign_receipt
 
     values = {"run": "10", "round": 3, "seq": 4, "head": f["rounds"][2]["hash"], "status": "trained"} | changes
     return sign_receipt(ed25519.Ed25519PrivateKey.generate(), **values)

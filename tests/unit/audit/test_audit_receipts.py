@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedtune.audit.cli import main
-from fedtune.common.ledger_key import load_or_create_key, public_path
-from fedtune.common.receipts import RECORD_KEY_FILE, RunRecord, write_run_record
+from fedtune.common.ledger.key import load_or_create_key, public_path
+from fedtune.common.ledger.receipts import RECORD_KEY_FILE, RunRecord, write_run_record
 from tests.unit.audit.ledgers import NODE_A, NODE_B, Node, charge, lines, make_node, receipt
 
 

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedtune.audit.cli import main
-from fedtune.common.accounting import DpEvent, opacus_epsilon
+from fedtune.common.privacy.accountant import DpEvent, opacus_epsilon
 from tests.unit.audit.ledgers import (
     NODE_A,
     NODE_B,

@@ -13,12 +13,13 @@ from flwr.app import Context, Message, RecordDict
 
 from fedtune.client import app as client_app
 from fedtune.client.policy import NodePolicy, policy_toml
-from fedtune.common.adapter import to_record
-from fedtune.common.ledger_key import load_public_key
-from fedtune.common.model import build_model, load_base
-from fedtune.common.receipts import receipt_signature_problem
+from fedtune.common.ledger.key import load_public_key
+from fedtune.common.ledger.receipts import receipt_signature_problem
+from fedtune.common.models.adapter import to_record
+from fedtune.common.models.base import load_base
 from fedtune.common.settings import RunSettings
-from fedtune.common.wire import ERROR_CODES, RoundRequest, TrainReply, parse_reply
+from fedtune.common.tasks.classify.model import build_model
+from fedtune.common.wire.contract import ERROR_CODES, RoundRequest, TrainReply, parse_reply
 from tests.tiny import make_sentiment_frame
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # a ClientApp called in-process

@@ -13,11 +13,12 @@ import torch
 from fedtune.client.node_data import NodeRows, train_inputs
 from fedtune.client.randomness import RoundSeeds
 from fedtune.client.trainer import DpParams, train
-from fedtune.common.adapter import to_arrays
-from fedtune.common.data import LabelledData
-from fedtune.common.model import build_model, encode, frozen_prefix, load_base, lower_states
+from fedtune.common.data.table import LabelledData
+from fedtune.common.models.adapter import to_arrays
+from fedtune.common.models.base import encode, load_base
 from fedtune.common.settings import LoraSettings
 from fedtune.common.tasks.base import trim
+from fedtune.common.tasks.classify.model import build_model, frozen_prefix, lower_states
 from tests.tiny import make_sentiment_frame
 
 CPU = torch.device("cpu")
@@ -99,8 +100,8 @@ def test_a_node_trains_from_cached_states_and_sends_the_servers_tensor_names(bas
 
 def test_a_kept_model_trains_a_round_exactly_as_a_freshly_built_one(base, tiny_model_dir):
     """The model a process keeps across rounds (Opacus wrapped and closed before) gives the same update."""
-    from fedtune.common.adapter import load_arrays
-    from fedtune.common.model import kept_model
+    from fedtune.common.models.adapter import load_arrays
+    from fedtune.common.models.base import kept_model
     from fedtune.common.tasks import get_task
 
     ids, mask, labels = _batch(base, 32)

@@ -126,7 +126,7 @@ def test_node_config_passes_absolute_paths(node: dict[str, Path]) -> None:
 
 
 def test_unreachable_server_is_named() -> None:
-    from fedtune.common.flower_cli import free_port
+    from fedtune.common.flower.processes import free_port
 
     assert daemon.reachable(f"127.0.0.1:{free_port()}", timeout_s=1.0) is not None
 

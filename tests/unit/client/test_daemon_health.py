@@ -95,7 +95,7 @@ def test_one_log_line_per_attempt_and_max_restarts_bound_the_attempts(tmp_path: 
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     from fedtune.client.supervisor import Supervisor
     from fedtune.common import exit_codes
-    from fedtune.common.flower_cli import free_port
+    from fedtune.common.flower.processes import free_port
 
     sup = Supervisor(_node_opts(tmp_path, free_port(), max_restarts=3), backoff=lambda n: 0.01)
     with caplog.at_level(logging.WARNING, logger="fedtune.client"):
@@ -112,7 +112,7 @@ def test_the_backoff_wait_ends_as_soon_as_the_server_answers_again(tmp_path: Pat
     import time
 
     from fedtune.client.supervisor import Supervisor
-    from fedtune.common.flower_cli import free_port
+    from fedtune.common.flower.processes import free_port
 
     port = free_port()
     sup = Supervisor(_node_opts(tmp_path, port), backoff=lambda n: 60.0)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from fedtune.client.budget import decide
 from fedtune.client.policy import NodePolicy, PlanRequest
-from fedtune.client.privacy import decide
 from fedtune.client.round import NodePrivacy, RunRef, charge_round, training_mode
 from fedtune.client.trainer import DpParams
 from fedtune.common.settings import RunSettings
-from fedtune.common.wire import RoundRequest
+from fedtune.common.wire.contract import RoundRequest
 
 REQUEST = PlanRequest(model="", dp=True, epsilon=8.0, delta=1e-5, accountant="rdp", num_rounds=3, server_round=1,
                       sample_rate=0.25, steps=4, clip_norm=1.0)

@@ -12,12 +12,12 @@ import torch
 from fedtune.client import trainer
 from fedtune.client.randomness import RoundSeeds
 from fedtune.client.trainer import DpParams, physical_parts, train
-from fedtune.common.adapter import to_arrays
-from fedtune.common.data import LabelledData
-from fedtune.common.model import frozen_prefix, lower_states
-from fedtune.common.sequence_data import read_sft_jsonl, read_token_file
+from fedtune.common.data.sequence import read_sft_jsonl, read_token_file
+from fedtune.common.data.table import LabelledData
+from fedtune.common.models.adapter import to_arrays
 from fedtune.common.settings import LoraSettings
 from fedtune.common.tasks import get_task
+from fedtune.common.tasks.classify.model import frozen_prefix, lower_states
 from tests.tiny import make_sentiment_frame
 from tests.tiny_tasks import make_tiny_decoder, ner_rows, sft_rows, write_conll, write_sft_jsonl
 

@@ -10,11 +10,12 @@ import torch
 from fedtune.client import trainer
 from fedtune.client.randomness import RoundSeeds
 from fedtune.client.trainer import DpParams, physical_parts, train
-from fedtune.common.adapter import to_arrays
-from fedtune.common.device import autocast_dtype
 from fedtune.common.errors import ConfigError
-from fedtune.common.model import build_model, encode, load_base
+from fedtune.common.models.adapter import to_arrays
+from fedtune.common.models.base import encode, load_base
+from fedtune.common.models.device import autocast_dtype
 from fedtune.common.settings import LoraSettings
+from fedtune.common.tasks.classify.model import build_model
 from tests.tiny import make_sentiment_frame
 
 CPU = torch.device("cpu")

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedtune.client.policy import NodePolicy, PlanRequest
-from fedtune.client.privacy import (
+from fedtune.client.budget import (
     BUDGET_SLACK,
     MIN_PLANNED_SIGMA,
     PLAN_MARGIN,
@@ -19,9 +18,9 @@ from fedtune.client.privacy import (
     epsilon_of,
     independent_epsilon_of,
     plan_noise,
-    steps_per_round,
 )
-from fedtune.common.accounting import DpEvent
+from fedtune.client.policy import NodePolicy, PlanRequest
+from fedtune.common.privacy.accountant import DpEvent, steps_per_round
 
 REQUEST = PlanRequest(model="", dp=True, epsilon=8.0, delta=1e-5, accountant="rdp", num_rounds=3, server_round=1,
                       sample_rate=0.125, steps=8, clip_norm=1.0)

@@ -16,12 +16,12 @@ import pytest
 from fedtune.audit.fleet import audit
 from fedtune.audit.ledger_audit import LedgerSpec
 from fedtune.audit.policy import AuditPolicy
+from fedtune.client.budget import epsilon_of
 from fedtune.client.policy import NodePolicy, PlanRequest
-from fedtune.client.privacy import epsilon_of
 from fedtune.client.round import NodePrivacy, RunRef, charge_round
 from fedtune.common.errors import ConfigError, PrivacyError
-from fedtune.common.ledger import event_from_json
-from fedtune.common.ledger_key import key_id
+from fedtune.common.ledger.chain import event_from_json
+from fedtune.common.ledger.key import key_id
 
 REQUEST = PlanRequest(model="", dp=True, epsilon=8.0, delta=1e-5, accountant="prv", num_rounds=3, server_round=1,
                       sample_rate=0.25, steps=4, clip_norm=1.0)

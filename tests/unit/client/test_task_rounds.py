@@ -13,10 +13,11 @@ from flwr.app import Context, Message, RecordDict
 
 from fedtune.client import app as client_app
 from fedtune.client.policy import NodePolicy, policy_toml
-from fedtune.common.adapter import record_to_arrays, to_record
+from fedtune.common.models.adapter import to_record
 from fedtune.common.settings import RunSettings
 from fedtune.common.tasks import get_task
-from fedtune.common.wire import RoundRequest, TrainReply, parse_reply
+from fedtune.common.wire.arrays import record_to_arrays
+from fedtune.common.wire.contract import RoundRequest, TrainReply, parse_reply
 from tests.tiny_tasks import make_tiny_decoder, ner_rows, sft_rows, write_conll, write_sft_jsonl
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # a ClientApp called in-process

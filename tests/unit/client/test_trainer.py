@@ -10,12 +10,13 @@ import torch
 from opacus.accountants import PRVAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedtune.client.privacy import steps_per_round
 from fedtune.client.randomness import RoundSeeds
 from fedtune.client.trainer import DpParams, noise_only_step, privatize, train
-from fedtune.common.adapter import to_arrays
-from fedtune.common.model import build_model, encode, load_base
+from fedtune.common.models.adapter import to_arrays
+from fedtune.common.models.base import encode, load_base
+from fedtune.common.privacy.accountant import steps_per_round
 from fedtune.common.settings import LoraSettings
+from fedtune.common.tasks.classify.model import build_model
 from tests.tiny import make_sentiment_frame
 
 CPU = torch.device("cpu")

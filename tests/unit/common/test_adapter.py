@@ -12,29 +12,21 @@ import torch
 from flwr.app import ArrayRecord
 from peft import PeftModel
 
-from fedtune.common.adapter import (
-    AdapterMeta,
-    arrays_to_record,
-    check_arrays,
-    load_adapter,
-    load_arrays,
-    record_to_arrays,
-    save_adapter,
-    to_arrays,
-)
 from fedtune.common.errors import ModelError
-from fedtune.common.model import (
+from fedtune.common.models.adapter import AdapterMeta, load_arrays, save_adapter, to_arrays
+from fedtune.common.models.base import (
     EMBEDDED_MODEL_ID,
     EMBEDDED_REVISION,
     EMBEDDED_WEIGHTS_SHA256,
     base_model_ref,
-    build_classifier,
-    build_model,
     default_model_path,
     encode,
     load_base,
 )
 from fedtune.common.settings import LoraSettings
+from fedtune.common.tasks.classify.adapter import load_adapter
+from fedtune.common.tasks.classify.model import build_classifier, build_model
+from fedtune.common.wire.arrays import arrays_to_record, check_arrays, record_to_arrays
 
 CPU = torch.device("cpu")
 

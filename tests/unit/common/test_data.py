@@ -5,9 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from fedtune.common.data import cap, federation_split, holdout_split, load_labelled
+from fedtune.common.data.table import cap, federation_split, holdout_split
 from fedtune.common.errors import DataError
 from fedtune.common.settings import DataSettings
+from fedtune.common.tasks.classify.data import load_labelled
 
 
 def _settings(path, **kw):

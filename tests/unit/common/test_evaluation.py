@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from fedtune.common.evaluation import confusion_of, evaluate, label_metrics
+from fedtune.common.tasks.classify.evaluation import confusion_of, evaluate, label_metrics
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedtune.common.accounting import DpEvent
 from fedtune.common.errors import ConfigError, PrivacyError
-from fedtune.common.ledger import (
+from fedtune.common.ledger.chain import (
     GENESIS,
     MAX_LINE_BYTES,
     Ledger,
@@ -27,7 +26,8 @@ from fedtune.common.ledger import (
     sign,
     verify,
 )
-from fedtune.common.ledger_key import key_id, load_or_create_key, load_public_key, public_path
+from fedtune.common.ledger.key import key_id, load_or_create_key, load_public_key, public_path
+from fedtune.common.privacy.accountant import DpEvent
 
 
 def fields(i: int = 1, decision: str = "charged") -> dict:
@@ -243,8 +243,8 @@ def test_node_identity_is_the_same_for_openssh_and_pem(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from fedtune.common.ledger_key import node_identity
-    from fedtune.common.ledger_schema import NODE_ID
+    from fedtune.common.ledger.key import node_identity
+    from fedtune.common.ledger.schema import NODE_ID
 
     public = ec.generate_private_key(ec.SECP384R1()).public_key()
     (tmp_path / "node.pub").write_bytes(public.public_bytes(serialization.Encoding.OpenSSH,

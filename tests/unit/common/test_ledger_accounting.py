@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 
 from fedtune.client.policy import NodePolicy, PlanRequest
-from fedtune.client.privacy import steps_per_round
 from fedtune.client.round import NodePrivacy, RunRef, charge_round
-from fedtune.common.accounting import DpEvent, dp_accounting_epsilon, opacus_epsilon
-from fedtune.common.ledger import event_from_json
+from fedtune.common.ledger.chain import event_from_json
+from fedtune.common.privacy.accountant import DpEvent, dp_accounting_epsilon, opacus_epsilon, steps_per_round
 from fedtune.common.settings import RunSettings
 
 

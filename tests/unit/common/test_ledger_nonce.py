@@ -14,10 +14,10 @@ from datasets import Dataset
 
 from fedtune.audit.fleet import audit
 from fedtune.audit.ledger_audit import LedgerSpec
-from fedtune.common import ledger as ledger_module
-from fedtune.common.data import LabelledData
-from fedtune.common.ledger import Ledger, LedgerHeader, entry_hash, read, verify
-from fedtune.common.ledger_key import key_id, load_or_create_key
+from fedtune.common.data.table import LabelledData
+from fedtune.common.ledger import chain as ledger_module
+from fedtune.common.ledger.chain import Ledger, LedgerHeader, entry_hash, read, verify
+from fedtune.common.ledger.key import key_id, load_or_create_key
 from fedtune.common.tasks import get_task
 from tests.unit.audit.ledgers import NODE_A, charge, four_rounds, lines, make_node, rechain, write
 

@@ -10,9 +10,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedtune.common.errors import PrivacyError
-from fedtune.common.ledger import read
-from fedtune.common.ledger_key import load_or_create_key
-from fedtune.common.receipts import (
+from fedtune.common.ledger.chain import read
+from fedtune.common.ledger.key import load_or_create_key
+from fedtune.common.ledger.receipts import (
     RECORD_FILE,
     RECORD_KEY_FILE,
     Receipt,

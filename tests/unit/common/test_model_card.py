@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from fedtune.common.adapter import AdapterMeta
-from fedtune.common.evaluation import LabelMetrics
-from fedtune.common.model import base_model_ref
-from fedtune.common.model_card import CardInfo, NodeStatement, card_metadata, write_model_card
+from fedtune.common.models.adapter import AdapterMeta
+from fedtune.common.models.base import base_model_ref
+from fedtune.common.models.card import CardInfo, NodeStatement, card_metadata, write_model_card
 from fedtune.common.settings import RunSettings
+from fedtune.common.tasks.classify.evaluation import LabelMetrics
 
 
 def _info(dp: bool = True) -> CardInfo:
@@ -82,5 +82,5 @@ def test_ner_and_sft_cards_name_their_task_metric_and_stock_loader(tmp_path, tas
     assert meta["pipeline_tag"] == kind and kind in meta["tags"]
     first = meta["model-index"][0]["results"][0]
     assert first["task"]["type"] == kind and (first["metrics"][0]["type"], first["metrics"][0]["value"]) == metric
-    assert loader in text and "PeftModel.from_pretrained" in text and "fedtune.common.adapter" not in text
+    assert loader in text and "PeftModel.from_pretrained" in text and "fedtune.common.models.adapter" not in text
     assert "Unit of privacy" in text and "7.9832" in text

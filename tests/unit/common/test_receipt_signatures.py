@@ -9,9 +9,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedtune.common.errors import PrivacyError
-from fedtune.common.ledger import canonical, read, sign
-from fedtune.common.ledger_key import key_id
-from fedtune.common.receipts import (
+from fedtune.common.ledger.chain import canonical, read, sign
+from fedtune.common.ledger.key import key_id
+from fedtune.common.ledger.receipts import (
     RECORD_FILE,
     RECORD_FORMAT,
     RECORD_FORMAT_V1,

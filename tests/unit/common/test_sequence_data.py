@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from fedtune.common.data import federation_split
+from fedtune.common.data.sequence import read_sft_jsonl, read_token_file, tag_names
+from fedtune.common.data.table import federation_split
 from fedtune.common.errors import DataError
-from fedtune.common.sequence_data import read_sft_jsonl, read_token_file, tag_names
 from fedtune.common.tasks import get_task
 from tests.tiny_tasks import make_tiny_decoder, write_sft_jsonl
 

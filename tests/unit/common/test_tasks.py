@@ -9,8 +9,8 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from fedtune.common.data import LabelledData
-from fedtune.common.sequence_data import read_sft_jsonl, read_token_file
+from fedtune.common.data.sequence import read_sft_jsonl, read_token_file
+from fedtune.common.data.table import LabelledData
 from fedtune.common.settings import LoraSettings
 from fedtune.common.tasks import IGNORE, get_task
 from fedtune.common.tasks.base import trim
@@ -122,7 +122,7 @@ def test_ner_tags_sit_on_first_subwords_only(tmp_path, tiny_model_dir):
 
 
 def test_entity_f1_is_span_level():
-    from fedtune.common.evaluation import entity_scores
+    from fedtune.common.tasks.ner.evaluation import entity_scores
 
     truth = [["B-PER", "I-PER", "O", "B-LOC"]]
     half = entity_scores(truth, [["B-PER", "O", "O", "B-LOC"]])  # PER boundary wrong: only LOC counts

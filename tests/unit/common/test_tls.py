@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from fedtune.common import tls
-from fedtune.common.certs_cli import main
 from fedtune.common.errors import ConfigError
+from fedtune.tools.certs import main
 
 
 @pytest.fixture(scope="module")

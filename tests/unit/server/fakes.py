@@ -5,11 +5,11 @@ from __future__ import annotations
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from flwr.app import Message, RecordDict
 
-from fedtune.common.adapter import arrays_to_record, record_to_arrays
-from fedtune.common.ledger_key import key_id
-from fedtune.common.receipts import sign_receipt
+from fedtune.common.ledger.key import key_id
+from fedtune.common.ledger.receipts import sign_receipt
 from fedtune.common.settings import RunSettings
-from fedtune.common.wire import ARRAYS, REQUEST, EvalReply, RoundRequest, TrainReply
+from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
+from fedtune.common.wire.contract import ARRAYS, REQUEST, EvalReply, RoundRequest, TrainReply
 
 SETTINGS = RunSettings()
 REQUEST_TEMPLATE = RoundRequest(1, "k", 0, ("neg", "pos"), SETTINGS.model, SETTINGS.lora, SETTINGS.plan,

@@ -10,8 +10,8 @@ import pytest
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtune.common.adapter import arrays_to_record, record_to_arrays
 from fedtune.common.errors import ConfigError
+from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
 from fedtune.server.checkpoint import LATEST, Checkpoint, CheckpointStore, RoundOffset, run_key
 from fedtune.server.strategy import AdapterFedAvg
 from tests.unit.server.fakes import REQUEST_TEMPLATE, RUN_ID, evaluated, server_round, shifted, trained

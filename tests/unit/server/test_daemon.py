@@ -68,7 +68,7 @@ def test_server_certificate_must_name_a_loopback_address(certs: Path, tmp_path: 
 
 
 def test_a_valid_setup_passes_preflight_and_finds_node_keys_in_a_directory(certs: Path, tmp_path: Path) -> None:
-    from fedtune.common.flower_cli import free_port
+    from fedtune.common.flower.processes import free_port
 
     args = daemon._parser().parse_args([*_tls_args(certs), "--node-keys", str(certs / "nodes"),
                                         "--work-dir", str(tmp_path / "w"), "--metrics-address", "off",
@@ -193,7 +193,7 @@ def test_work_dir_results_are_never_overwritten(certs: Path, tmp_path: Path, cap
     results = tmp_path / "w" / "results"
     results.mkdir(parents=True)
     (results / "metrics.jsonl").write_text('{"round": 0}\n')
-    from fedtune.common.flower_cli import free_port
+    from fedtune.common.flower.processes import free_port
 
     args = [*_tls_args(certs), "--node-keys", str(certs / "nodes"), "--work-dir", str(tmp_path / "w"),
             "--metrics-address", "off", "--port", str(free_port())]
@@ -206,7 +206,7 @@ def test_a_superlink_that_cannot_start_reports_the_cause_from_its_logs(tmp_path:
     import socket
 
     from fedtune.common.errors import RunError
-    from fedtune.common.flower_cli import flower_bin, flower_env, start_group, wait_healthy
+    from fedtune.common.flower.processes import flower_bin, flower_env, start_group, wait_healthy
 
     busy = socket.create_server(("127.0.0.1", 0))
     port = busy.getsockname()[1]

@@ -9,8 +9,8 @@ import math
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fedtune.common.evaluation import EvalResult
 from fedtune.common.settings import PrivacySettings
+from fedtune.common.tasks.result import EvalResult
 from fedtune.server.results import (
     RunRecorder,
     eval_fields,

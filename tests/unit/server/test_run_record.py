@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtune.common.adapter import arrays_to_record
 from fedtune.common.errors import PrivacyError
-from fedtune.common.ledger_key import load_or_create_key
-from fedtune.common.receipts import RECORD_FORMAT, read_run_record
+from fedtune.common.ledger.key import load_or_create_key
+from fedtune.common.ledger.receipts import RECORD_FORMAT, read_run_record
+from fedtune.common.wire.arrays import arrays_to_record
 from fedtune.server.run_record import receipts, write_record
 from fedtune.server.strategy import AdapterFedAvg
 from tests.unit.server.fakes import LEDGER_KEY, NODE_KEY, REQUEST_TEMPLATE, RUN_ID, refused, shifted, trained

@@ -13,8 +13,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.app.error import Error
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedtune.common.adapter import arrays_to_record
-from fedtune.common.wire import ErrorReply
+from fedtune.common.wire.arrays import arrays_to_record
+from fedtune.common.wire.contract import ErrorReply
 from fedtune.server.strategy import AdapterFedAvg
 from tests.unit.server.fakes import REQUEST_TEMPLATE, RUN_ID, evaluated, raw, refused, server_round, shifted, trained
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from fedtune.common.adapter import arrays_to_record, record_to_arrays
 from fedtune.common.settings import RunSettings
+from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
 from fedtune.server.app import _strategy
 from fedtune.server.strategy import AdapterFedAvg
 from tests.unit.server.fakes import REQUEST_TEMPLATE, RUN_ID, evaluated, shifted, trained

@@ -8,8 +8,8 @@ import pandas as pd
 
 from fedtune.client.node_config import ENV_SIM_NODES, node_config
 from fedtune.client.policy import load_policy
-from fedtune.common.data import load_labelled
 from fedtune.common.settings import RunSettings
+from fedtune.common.tasks.classify.data import load_labelled
 from fedtune.server.app import held_out
 from fedtune.sim.nodes import SimulatedNodes, prepare
 

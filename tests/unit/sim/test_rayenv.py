@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedtune.client.node_config import ENV_SIM_NODES
-from fedtune.common.flower_cli import OWNER_ENV
+from fedtune.common.flower.processes import OWNER_ENV
 from fedtune.sim import rayenv
 
 

@@ -1,0 +1,97 @@
+"""Sentence classification: the encoder, masked mean pooling and a linear head (``fedtune.common.models.base``)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from fedtune.common.tasks.base import Batch, Encoded
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from fedtune.common.data.table import LabelledData
+    from fedtune.common.models.base import BaseModel, BaseModelRef
+    from fedtune.common.settings import DataSettings, LoraSettings
+    from fedtune.common.tasks.result import EvalResult
+
+
+class Classify:
+    name = "classify"
+    pipeline_tag = "text-classification"
+    headline = "accuracy"
+    truncates = True
+    labelled = True  # examples carry labels or tags from a declared set
+    presets: dict[str, Any] = {}  # the settings' own defaults are this task's job
+
+    def base_ref(self, model_path: str, hub_id: str = "") -> BaseModelRef:
+        from fedtune.common.models.base import base_model_ref
+
+        return base_model_ref(model_path, hub_id)
+
+    def load_base(self, model_path: str) -> BaseModel:
+        from fedtune.common.models.base import load_base
+
+        return load_base(model_path)
+
+    def load_data(self, settings: DataSettings) -> LabelledData:
+        from fedtune.common.tasks.classify.data import load_labelled
+
+        return load_labelled(settings)
+
+    def read_file(self, path: Path, *, text_column: str, label_column: str, labels: Sequence[str],
+                  skipped: list[str] | None = None) -> LabelledData:
+        if len(labels) < 2:
+            from fedtune.common.errors import DataError
+
+            raise DataError(f"the run names {len(labels)} labels; {self.name} needs at least 2", code="DATA_LABELS")
+        from fedtune.common.data.table import read_table
+        from fedtune.common.tasks.classify.data import validate
+
+        return validate(read_table(path), text_column, label_column, list(labels), origin=str(path), skipped=skipped)
+
+    def write_partition(self, part: LabelledData, directory: Path) -> Path:
+        names = part.label_names
+        frame = part.dataset.to_pandas()[["text", "label"]]
+        frame["label"] = [names[i] for i in frame["label"]]
+        directory.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(directory / "data.parquet", index=False)
+        return directory / "data.parquet"
+
+    def fingerprint(self, data: LabelledData) -> str:
+        digest = hashlib.sha256()
+        for text, label in zip(data.dataset["text"], data.dataset["label"], strict=True):
+            digest.update(f"{label}\t{text}\n".encode())
+        return digest.hexdigest()
+
+    def encode(self, base: BaseModel, data: LabelledData, max_len: int, *, strict: bool = True) -> Encoded:
+        from fedtune.common.models.base import encode
+
+        ids, mask = encode(base.tokenizer, data.dataset["text"], max_len)
+        return ids, mask, torch.tensor(list(data.dataset["label"]), dtype=torch.long)
+
+    def build_model(self, base: BaseModel, labels: Sequence[str], lora: LoraSettings, device: torch.device,
+                    seed: int = 0) -> PeftModel:
+        from fedtune.common.tasks.classify.model import build_model
+
+        return build_model(base, len(labels), lora, device, seed=seed)
+
+    def loss(self, module: nn.Module, batch: Batch, *, fixed_shape: bool = False) -> torch.Tensor:
+        # every shape follows the batch's: fixed_shape needs nothing more here
+        # input_ids, or the frozen lower layers' cached states (hidden_states), with attention_mask
+        logits = module(**{k: v for k, v in batch.items() if k != "labels"}).float()  # [B, L]
+        return nn.functional.cross_entropy(logits, batch["labels"])
+
+    def evaluate(self, model: nn.Module, base: BaseModel, data: LabelledData, encoded: Encoded, *,
+                 device: torch.device, groups: Sequence[str] | None = None, detail: bool = False) -> EvalResult:
+        from fedtune.common.tasks.classify.evaluation import evaluate
+
+        return evaluate(model, *encoded, device=device, groups=groups)
+
+
+CLASSIFY = Classify()

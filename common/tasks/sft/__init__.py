@@ -1,0 +1,1 @@
+"""fedtune.common.tasks.sft.task."""
