@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune.common import runtime
 from fedtune.common.errors import ConfigError
 from fedtune.common.tasks import DEFAULT_TASK, TASKS
 
-ENV_SIM_NODES = "FEDTUNE_SIM_NODES"
 SIMULATED = "partition-id"
 
 
@@ -96,14 +95,14 @@ def _simulation_nodes(path: str) -> dict[str, dict[str, Any]]:
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{ENV_SIM_NODES}={path} is unreadable ({err})") from err
+        raise ConfigError(f"{runtime.SIM_NODES.name}={path} is unreadable ({err})") from err
     if not isinstance(raw, dict):
-        raise ConfigError(f"{ENV_SIM_NODES}={path} must hold a JSON object keyed by partition id")
+        raise ConfigError(f"{runtime.SIM_NODES.name}={path} must hold a JSON object keyed by partition id")
     return raw
 
 
 def write_simulation_nodes(path: Path, nodes: Mapping[int, Mapping[str, Any]]) -> Path:
-    """fedtune-sim: one node config per partition id (read by simulated ClientApps via ENV_SIM_NODES)."""
+    """fedtune-sim: one node config per partition id (read by simulated ClientApps via runtime.SIM_NODES)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({str(k): dict(v) for k, v in nodes.items()}, indent=1) + "\n")
     return path
@@ -116,7 +115,7 @@ def _node_config(items: tuple[tuple[str, Any], ...], env_file: str | None) -> No
         return NodeConfig.parse(raw, simulated=False)
     if not env_file:
         raise ConfigError(f"simulated node without a node configuration: run it with fedtune-sim (which sets "
-                          f"{ENV_SIM_NODES})")
+                          f"{runtime.SIM_NODES.name})")
     mine = _simulation_nodes(env_file).get(str(raw[SIMULATED]))
     if mine is None:
         raise ConfigError(f"{env_file} has no configuration for partition {raw[SIMULATED]}")
@@ -125,4 +124,4 @@ def _node_config(items: tuple[tuple[str, Any], ...], env_file: str | None) -> No
 
 def node_config(flower_node_config: Mapping[str, Any]) -> NodeConfig:
     """This node's configuration, parsed once per process."""
-    return _node_config(tuple(sorted(flower_node_config.items())), os.environ.get(ENV_SIM_NODES))
+    return _node_config(tuple(sorted(flower_node_config.items())), runtime.sim_nodes_file())

@@ -9,7 +9,6 @@ gradient (post-processing keeps the guarantee).
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,14 +20,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtune.client.randomness import RoundSeeds
+from fedtune.common import runtime
 from fedtune.common.models.device import autocast
 from fedtune.common.privacy.accountant import DpEvent, opacus_epsilon
 from fedtune.common.tasks import Task, get_task
 from fedtune.common.tasks.base import Encoded, trim
 
-# The node's own memory limit: at most this many examples per forward/backward pass (0 = the whole batch).
-# A larger Poisson batch is cut into parts of that size; the privacy step stays one logical batch.
-ENV_MAX_PHYSICAL_BATCH = "FEDTUNE_MAX_PHYSICAL_BATCH"
 # Examples per forward/backward pass: a Poisson batch is cut into length-sorted parts of this size, each padded
 # only to its own longest example (see ``physical_parts``); ``make bench`` measures the gain.
 PART_SIZE = 32
@@ -130,8 +127,9 @@ def _batches(loader: DataLoader, steps: int):
 
 
 def max_physical_batch() -> int:
-    raw = os.environ.get(ENV_MAX_PHYSICAL_BATCH, "").strip()
-    return int(raw) if raw.isdigit() else 0
+    """The node's own memory limit (``FEDTUNE_MAX_PHYSICAL_BATCH``): examples per forward/backward pass (0: none).
+    A larger Poisson batch is cut into parts of that size; the privacy step stays one logical batch."""
+    return runtime.max_physical_batch()
 
 
 def physical_parts(batch: Mapping[str, torch.Tensor], size: int, *,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedtune.common import runtime
 from fedtune.common.data.table import LabelledData, federation_split
 from fedtune.common.models.adapter import AdapterMeta, load_arrays, save_adapter, to_record
 from fedtune.common.models.card import write_model_card
@@ -24,7 +24,7 @@ from fedtune.common.settings import RunSettings
 from fedtune.common.tasks import get_task
 from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
 from fedtune.common.wire.contract import RoundRequest
-from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR, Checkpoint, CheckpointStore, RoundOffset, run_key
+from fedtune.server.checkpoint import Checkpoint, CheckpointStore, RoundOffset, run_key
 from fedtune.server.divergence import (
     STOP_CODE,
     DivergenceGuard,
@@ -103,7 +103,7 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(results_dir)
     signing = record_key(results_dir)  # signs the run record: every node's ledger head, per round
     # Checkpoints are a server-side deployment setting (fedtune-server sets the variable), not a run setting.
-    store = CheckpointStore(Path(os.environ[ENV_CHECKPOINT_DIR])) if os.environ.get(ENV_CHECKPOINT_DIR) else None
+    store = CheckpointStore(folder) if (folder := runtime.path(runtime.CHECKPOINT_DIR)) else None
     key = run_key(settings.to_config())
     resume = store.resumable(key, settings.plan.num_rounds) if store else None
     offset = resume.server_round if resume else 0

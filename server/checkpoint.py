@@ -38,7 +38,6 @@ from fedtune.common.durable import fsync_dir
 from fedtune.common.errors import ConfigError
 from fedtune.common.wire.arrays import Arrays
 
-ENV_CHECKPOINT_DIR = "FEDTUNE_CHECKPOINT_DIR"  # set by fedtune-server on the SuperLink (server side only)
 LATEST = "LATEST"
 KEEP = 3
 FORMAT_VERSION = 1

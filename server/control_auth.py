@@ -15,7 +15,7 @@ The ``flwr`` CLI sends the token as Flower's OIDC CLI plugin does: from
 that home as the server's user (``FLWR_HOME=WORK_DIR/flwr-home flwr ls fedtune``).
 
 Run as ``python -m fedtune.server.control_auth <flower-superlink arguments>``
-with :data:`TOKEN_ENV` naming the token file. This replaces one Flower function
+with ``FEDTUNE_CONTROL_TOKEN_FILE`` naming the token file. This replaces one Flower function
 (``load_control_authn_plugin``) before the SuperLink starts: flwr is pinned and
 tests/integration/test_deploy.py covers it.
 """
@@ -35,7 +35,7 @@ from flwr.supercore.auth.typing import AccountAuthCredentials, AccountAuthLoginD
 from flwr.supercore.credential_store.file_credential_store import FileCredentialStore
 from flwr.superlink.auth_plugin import ControlAuthnPlugin
 
-TOKEN_ENV = "FEDTUNE_CONTROL_TOKEN_FILE"
+from fedtune.common import runtime
 
 
 def new_token(path: Path) -> str:
@@ -64,7 +64,7 @@ class OperatorTokenAuthn(ControlAuthnPlugin):
 
     def __init__(self, token: str | None = None) -> None:
         if token is None:
-            token = Path(os.environ[TOKEN_ENV]).read_text().strip()
+            token = runtime.path(runtime.CONTROL_TOKEN_FILE).read_text().strip()  # type: ignore[union-attr]
         if len(token) < 32:
             raise ValueError("the operator token is too short")
         self._token = token.encode()

@@ -26,6 +26,7 @@ from typing import Any
 
 from cryptography import x509
 
+from fedtune.common import runtime
 from fedtune.common.durable import write_atomically
 from fedtune.common.errors import RunError
 from fedtune.common.flower.control import FlwrCli, write_app_dir, write_connection
@@ -39,7 +40,7 @@ from fedtune.common.flower.processes import (
     wait_healthy,
 )
 from fedtune.common.settings import RunSettings
-from fedtune.server.control_auth import TOKEN_ENV, new_token, write_cli_credentials
+from fedtune.server.control_auth import new_token, write_cli_credentials
 from fedtune.server.results import METRICS_FILE, SUMMARY_FILE
 
 log = logging.getLogger("fedtune.server")
@@ -138,8 +139,6 @@ class Federation:
 
     def __init__(self, opts: ServerOptions) -> None:
         from fedtune.common.ledger.receipts import RECORD_KEY_FILE
-        from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR  # imports torch/PEFT: only once a run starts
-        from fedtune.server.run_record import ENV_RECORD_KEY
 
         self.opts = opts
         self.home = opts.work_dir / "flwr-home"
@@ -147,9 +146,9 @@ class Federation:
         self.superlink_log = self.logs / "superlink.log"
         self.owner = f"fedtune-server:{opts.work_dir}"
         self.token_file = opts.work_dir / "control.token"
-        self.env = flower_env(self.home, self.owner) | {ENV_CHECKPOINT_DIR: str(opts.checkpoint_dir),
-                                                         TOKEN_ENV: str(self.token_file),
-                                                         ENV_RECORD_KEY: str(opts.work_dir / RECORD_KEY_FILE)}
+        self.env = flower_env(self.home, self.owner) | {runtime.CHECKPOINT_DIR.name: str(opts.checkpoint_dir),
+                                                         runtime.CONTROL_TOKEN_FILE.name: str(self.token_file),
+                                                         runtime.RECORD_KEY.name: str(opts.work_dir / RECORD_KEY_FILE)}
         self.cli = FlwrCli(self.env, opts.work_dir)
         self.proc = None
         self.run_id: int | None = None

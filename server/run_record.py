@@ -12,24 +12,23 @@ every round.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from fedtune.common import runtime
 from fedtune.common.ledger.key import load_or_create_key, public_path
 from fedtune.common.ledger.receipts import RECORD_KEY_FILE, Receipt, RunRecord, write_run_record
 
 log = logging.getLogger("fedtune.server")
-ENV_RECORD_KEY = "FEDTUNE_RECORD_KEY"  # set by fedtune-server (WORK_DIR/server-record.key) and fedtune-sim
 PUBLIC_FILE = "server-record.pub"
 
 
 def record_key(results_dir: Path) -> ed25519.Ed25519PrivateKey:
     """The server's record key (created on first use); its public half is copied into the results."""
-    path = Path(os.environ.get(ENV_RECORD_KEY) or results_dir / RECORD_KEY_FILE)
+    path = runtime.path(runtime.RECORD_KEY) or results_dir / RECORD_KEY_FILE
     key = load_or_create_key(path)
     (results_dir / PUBLIC_FILE).write_bytes(public_path(path).read_bytes())
     return key

@@ -28,7 +28,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,10 +38,11 @@ import torch
 
 from fedtune.client.randomness import RoundSeeds
 from fedtune.client.trainer import PART_SIZE, DpParams, privatize, train
+from fedtune.common import runtime
 from fedtune.common.data.table import federation_split
 from fedtune.common.models.adapter import load_arrays, to_arrays
 from fedtune.common.models.base import encode, load_base
-from fedtune.common.models.device import ENV_PRECISION, autocast_dtype, pick_device
+from fedtune.common.models.device import autocast_dtype, pick_device
 from fedtune.common.settings import DataSettings, LoraSettings, RunSettings
 from fedtune.common.tasks import get_task
 from fedtune.common.tasks.classify.model import build_model, frozen_prefix, lower_states
@@ -67,18 +68,9 @@ def corpus(n: int, model_path: str, max_len: int) -> tuple[torch.Tensor, torch.T
     return ids, mask, torch.tensor(part["label"], dtype=torch.long)
 
 
-@contextmanager
-def _precision(choice: str):
+def _precision(choice: str) -> AbstractContextManager[None]:
     """Run under ``FEDTUNE_PRECISION=choice`` (fp32, bf16 or auto)."""
-    saved = os.environ.get(ENV_PRECISION)
-    os.environ[ENV_PRECISION] = choice
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(ENV_PRECISION, None)
-        else:
-            os.environ[ENV_PRECISION] = saved
+    return runtime.overridden(runtime.PRECISION, choice)
 
 
 def dp_rate(model_path: str, lora: LoraSettings, data: Any, *, batch: int, steps: int, pad_to_longest: bool,

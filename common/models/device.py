@@ -9,23 +9,20 @@ the clipping bound the accountant assumes.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
 
+from fedtune.common import runtime
 from fedtune.common.errors import ConfigError
 
 
 def pick_device(preference: str | None = None) -> torch.device:
     """``$FEDTUNE_DEVICE`` or ``preference`` if given, else CUDA when present, else CPU."""
-    choice = preference or os.environ.get("FEDTUNE_DEVICE", "")
+    choice = preference or runtime.raw(runtime.DEVICE)
     if choice:
         return torch.device(choice)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-ENV_PRECISION = "FEDTUNE_PRECISION"
 
 
 def cpu_has_bf16() -> bool:
@@ -36,9 +33,9 @@ def cpu_has_bf16() -> bool:
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``device`` (None = full precision), after ``$FEDTUNE_PRECISION``."""
-    choice = os.environ.get(ENV_PRECISION, "auto").strip().lower() or "auto"
+    choice = runtime.precision()
     if choice not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"{ENV_PRECISION}={choice!r} is not a precision: use auto, bf16 or fp32")
+        raise ConfigError(f"{runtime.PRECISION.name}={choice!r} is not a precision: use auto, bf16 or fp32")
     if choice == "fp32" or device.type not in ("cuda", "cpu"):
         return None
     if device.type == "cuda":

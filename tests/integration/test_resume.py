@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedtune.server.checkpoint import ENV_CHECKPOINT_DIR, LATEST
+from fedtune.common.runtime import CHECKPOINT_DIR
+from fedtune.server.checkpoint import LATEST
 from fedtune.sim.cli import main
 
 pytestmark = pytest.mark.slow  # two federations (~1 min on 2 cores); make test-all
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.slow  # two federations (~1 min on 2 cores); make test-
 
 def test_resumed_run_ends_like_the_uninterrupted_one(tiny_model_dir, sentiment_csv, tmp_path, monkeypatch):
     checkpoints, out = tmp_path / "checkpoints", tmp_path / "run"
-    monkeypatch.setenv(ENV_CHECKPOINT_DIR, str(checkpoints))  # what fedtune-server sets on its SuperLink
+    monkeypatch.setenv(CHECKPOINT_DIR.name, str(checkpoints))  # what fedtune-server sets on its SuperLink
     args = ["--clients", "3", "--rounds", "2", "--model", str(tiny_model_dir), "--dataset", str(sentiment_csv),
             "--set", "partition-by=group", "--set", "max-seq-len=16", "--set", "batch-size=32", "--no-dp",
             "--set", "learning-rate=0.5", "--out", str(out),

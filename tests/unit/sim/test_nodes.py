@@ -6,8 +6,9 @@ import json
 
 import pandas as pd
 
-from fedtune.client.node_config import ENV_SIM_NODES, node_config
+from fedtune.client.node_config import node_config
 from fedtune.client.policy import load_policy
+from fedtune.common.runtime import SIM_NODES
 from fedtune.common.settings import RunSettings
 from fedtune.common.tasks.classify.data import load_labelled
 from fedtune.server.app import held_out
@@ -33,7 +34,7 @@ def test_held_out_rows_never_reach_a_node_and_nodes_get_their_own_config(tmp_pat
     assert len(seen) == 200
     assert set(seen) | test_texts <= set(load_labelled(settings.data).dataset["text"])
 
-    monkeypatch.setenv(ENV_SIM_NODES, env[ENV_SIM_NODES])
+    monkeypatch.setenv(SIM_NODES.name, env[SIM_NODES.name])
     config = node_config({"partition-id": 1, "num-partitions": 3})
     assert config.simulated and config.node == "simulation:client-1" and config.insecure_seed is None
     policy = load_policy(config.policy)

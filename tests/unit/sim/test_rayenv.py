@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fedtune.client.node_config import ENV_SIM_NODES
-from fedtune.common.flower.processes import OWNER_ENV
+from fedtune.common.runtime import OWNER, SIM_NODES
 from fedtune.sim import rayenv
+
+ENV_SIM_NODES, OWNER_ENV = SIM_NODES.name, OWNER.name
 
 
 def test_the_hook_adds_the_node_variables_and_keeps_flowers_own(monkeypatch):
