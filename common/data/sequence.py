@@ -58,8 +58,8 @@ def _json_lines(path: Path, problems: list[str]) -> Iterable[tuple[int, dict[str
             continue
         try:
             row = json.loads(line)
-        except ValueError as err:
-            problems.append(f"{path} line {lineno}: not valid JSON ({err.msg})")
+        except ValueError as err:  # JSONDecodeError, or an integer too long to convert
+            problems.append(f"{path} line {lineno}: not valid JSON ({getattr(err, 'msg', str(err)[:80])})")
             continue
         if not isinstance(row, dict):
             problems.append(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")

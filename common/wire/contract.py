@@ -179,10 +179,10 @@ class RoundRequest:
                 and all(isinstance(x, str) and 0 < len(x) <= 128 for x in labels) and len(set(labels)) == len(labels)):
             problems.append(f"labels must be empty or 2 to {MAX_LABELS} distinct non-empty strings")
         sections = {name: _section_from(section, record, problems) for name, section in _SECTIONS}
-        if problems:
+        if problems or not isinstance(labels, list):
             raise WireError(problems)
-        return cls(fields["server-round"], fields["run-key"], fields["resumed-after-round"], tuple(labels),
-                   **sections)
+        return cls(fields["server-round"], fields["run-key"], fields["resumed-after-round"],
+                   tuple(str(x) for x in labels), **sections)
 
 
 def _finite_or_inf(key: str, value: Any) -> float:
@@ -223,7 +223,7 @@ class TrainReply:
     def to_content(self, arrays: ArrayRecord | None) -> RecordDict:
         if (arrays is not None) != (self.status == "trained"):
             raise WireError("a trained reply carries the adapter and a refusal does not", code="INTERNAL")
-        metrics: dict[str, int | float] = {
+        metrics: dict[str, int | float | list[int] | list[float]] = {
             "num-examples": self.num_examples, "epsilon": self.epsilon, "epsilon-round": self.epsilon_round,
             "epsilon-budget": self.epsilon_budget, "noise-multiplier": self.noise_multiplier,
             "exhausted": int(self.exhausted), "ledger-seq": self.ledger_seq}
