@@ -77,6 +77,14 @@ def adapter(model_dir: Path, req: RoundRequest, *, labels: int = 2) -> Arrays:
     return to_arrays(build_model(load_base(str(model_dir)), labels, req.lora, torch.device("cpu")))
 
 
+def ner_adapter(model_dir: Path, req: RoundRequest) -> Arrays:
+    """The adapter tensors of a token classifier for ``req`` (its labels are the tags)."""
+    from fedtune.common.tasks import get_task
+
+    task = get_task("ner")
+    return to_arrays(task.build_model(task.load_base(str(model_dir)), req.labels, req.lora, torch.device("cpu")))
+
+
 def send(node: Node, req: RoundRequest | Mapping[str, Any], arrays: Arrays, *, run_id: int = 1) -> Message:
     """One training message to the node's real ClientApp; its reply."""
     record = req.to_record() if isinstance(req, RoundRequest) else ConfigRecord(dict(req))

@@ -17,9 +17,11 @@ from fedtune.client.policy import NodePolicy, policy_toml
 from fedtune.common.wire.contract import TrainReply, parse_reply
 from tests.adversarial.node import (
     LABELS,
+    Node,
     adapter,
     make_node,
     neighbours,
+    ner_adapter,
     public,
     request,
     send,
@@ -136,3 +138,33 @@ def test_a_fixed_shape_node_trains_every_part_at_the_requested_length(tmp_path, 
     req = request(tiny_model_dir)
     assert parse_reply(send(node, req, adapter(tiny_model_dir, req)).content).status == "trained"
     assert seen and set(seen) == {req.model.max_seq_len}
+
+
+def test_ner_tags_that_probe_for_a_sentence_get_the_same_refusal_from_both(tmp_path, tiny_model_dir) -> None:
+    """The same query on a token-classification node: tags name entity types, and the node declares its own."""
+    import json as _json
+
+    from tests.tiny_tasks import ner_rows, write_conll
+
+    declared = ("O", "B-LOC", "I-LOC", "B-PER", "I-PER")
+    plain = ner_rows(30, seed=3)
+    probed = [(["Ann", "takes", "Zyprexa"], ["B-PER", "O", "B-DRUG"]), *plain[1:]]  # one sentence replaced
+    nodes = []
+    for name, sentences in (("a", probed), ("b", plain)):
+        root = tmp_path / name
+        root.mkdir()
+        data = write_conll(root / "ner.conll", sentences)
+        (root / "policy.toml").write_text(policy_toml(POLICY))
+        nodes.append({"data-path": str(data), "state-dir": str(root / "state"), "policy": str(root / "policy.toml"),
+                      "task": "ner", "labels": _json.dumps(list(declared))})
+    base = request(tiny_model_dir)
+    for tags in ((*declared, "B-DRUG", "I-DRUG"), ("O", "B-DRUG")):
+        req = request(tiny_model_dir, model=dataclasses.replace(base.model, task="ner"), labels=tags)
+        replies = [send(Node(n, Path(n["state-dir"])), req, ner_adapter(tiny_model_dir, req)) for n in nodes]
+        assert public(replies[0]) == public(replies[1])
+        assert parse_reply(replies[0].content).code == "POLICY_LABELS"
+    req = request(tiny_model_dir, model=dataclasses.replace(base.model, task="ner"), labels=declared)
+    first, second = (parse_reply(send(Node(n, Path(n["state-dir"])), req, ner_adapter(tiny_model_dir, req)).content)
+                     for n in nodes)
+    assert first.status == second.status == "trained"
+    assert first.num_examples == second.num_examples - 1  # the B-DRUG sentence is left out, in the node's log only
