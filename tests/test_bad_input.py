@@ -358,6 +358,7 @@ def test_bad_input_gets_one_short_error_and_loses_nothing(name: str, world: Worl
     values["busy"] = str(busy.getsockname()[1])
     argv = [a.format(**values) for a in case.argv]
     before = _snapshot(world.root / "protected")
+    assert {"results/summary.json", "state/ledger.jsonl"} <= before.keys(), before  # something to protect
     try:
         code, output = (_subprocess(case.command, argv) if case.subprocess
                         else _in_process(case.command, argv, capsys))

@@ -49,6 +49,7 @@ def test_overflowing_weights_say_nothing_about_the_target_row(tiny_model_dir, se
         log = sim.save_logs(run_id, tmp_path / "run.log").read_text()
     assert status.endswith("completed"), log[-3000:]
     seen = json.loads(observed.read_text())
+    assert set(seen) == {"ordinary", "float32-overflow", "huge", "at-the-bound", "nan", "targeted-overflow"}, seen
     for name, (a, b) in seen.items():
         assert a["config"]["status"]["status"] == b["config"]["status"]["status"], name
         assert a["config"]["status"].get("code") == b["config"]["status"].get("code"), name

@@ -39,7 +39,9 @@ def test_a_federated_dp_run_that_diverges_stops_with_exit_5_and_keeps_its_ledger
     stopped = lines[-1]["round"]
     assert stopped < 3 and summary["adapter-round"] == stopped - 1  # nothing evaluated after the divergence
     assert f"after round {stopped}" in summary["stop-reason"]
-    for ledger in (out / "clients").glob("client-*/ledger.jsonl"):
+    ledgers = sorted((out / "clients").glob("client-*/ledger.jsonl"))
+    assert [p.parent.name for p in ledgers] == ["client-0", "client-1"], ledgers  # both nodes keep their charges
+    for ledger in ledgers:
         charged = [json.loads(x) for x in ledger.read_text().splitlines() if '"charged"' in x]
         assert len(charged) == stopped and all(0 < e["epsilon"] <= 8.0 for e in charged)
     err = " ".join(capsys.readouterr().err.split())

@@ -41,6 +41,7 @@ def test_three_clients_two_rounds_learn_and_leave_nothing_running(tiny_model_dir
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert max(r["accuracy"] for r in rounds[1:]) > rounds[0]["accuracy"] + 0.1
+    assert [len(r["clients"]) for r in rounds[1:]] == [3, 3]  # every client, every round
     assert all(c["status"] == "trained" and c["epsilon"] == float("inf") for r in rounds[1:] for c in r["clients"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 2

@@ -107,15 +107,19 @@ def test_a_kept_model_trains_a_round_exactly_as_a_freshly_built_one(base, tiny_m
     ids, mask, labels = _batch(base, 32)
     start = to_arrays(_model(base, TOP))
     kwargs = dict(steps=2, batch_size=8, learning_rate=0.5, dp=DpParams(1.0, 1.0), device=CPU)
-    updates = []
+    updates, models = [], []
     for model in (kept_model(get_task("classify"), str(tiny_model_dir), ("neg", "pos"), TOP, CPU),
                   kept_model(get_task("classify"), str(tiny_model_dir), ("neg", "pos"), TOP, CPU),
                   build_model(base, 2, TOP, CPU)):
+        models.append(model)
         load_arrays(model, start)
         train(model, (ids, mask, labels), seeds=RoundSeeds.insecure(7, 2, "n"), **kwargs)
         updates.append(to_arrays(model))
     kept_first, kept_again, fresh = updates
-    assert kept_model(get_task("classify"), str(tiny_model_dir), ("neg", "pos"), TOP, CPU) is not None
+    # the second round really ran on the kept model (already wrapped by Opacus once), not on a new one
+    kept, fresh_built = models[1] is models[0], models[2] is not models[0]
+    assert kept and fresh_built, "kept_model built a new model for the same settings"
+    assert fresh and fresh.keys() == kept_first.keys() == kept_again.keys()
     for name in fresh:
         assert np.allclose(kept_first[name], fresh[name], atol=1e-6), name
         assert np.allclose(kept_again[name], fresh[name], atol=1e-6), name

@@ -126,9 +126,14 @@ def test_node_config_passes_absolute_paths(node: dict[str, Path]) -> None:
 
 
 def test_unreachable_server_is_named() -> None:
+    import socket
+
     from fedtune.common.flower.processes import free_port
 
-    assert daemon.reachable(f"127.0.0.1:{free_port()}", timeout_s=1.0) is not None
+    reason = daemon.reachable(f"127.0.0.1:{free_port()}", timeout_s=1.0)
+    assert isinstance(reason, str) and "refused" in reason.lower(), reason
+    with socket.create_server(("127.0.0.1", 0)) as listening:  # a server that is there: no reason
+        assert daemon.reachable(f"127.0.0.1:{listening.getsockname()[1]}", timeout_s=1.0) is None
 
 
 def test_shipped_deploy_examples_are_valid() -> None:
@@ -138,7 +143,9 @@ def test_shipped_deploy_examples_are_valid() -> None:
     from fedtune.common.settings import RunSettings
 
     examples = Path(__file__).resolve().parents[3] / "deploy" / "examples"
-    for policy in sorted(examples.glob("policy*.toml")):
+    policies = sorted(examples.glob("policy*.toml"))
+    assert {p.name for p in policies} >= {"policy.toml", "policy-demo-a.toml", "policy-demo-b.toml"}, policies
+    for policy in policies:
         assert load_policy(policy).max_epsilon > 0
     RunSettings.from_config(tomllib.loads((examples / "run.toml").read_text()))
     assert read_allowlist(examples / "allowed-apps.txt") == frozenset()

@@ -147,5 +147,11 @@ def test_resumed_server_run_keeps_its_noise_plan(tmp_path: Path) -> None:
     fresh, _ = charge_round(node, replace(REQUEST, server_round=1), run=RunRef("3", run_key="k"),
                             fingerprint=FINGERPRINT)
     lines = entries(tmp_path)
+    assert [e["decision"] for e in lines] == ["charged"] * 3
     assert resumed.charged and lines[1]["event"]["noise_multiplier"] == lines[0]["event"]["noise_multiplier"]
-    assert lines[2]["event"]["noise_multiplier"] != lines[0]["event"]["noise_multiplier"] or not fresh.charged
+    assert resumed.epsilon_before == pytest.approx(lines[0]["epsilon"])
+    # a new run with the same settings is not a resumed one: it plans again, from the budget that is left
+    # (8 - ~6.75 here, so more noise), and is charged
+    assert fresh.charged and fresh.epsilon_before == pytest.approx(lines[1]["epsilon"])
+    assert lines[2]["event"]["noise_multiplier"] > lines[0]["event"]["noise_multiplier"]
+    assert lines[2]["epsilon"] <= 8.0

@@ -20,7 +20,9 @@ def test_confusion_and_label_metrics_match_scikit_learn(seed):
     assert cm == confusion_matrix(y_true, y_pred, labels=[0, 1, 2]).tolist()
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=[0, 1, 2],
                                                                      zero_division=np.nan)
-    for i, m in enumerate(label_metrics(cm)):
+    metrics = label_metrics(cm)
+    assert len(metrics) == 3
+    for i, m in enumerate(metrics):
         assert m.precision == pytest.approx(precision[i]) and m.recall == pytest.approx(recall[i])
         assert m.f1 == pytest.approx(f1[i]) and m.support == support[i]
 

@@ -145,14 +145,14 @@ def test_key_is_created_private_exported_and_never_overwritten(tmp_path: Path) -
 
 def test_loose_key_permissions_and_foreign_public_key_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger-signing.key"
-    load_or_create_key(path)
+    key = load_or_create_key(path)
     os.chmod(path, 0o644)
     with pytest.raises(ConfigError, match="readable by others"):
         load_or_create_key(path)
     os.chmod(path, 0o600)
     other = load_or_create_key(tmp_path / "other.key")
     public_path(path).write_bytes(public_path(tmp_path / "other.key").read_bytes())
-    assert other is not None
+    assert key_id(other.public_key()) != key_id(key.public_key())  # really a foreign public key
     with pytest.raises(ConfigError, match="does not belong"):
         load_or_create_key(path)
 

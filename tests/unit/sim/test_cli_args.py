@@ -20,10 +20,19 @@ def test_a_directory_named_like_a_builtin_corpus_does_not_shadow_it(tmp_path, mo
     assert _settings("--dataset", "mine.csv").data.dataset == str((tmp_path / "mine.csv").resolve())
 
 
-def test_a_ray_address_must_be_host_and_port():
-    assert _settings("--ray-address", "10.0.0.5:6379").federation is not None
+@pytest.mark.parametrize("address", ["10.0.0.5:6379", "head.cluster.local:6379", "ray://10.0.0.5:10001",
+                                     "[::1]:6379"])
+def test_a_ray_address_of_host_and_port_is_accepted_and_changes_no_run_setting(address):
+    args = parser().parse_args(["--ray-address", address])
+    assert settings_from_args(args) == _settings()  # where the nodes run, not what they compute
+    assert args.ray_address == address  # handed to Ray as given (RAY_ADDRESS)
+
+
+@pytest.mark.parametrize("address", ["my-cluster", "10.0.0.5", "10.0.0.5:", ":6379", "10.0.0.5:port",
+                                     "http://10.0.0.5:6379", "10.0.0.5:6379 --x"])
+def test_a_ray_address_must_be_host_and_port(address):
     with pytest.raises(ConfigError, match="--ray-address expects HOST:PORT"):
-        _settings("--ray-address", "my-cluster")
+        _settings("--ray-address", address)
 
 
 def test_the_aggregation_settings_are_in_fedtune_sim_help():
