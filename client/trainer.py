@@ -319,5 +319,5 @@ def train(
     batch sizes and the settings only, never on the lengths of the rows drawn.
     """
     loop = prepare_loop(model, data, batch_size=batch_size, learning_rate=learning_rate, dp=dp, device=device,
-                   seeds=seeds, optimizer=optimizer, lora_lr_scale=lora_lr_scale)
+                        seeds=seeds, optimizer=optimizer, lora_lr_scale=lora_lr_scale)
     return run_loop(loop, task or get_task(DEFAULT_TASK), steps=steps, device=device, parts=node_parts(fixed_shape))
