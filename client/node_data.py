@@ -44,7 +44,8 @@ class NodeRows:
     fingerprint: str  # sha256 over the training examples; stays on the node (ledger)
     task: str
     _tensors: dict[tuple[str, str, int], Tensors] = field(default_factory=dict, compare=False, repr=False)
-    _states: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    _inputs: dict[tuple[str, int, tuple[int, ...]], dict[str, torch.Tensor]] = field(
+        default_factory=dict, compare=False, repr=False)
 
     @property
     def num_train(self) -> int:
@@ -108,22 +109,16 @@ def tensors(rows: NodeRows, part: Literal["train", "test"], model_path: str, max
 
 
 def train_inputs(rows: NodeRows, model_path: str, max_len: int, lora: LoraSettings) -> dict[str, torch.Tensor]:
-    """What the trainer feeds the model: the encoded training part, and for a classifier whose LoRA starts at
-    layer k > 0 the frozen layers' output ``hidden_states`` [N, T, H] in place of ``input_ids``.
+    """What the trainer feeds the model: the task's inputs for the encoded training part (the encoded tensors by
+    name, or for a classifier whose LoRA starts at layer k > 0 the frozen layers' output ``hidden_states``
+    [N, T, H] in place of ``input_ids``: see the task's ``train_inputs``).
 
-    Those states are computed once per process, node and model (a fixed function of each example: caching
-    them changes nothing about DP, and every step then runs only the layers that train).
+    Computed once per process, node, model and LoRA layers (a fixed function of each example: caching it changes
+    nothing about DP, and every step then runs only the layers that train).
     """
-    ids, mask, labels = tensors(rows, "train", model_path, max_len)
-    if rows.task != "classify":
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    from fedtune.common.tasks.classify.model import frozen_prefix, lower_states
-
-    encoder = get_task(rows.task).load_base(model_path).encoder
-    cut = frozen_prefix(encoder, lora)
-    if cut == 0:
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    key = (model_path, max_len, cut)
-    if key not in rows._states:
-        rows._states[key] = lower_states(encoder, ids, mask, cut)
-    return {"hidden_states": rows._states[key], "attention_mask": mask, "labels": labels}
+    key = (model_path, max_len, tuple(lora.layers))
+    if key not in rows._inputs:
+        task = get_task(rows.task)
+        encoded = tensors(rows, "train", model_path, max_len)
+        rows._inputs[key] = task.train_inputs(task.load_base(model_path), encoded, lora)
+    return dict(rows._inputs[key])

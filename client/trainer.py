@@ -4,6 +4,9 @@ DP-SGD (Abadi et al. 2016): Poisson-sampled batches with rate q, per-example
 gradients clipped to norm C, Gaussian noise N(0, sigma^2 C^2) added to their sum,
 divided by the expected batch size; the optimiser then post-processes the private
 gradient (post-processing keeps the guarantee).
+
+A node's round is :func:`train`: :func:`prepare_loop` (loader, optimiser, Opacus), then :func:`run_loop` with
+the node's own :class:`Parts`. ``make bench`` runs the same two halves with other parts (its naive loops).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from opacus import PrivacyEngine
+from opacus import GradSampleModule, PrivacyEngine
 from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -22,9 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedtune.client.randomness import RoundSeeds
 from fedtune.common import runtime
 from fedtune.common.models.device import autocast
-from fedtune.common.privacy.accountant import DpEvent, opacus_epsilon
-from fedtune.common.tasks import Task, get_task
-from fedtune.common.tasks.base import Encoded, trim
+from fedtune.common.tasks import DEFAULT_TASK, Task, get_task
+from fedtune.common.tasks.base import Encoded, named, trim
 
 # Examples per forward/backward pass: a Poisson batch is cut into length-sorted parts of this size, each padded
 # only to its own longest example (see ``physical_parts``); ``make bench`` measures the gain.
@@ -33,11 +35,10 @@ PART_SIZE = 32
 
 @dataclass(frozen=True)
 class DpParams:
-    """Noise multiplier sigma, clipping norm C, and the delta at which Opacus reports epsilon."""
+    """Noise multiplier sigma and clipping norm C of DP-SGD."""
 
     noise_multiplier: float
     clip_norm: float
-    delta: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -45,28 +46,13 @@ class TrainResult:
     loss: float  # mean training loss over the round's non-empty batches
     steps: int  # optimizer steps taken (each one charged to the budget under DP)
     examples: int  # examples drawn across all steps
-    # The steps Opacus' own PrivacyEngine accountant recorded this round ((sigma, q, steps) entries; None
-    # without DP): a cross-check of the node's ledger, turned into epsilon only when asked (a PRV evaluation
-    # costs a tenth of a second or more, every node and round).
-    opacus_history: tuple[tuple[float, float, int], ...] | None = None
-    delta: float = 1e-5
-
-    @property
-    def opacus_epsilon(self) -> float | None:
-        """This round alone, by Opacus' PRV accountant as the engine recorded it (inf: clipping without noise)."""
-        if self.opacus_history is None:
-            return None
-        if any(sigma == 0 for sigma, _, _ in self.opacus_history):
-            return math.inf  # clipping without noise: no privacy guarantee at all
-        events = [DpEvent(q, sigma, steps) for sigma, q, steps in self.opacus_history]
-        return opacus_epsilon(events, self.delta, "prv")
 
 
 @dataclass(frozen=True)
 class Private:
     """What Opacus' ``make_private`` hands back, under one name."""
 
-    module: nn.Module
+    module: GradSampleModule
     optimizer: torch.optim.Optimizer
     loader: DataLoader
     engine: PrivacyEngine
@@ -83,13 +69,13 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns that torchcsprng is absent; see client/randomness.py
         engine = PrivacyEngine(accountant="prv")
-        module, optimizer, loader = engine.make_private(
+        module, dp_optimizer, dp_loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
             poisson_sampling=True, grad_sample_mode="hooks", noise_generator=noise,
         )
-    optimizer.secure_mode = True
-    return Private(module=module, optimizer=optimizer, loader=loader, engine=engine)
+    dp_optimizer.secure_mode = True
+    return Private(module=module, optimizer=dp_optimizer, loader=dp_loader, engine=engine)
 
 
 def noise_only_step(optimizer: torch.optim.Optimizer) -> None:
@@ -151,6 +137,22 @@ def physical_parts(batch: Mapping[str, torch.Tensor], size: int, *,
     return [trim({k: v[idx] for k, v in batch.items()}) for idx in order.split(size)]
 
 
+@dataclass(frozen=True)
+class Parts:
+    """How each logical (Poisson) batch is cut for forward/backward: :func:`physical_parts` with these settings."""
+
+    size: int  # examples per part; <= 0: each batch whole
+    fixed_shape: bool = False  # the node policy's fixed-shape: parts at max-seq-len, every position computed
+
+    def split(self, batch: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return physical_parts(batch, self.size, fixed_shape=self.fixed_shape)
+
+
+def node_parts(fixed_shape: bool = False) -> Parts:
+    """A node's parts: ``PART_SIZE`` examples, or its ``FEDTUNE_MAX_PHYSICAL_BATCH`` when that is smaller."""
+    return Parts(min(PART_SIZE, max_physical_batch() or PART_SIZE), fixed_shape)
+
+
 def checked_grad_samples(optim: torch.optim.Optimizer) -> int:
     """Per-example gradients made safe to clip; returns how many examples were zeroed.
 
@@ -177,27 +179,21 @@ def checked_grad_samples(optim: torch.optim.Optimizer) -> int:
     return int(bad.sum())
 
 
-def accumulate(task: Task, module: nn.Module, optim: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor],
-               device: torch.device, *, private: bool, part_size: int, pad_to_longest: bool = True,
-               fixed_shape: bool = False) -> float:
-    """Forward/backward of one logical batch part by part, then one optimiser step; the batch's mean loss.
+def accumulate(task: Task, module: nn.Module, optim: torch.optim.Optimizer, parts: list[dict[str, torch.Tensor]],
+               device: torch.device, *, private: bool, fixed_shape: bool = False) -> float:
+    """Forward/backward of one logical batch, cut into ``parts``, then one optimiser step; the batch's mean loss.
 
     Under DP each part's per-example gradients are clipped and summed by Opacus (its skipped steps, as in its
     ``BatchMemoryManager``); the last part's step adds the noise once and divides by the expected batch size,
     so the released step is that of the whole Poisson batch. Without DP the parts' mean losses are weighted by
-    their share of the batch, so the gradient is the batch mean's. ``pad_to_longest`` False: the naive loop
-    (the whole batch at once, padded to max-seq-len), kept for the benchmark. ``fixed_shape``: parts of
-    ``part_size`` at max-seq-len (see :func:`physical_parts`); it takes precedence over ``pad_to_longest``.
+    their share of the batch, so the gradient is the batch mean's. ``fixed_shape``: the task computes every
+    position of each part (see :class:`Parts`).
     """
-    if fixed_shape:
-        parts = physical_parts(batch, part_size, fixed_shape=True)
-    else:
-        parts = physical_parts(batch, part_size) if pad_to_longest else [dict(batch)]
-    n, total = len(batch["labels"]), 0.0
+    n, total = sum(len(part["labels"]) for part in parts), 0.0
     for i, part in enumerate(parts):
         if i and private:
             optim.zero_grad(set_to_none=True)  # keeps the clipped sum of the skipped steps (Opacus)
-        loss = step_loss(task, module, part, device, pad_to_longest=False, fixed_shape=fixed_shape)
+        loss = step_loss(task, module, part, device, fixed_shape=fixed_shape)
         share = len(part["labels"]) / n
         (loss if private else loss * share).backward()
         if private:
@@ -212,20 +208,15 @@ def accumulate(task: Task, module: nn.Module, optim: torch.optim.Optimizer, batc
 
 def named_inputs(data: Encoded | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A task's encoded triple as named tensors (a mapping passes through: e.g. cached ``hidden_states``)."""
-    if isinstance(data, Mapping):
-        return dict(data)
-    ids, mask, labels = data
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return dict(data) if isinstance(data, Mapping) else named(data)
 
 
-def step_loss(task: Task, module: nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device,
-              pad_to_longest: bool = True, fixed_shape: bool = False) -> torch.Tensor:
-    """One batch's loss: padded to its own longest example (dynamic padding; ``fixed_shape``: never trimmed, and
-    the task computes every position, e.g. sft's output layer), moved to ``device``."""
-    if pad_to_longest and not fixed_shape:
-        batch = trim(batch)
+def step_loss(task: Task, module: nn.Module, part: Mapping[str, torch.Tensor], device: torch.device, *,
+              fixed_shape: bool = False) -> torch.Tensor:
+    """One part's loss, moved to ``device``, as cut (:class:`Parts`: padded to its own longest example, or under
+    ``fixed_shape`` to max-seq-len with the task computing every position, e.g. sft's output layer)."""
     with autocast(device):
-        return task.loss(module, {k: v.to(device) for k, v in batch.items()}, fixed_shape=fixed_shape)
+        return task.loss(module, {k: v.to(device) for k, v in part.items()}, fixed_shape=fixed_shape)
 
 
 def make_optimizer(
@@ -254,6 +245,53 @@ def _private_or_none(model: PeftModel, optim: torch.optim.Optimizer, loader: Dat
     return privatize(model, optim, loader, dp, noise) if dp is not None else None
 
 
+@dataclass(frozen=True)
+class Loop:
+    """One round's training, ready to run: the model, its optimiser and loader (wrapped by Opacus under DP)."""
+
+    model: PeftModel
+    names: tuple[str, ...]  # the loader's tensors, by name
+    module: nn.Module  # ``model``, or Opacus' GradSampleModule around it
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    private: Private | None  # None without DP
+
+
+def prepare_loop(model: PeftModel, data: Encoded | Mapping[str, torch.Tensor], *, batch_size: int,
+                 learning_rate: float, dp: DpParams | None, device: torch.device, seeds: RoundSeeds,
+                 optimizer: str = "sgd", lora_lr_scale: float = 1.0) -> Loop:
+    """Loader, optimiser and (under DP) Opacus' wrapping for ``data`` (see :func:`train`)."""
+    named = named_inputs(data)
+    sampler, noise = seeds.generators(device)
+    loader = DataLoader(TensorDataset(*named.values()), batch_size=batch_size, shuffle=True, generator=sampler)
+    optim = make_optimizer(model, optimizer, learning_rate, lora_lr_scale)
+    private = _private_or_none(model, optim, loader, dp, noise)
+    if private is None:
+        return Loop(model, tuple(named), model, optim, loader, None)
+    return Loop(model, tuple(named), private.module, private.optimizer, private.loader, private)
+
+
+def run_loop(loop: Loop, task: Task, *, steps: int, device: torch.device, parts: Parts) -> TrainResult:
+    """``steps`` steps of ``loop``, each Poisson batch cut as ``parts`` says; Opacus' hooks removed afterwards."""
+    loop.module.train()
+    base_dropout_off(loop.model)
+    losses, examples = [], 0
+    for tensors in _batches(loop.loader, steps):
+        batch = dict(zip(loop.names, tensors, strict=True))
+        loop.optimizer.zero_grad(set_to_none=True)
+        if len(batch["labels"]) == 0:  # a Poisson draw can be empty: the step is charged, its noise released
+            noise_only_step(loop.optimizer)
+            continue
+        losses.append(accumulate(task, loop.module, loop.optimizer, parts.split(batch), device,
+                                 private=loop.private is not None, fixed_shape=parts.fixed_shape))
+        examples += len(batch["labels"])
+    if loop.private is not None:
+        loop.private.module._close()  # remove Opacus hooks; the PeftModel stays usable
+    finite = [x for x in losses if math.isfinite(x)]  # a zeroed example's loss can be inf (see checked_grad_samples)
+    mean_loss = sum(finite) / len(finite) if finite else math.nan
+    return TrainResult(loss=mean_loss, steps=steps, examples=examples)
+
+
 def train(
     model: PeftModel,
     data: Encoded | Mapping[str, torch.Tensor],
@@ -267,48 +305,19 @@ def train(
     optimizer: str = "sgd",
     lora_lr_scale: float = 1.0,
     task: Task | None = None,
-    pad_to_longest: bool = True,
-    part_size: int | None = None,
     fixed_shape: bool = False,
 ) -> TrainResult:
-    """Train ``model``'s trainable tensors in place for ``steps`` steps.
+    """Train ``model``'s trainable tensors in place for ``steps`` steps: a node's round.
 
-    ``data`` is (input_ids [N, T], attention_mask [N, T], labels [N] or [N, T]), or the same by name where
-    ``hidden_states`` [N, T, H] (the frozen lower layers' output, ``common.model.lower_states``) may stand in
-    for ``input_ids``; ``task`` (default: classify) computes each batch's loss. Under DP the loader is
-    Poisson-sampled with q = 1 / ceil(N / batch_size). ``seeds`` drive sampling, noise and dropout. Each
-    batch is cut into length-sorted parts padded to their own longest example (``pad_to_longest``; False is the
-    naive loop: each batch whole, padded to max-seq-len); ``part_size`` examples per part (None: ``PART_SIZE``
-    or the node's ``FEDTUNE_MAX_PHYSICAL_BATCH``, whichever is smaller; 0: each batch whole). ``fixed_shape``
-    (the node policy's ``fixed-shape``): every part padded to the tensors' full length (max-seq-len), so the
-    shapes the model sees, and with them the round's time and memory, depend on the Poisson batch sizes and the
-    settings only, never on the lengths of the rows drawn.
+    ``data`` is (input_ids [N, T], attention_mask [N, T], labels [N] or [N, T]), or the same by name as the task's
+    ``train_inputs`` gives them (classify may put its frozen lower layers' output ``hidden_states`` [N, T, H] in
+    place of ``input_ids``); ``task`` (default: the registry's ``DEFAULT_TASK``) computes each batch's loss. Under
+    DP the loader is Poisson-sampled with q = 1 / ceil(N / batch_size). ``seeds`` drive sampling, noise and
+    dropout. Each batch is cut into length-sorted parts padded to their own longest example (:func:`node_parts`).
+    ``fixed_shape`` (the node policy's ``fixed-shape``): every part padded to the tensors' full length
+    (max-seq-len), so the shapes the model sees, and with them the round's time and memory, depend on the Poisson
+    batch sizes and the settings only, never on the lengths of the rows drawn.
     """
-    task = task or get_task("classify")
-    named = named_inputs(data)
-    sampler, noise = seeds.generators(device)
-    loader = DataLoader(TensorDataset(*named.values()), batch_size=batch_size, shuffle=True, generator=sampler)
-    optim = make_optimizer(model, optimizer, learning_rate, lora_lr_scale)
-    private = _private_or_none(model, optim, loader, dp, noise)
-    module, optim, loader = (private.module, private.optimizer, private.loader) if private else (model, optim, loader)
-    module.train()
-    base_dropout_off(model)
-    losses, examples = [], 0
-    part_size = min(PART_SIZE, max_physical_batch() or PART_SIZE) if part_size is None else part_size
-    for tensors in _batches(loader, steps):
-        batch = dict(zip(named, tensors, strict=True))
-        optim.zero_grad(set_to_none=True)
-        if len(batch["labels"]) == 0:  # a Poisson draw can be empty: the step is charged, its noise released
-            noise_only_step(optim)
-            continue
-        losses.append(accumulate(task, module, optim, batch, device, private=private is not None,
-                                 part_size=part_size, pad_to_longest=pad_to_longest, fixed_shape=fixed_shape))
-        examples += len(batch["labels"])
-    history = None
-    if private is not None:
-        history = tuple((float(s), float(q), int(n)) for s, q, n in private.engine.accountant.history)
-        module._close()  # remove Opacus hooks; the PeftModel stays usable
-    finite = [x for x in losses if math.isfinite(x)]  # a zeroed example's loss can be inf (see checked_grad_samples)
-    mean_loss = sum(finite) / len(finite) if finite else math.nan
-    return TrainResult(loss=mean_loss, steps=steps, examples=examples, opacus_history=history,
-                       delta=dp.delta if dp is not None else 1e-5)
+    loop = prepare_loop(model, data, batch_size=batch_size, learning_rate=learning_rate, dp=dp, device=device,
+                        seeds=seeds, optimizer=optimizer, lora_lr_scale=lora_lr_scale)
+    return run_loop(loop, task or get_task(DEFAULT_TASK), steps=steps, device=device, parts=node_parts(fixed_shape))

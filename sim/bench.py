@@ -37,15 +37,15 @@ import numpy as np
 import torch
 
 from fedtune.client.randomness import RoundSeeds
-from fedtune.client.trainer import PART_SIZE, DpParams, privatize, train
+from fedtune.client.trainer import PART_SIZE, DpParams, Parts, TrainResult, prepare_loop, privatize, run_loop, train
 from fedtune.common import runtime
 from fedtune.common.data.table import federation_split
 from fedtune.common.models.adapter import load_arrays, to_arrays
 from fedtune.common.models.base import encode, load_base
 from fedtune.common.models.device import autocast_dtype, pick_device
 from fedtune.common.settings import DataSettings, LoraSettings, RunSettings
-from fedtune.common.tasks import get_task
 from fedtune.common.tasks.classify.model import build_model, frozen_prefix, lower_states
+from fedtune.common.tasks.classify.task import CLASSIFY
 from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
 from fedtune.common.wire.contract import RoundRequest
 
@@ -53,11 +53,14 @@ NAIVE_LORA = LoraSettings(lora_layers="")  # LoRA in every layer: the loop befor
 TRAIN_PART = "DP training (forward/backward/step)"
 LEDGER_PART = "ledger charges (fsync'd; mean over the job's rounds)"
 SIGMA = 1.0  # a typical noise multiplier of the main job (the cost of DP does not depend on it)
+# Loops no node runs: each Poisson batch whole at max-seq-len (naive: one part at full width, as fixed-shape
+# computes it; the classifier's loss is the same either way) or padded to its own longest example.
+NAIVE_PARTS, WHOLE_BATCH_PARTS = Parts(0, fixed_shape=True), Parts(0)
 
 
 @functools.lru_cache(maxsize=1)
 def _pool() -> Any:
-    return federation_split(get_task("classify").load_data(DataSettings()), 0.15, 42, 6000)[0]
+    return federation_split(CLASSIFY.load_data(DataSettings()), 0.15, 42, 6000)[0]
 
 
 def corpus(n: int, model_path: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,18 +76,28 @@ def _precision(choice: str) -> AbstractContextManager[None]:
     return runtime.overridden(runtime.PRECISION, choice)
 
 
-def dp_rate(model_path: str, lora: LoraSettings, data: Any, *, batch: int, steps: int, pad_to_longest: bool,
-          device: torch.device, precision: str = "auto", part_size: int | None = None,
-          fixed_shape: bool = False) -> float:
-    """DP-SGD examples/s of ``train`` (after a warm-up round) for one configuration."""
+def bench_train(model: Any, data: Any, *, steps: int, batch: int, device: torch.device, seeds: RoundSeeds,
+                parts: Parts | None = None, fixed_shape: bool = False) -> TrainResult:
+    """One DP training run of the classifier: a node's own loop (``train``) when ``parts`` is None, else the
+    trainer's two halves (``prepare_loop``, ``run_loop``) with each Poisson batch cut as ``parts`` says."""
+    kwargs: dict[str, Any] = dict(batch_size=batch, learning_rate=0.5, dp=DpParams(SIGMA, 1.0), device=device,
+                                  seeds=seeds)
+    if parts is None:
+        return train(model, data, steps=steps, task=CLASSIFY, fixed_shape=fixed_shape, **kwargs)
+    return run_loop(prepare_loop(model, data, **kwargs), CLASSIFY, steps=steps, device=device, parts=parts)
+
+
+def dp_rate(model_path: str, lora: LoraSettings, data: Any, *, batch: int, steps: int, device: torch.device,
+            precision: str = "auto", parts: Parts | None = None, fixed_shape: bool = False) -> float:
+    """DP-SGD examples/s of :func:`bench_train` (after a warm-up round) for one configuration."""
     base = load_base(model_path)
-    kwargs = dict(batch_size=batch, learning_rate=0.5, dp=DpParams(SIGMA, 1.0), device=device,
-                  pad_to_longest=pad_to_longest, part_size=part_size, fixed_shape=fixed_shape)
+    kwargs: dict[str, Any] = dict(batch=batch, device=device, parts=parts, fixed_shape=fixed_shape)
     with _precision(precision):
-        train(build_model(base, 2, lora, device), data, steps=1, seeds=RoundSeeds.insecure(0, 0, "warm"), **kwargs)
+        bench_train(build_model(base, 2, lora, device), data, steps=1, seeds=RoundSeeds.insecure(0, 0, "warm"),
+                    **kwargs)
         model = build_model(base, 2, lora, device)
         start = time.perf_counter()
-        result = train(model, data, steps=steps, seeds=RoundSeeds.insecure(0, 1, "bench"), **kwargs)
+        result = bench_train(model, data, steps=steps, seeds=RoundSeeds.insecure(0, 1, "bench"), **kwargs)
     return result.examples / (time.perf_counter() - start)
 
 
@@ -100,11 +113,11 @@ def throughput(model_path: str, *, examples: int, batch: int, steps: int, max_le
     cache_s_per_example = (time.perf_counter() - start) / len(ids)
     plain = (ids, mask, labels)
     rate = functools.partial(dp_rate, model_path, batch=batch, steps=steps, device=device)
-    naive = rate(NAIVE_LORA, plain, pad_to_longest=False, precision="fp32")
-    padded = rate(NAIVE_LORA, plain, pad_to_longest=True, precision="fp32", part_size=0)
-    parts = rate(NAIVE_LORA, plain, pad_to_longest=True, precision="fp32")
-    default = rate(NAIVE_LORA, plain, pad_to_longest=True)
-    cached = rate(top, {"hidden_states": states, "attention_mask": mask, "labels": labels}, pad_to_longest=True)
+    naive = rate(NAIVE_LORA, plain, parts=NAIVE_PARTS, precision="fp32")
+    padded = rate(NAIVE_LORA, plain, parts=WHOLE_BATCH_PARTS, precision="fp32")
+    parts = rate(NAIVE_LORA, plain, precision="fp32")  # the node's own loop from here on
+    default = rate(NAIVE_LORA, plain)
+    cached = rate(top, {"hidden_states": states, "attention_mask": mask, "labels": labels})
     # Over a job a node computes its cache once and trains on each example `rounds` times (one epoch a round).
     amortised = rounds / (rounds / cached + cache_s_per_example)
     return {
@@ -168,7 +181,7 @@ def node_round(model_path: str, data: Any, *, settings: RunSettings, steps: int,
         plan = request.plan
         train(model, data, steps=steps, batch_size=plan.batch_size, learning_rate=plan.learning_rate,
               lora_lr_scale=plan.lora_lr_scale, optimizer=plan.optimizer, dp=DpParams(SIGMA, 1.0), device=device,
-              seeds=RoundSeeds.insecure(0, 1, "bench"))
+              seeds=RoundSeeds.insecure(0, 1, "bench"), task=CLASSIFY)
     with clock.part("update extraction + reply serialisation"):
         sent = to_arrays(model)
         _, size = _wire_roundtrip(sent)
@@ -301,33 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def scale_specs(text: str) -> tuple[Any, ...]:
-    from fedtune.common.errors import ConfigError
-    from fedtune.sim.scale import ScaleSpec
-
-    specs = []
-    for item in text.split(","):
-        clients, model, rounds = ([*item.strip().split(":"), "2"])[:3]
-        if not clients.isdigit() or model not in ("minilm", "tiny") or not rounds.isdigit():
-            raise ConfigError(f"--scale-rows: {item!r} is not CLIENTS:MODEL[:ROUNDS] with MODEL minilm or tiny")
-        specs.append(ScaleSpec(int(clients), model, int(rounds)))
-    return tuple(specs)
-
-
-def merge_scale_rows(previous: dict[str, Any] | None, specs: tuple[Any, ...], out_dir: Path) -> dict[str, Any]:
-    """``specs`` run now; the previous table's other rows kept; the plot redrawn from all of them."""
-    from fedtune.sim.scale import PLOT, plot, scale_rows
-
-    new = scale_rows(out_dir, specs)
-    names = {(r["clients"], r["model"]) for r in new["rows"]}
-    rows = [r for r in (previous or {}).get("rows", []) if (r["clients"], r["model"]) not in names] + new["rows"]
-    rows.sort(key=lambda r: (r["model"], r["clients"]))
-    if rows:
-        plot(rows, out_dir / PLOT)
-    return {"rows": rows, "failed": new["failed"], "plot": PLOT if rows else None}
-
-
-def main(argv: list[str] | None = None, *, render: Callable[[dict[str, Any]], str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtune-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="local model directory (default: embedded MiniLM)")
@@ -352,12 +339,18 @@ def main(argv: list[str] | None = None, *, render: Callable[[dict[str, Any]], st
                         "fixed-shape) and merge it into the existing figures, keeping every other row")
     p.add_argument("--record-run", nargs=3, metavar=("RESULTS_DIR", "WALL_S", "LOAD"),
                    help="add a finished main-job run (make run) to the main-job table and re-render, nothing else")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None, *, render: Callable[[dict[str, Any]], str] | None = None) -> int:
+    args = parser().parse_args(argv)
     from fedtune.sim.bench_report import to_markdown
 
     json_path = args.out.with_suffix(".json")
     previous = json.loads(json_path.read_text()) if json_path.is_file() else {}
     if args.scale_rows:
+        from fedtune.sim.scale import merge_scale_rows, scale_specs
+
         result = previous
         result["scale"] = merge_scale_rows(previous.get("scale"), scale_specs(args.scale_rows), args.out.parent)
     elif args.fixed_shape_only:

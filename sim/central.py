@@ -40,7 +40,7 @@ from fedtune.common.wire.arrays import Arrays
 from fedtune.common.wire.contract import RoundRequest
 from fedtune.server.app import held_out, round_line
 from fedtune.server.checkpoint import run_key
-from fedtune.server.divergence import STOP_CODE, DivergenceGuard, baseline_fields, diverged_reason, spent_epsilon
+from fedtune.server.divergence import STOP_CODE, DivergenceGuard, diverged_reason, spent_epsilon
 from fedtune.server.results import ADAPTER_DIR, RunRecorder, card_info, eval_fields, held_out_groups
 from fedtune.server.strategy import ClientRow, reply_row
 from fedtune.sim.nodes import SimulatedNodes, prepare
@@ -143,9 +143,9 @@ class CentralRun:
         status = {"status": "stopped-early", "stop-code": outcome.stop_code, "stop-reason": outcome.stop_reason} \
             if outcome.stop_code else {"status": "completed"}
         rounds = self.recorder.rounds
-        baseline = baseline_fields(self.test, rounds) if self.task.name == "classify" else {}
         summary = self.recorder.finish({"mode": "central", "adapter": ADAPTER_DIR, "adapter-round": outcome.kept_round,
-                                        **status, **baseline, "task": self.task.name, "settings": s.to_config()})
+                                        **status, **self.task.summary_fields(self.test, rounds),
+                                        "task": self.task.name, "settings": s.to_config()})
         write_model_card(adapter_dir, card_info(meta, s, rounds, status["status"]))
         return summary
 

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from fedtune.common import exit_codes
 from fedtune.common.errors import ConfigError, FedtuneError, RunError, format_problems
 from fedtune.common.settings import RunSettings, help_table
-from fedtune.common.tasks import get_task
+from fedtune.common.tasks import DEFAULT_TASK, TASKS, Task, get_task
 from fedtune.server.results import SUMMARY_FILE, portable
 from fedtune.sim.nodes import SimulatedNodes, prepare
 from fedtune.sim.output import ResultsDir
@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
         prog="fedtune-sim", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__, epilog="settings for --set KEY=VALUE:\n" + settings_help,
     )
-    p.add_argument("--task", choices=("classify", "ner", "sft"),
+    p.add_argument("--task", choices=TASKS,
                    help="classify (default), ner or sft; each task brings its own default job (settings below "
                         "are the classify job's; flags and --set override a task's defaults)")
     p.add_argument("--clients", type=int, default=None,
@@ -96,16 +96,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-TASK_CLIENTS = {"classify": 5, "ner": 3, "sft": 3}
-
-
-def _task_presets(task: str, own_model: bool) -> dict[str, Any]:
-    """The default job of ``task`` (kebab keys), under every flag and --set. Layer indices are the embedded
-    model's: with your own model (``--model``) LoRA goes on every layer unless lora-layers says otherwise."""
+def _task(name: str) -> Task:
+    """The task the `task` setting names (ConfigError for a name that is none)."""
     try:
-        presets = dict(get_task(task).presets)
+        return get_task(name)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _task_presets(task: Task, own_model: bool) -> dict[str, Any]:
+    """The default job of ``task`` (kebab keys), under every flag and --set. Layer indices are the embedded
+    model's: with your own model (``--model``) LoRA goes on every layer unless lora-layers says otherwise."""
+    presets = dict(task.presets)
     if own_model:
         presets.pop("lora-layers", None)
     return presets
@@ -132,16 +134,17 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
                             "give it once")
         else:
             overrides[key] = value
-    if args.clients is None:
-        args.clients = int(TASK_CLIENTS.get(str(overrides.get("task", "classify")), 5))
-    if args.clients < 1:
+    if args.clients is not None and args.clients < 1:
         problems.append(f"--clients must be >= 1, got {args.clients}")
     if args.ray_address and not re.fullmatch(r"(ray://)?[\w.\-\[\]:]+:\d+", args.ray_address):
         problems.append(f"--ray-address expects HOST:PORT of the Ray head (as `ray start --head` prints), "
                         f"got {args.ray_address[:100]!r}")
     if problems:
         raise ConfigError(problems)
-    overrides = _task_presets(str(overrides.get("task", "classify")), bool(overrides.get("model-path"))) | overrides
+    task = _task(str(overrides.get("task", DEFAULT_TASK)))
+    overrides = _task_presets(task, bool(overrides.get("model-path"))) | overrides
+    if args.clients is None:
+        args.clients = task.clients  # the task's default job
     # Paths stay valid for the Flower processes (another cwd). A dataset is a file or a built-in name: a
     # directory of the same name as a built-in corpus (say, a sweep's --out drug-reviews) does not shadow it.
     for key, exists in (("model-path", Path.exists), ("dataset", Path.is_file)):

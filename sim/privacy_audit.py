@@ -58,6 +58,7 @@ from fedtune.common.privacy.accountant import DpEvent, opacus_epsilon, steps_per
 from fedtune.common.settings import DataSettings, LoraSettings
 from fedtune.common.tasks.classify.data import load_labelled
 from fedtune.common.tasks.classify.model import build_model
+from fedtune.common.tasks.classify.task import CLASSIFY
 
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids [N, T], attention_mask [N, T], labels [N]
 CPU = torch.device("cpu")
@@ -178,9 +179,10 @@ def per_example_gradients(model: torch.nn.Module, data: Tensors, clip_norm: floa
 
 def _train_once(model: torch.nn.Module, data: Tensors, cfg: CanaryAudit, sigma: float, seed: int) -> None:
     """The node's real trainer, called in this one place (its signature may grow randomness parameters)."""
-    dp = DpParams(noise_multiplier=sigma, clip_norm=cfg.clip_norm, delta=cfg.delta)
+    dp = DpParams(noise_multiplier=sigma, clip_norm=cfg.clip_norm)
     train(model, data, steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, dp=dp,
-          device=CPU, seeds=RoundSeeds.insecure(seed, 1, "privacy-audit"), optimizer="sgd", lora_lr_scale=1.0)
+          device=CPU, seeds=RoundSeeds.insecure(seed, 1, "privacy-audit"), optimizer="sgd", lora_lr_scale=1.0,
+          task=CLASSIFY)
 
 
 def canary_scores(start: torch.Tensor, end: torch.Tensor, grads: torch.Tensor) -> np.ndarray:

@@ -145,6 +145,30 @@ def scale_rows(out_dir: Path, specs: tuple[ScaleSpec, ...] = SPECS) -> dict[str,
     return {"rows": done, "failed": [r for r in rows if "failed" in r], "plot": PLOT if done else None}
 
 
+def scale_specs(text: str) -> tuple[ScaleSpec, ...]:
+    """``fedtune-bench --scale-rows``: CLIENTS:MODEL[:ROUNDS],... (ConfigError naming a bad item)."""
+    from fedtune.common.errors import ConfigError
+
+    specs = []
+    for item in text.split(","):
+        clients, model, rounds = ([*item.strip().split(":"), "2"])[:3]
+        if not clients.isdigit() or model not in ("minilm", "tiny") or not rounds.isdigit():
+            raise ConfigError(f"--scale-rows: {item!r} is not CLIENTS:MODEL[:ROUNDS] with MODEL minilm or tiny")
+        specs.append(ScaleSpec(int(clients), model, int(rounds)))
+    return tuple(specs)
+
+
+def merge_scale_rows(previous: dict[str, Any] | None, specs: tuple[ScaleSpec, ...], out_dir: Path) -> dict[str, Any]:
+    """``specs`` run now; the previous table's other rows kept; the plot redrawn from all of them."""
+    new = scale_rows(out_dir, specs)
+    names = {(r["clients"], r["model"]) for r in new["rows"]}
+    rows = [r for r in (previous or {}).get("rows", []) if (r["clients"], r["model"]) not in names] + new["rows"]
+    rows.sort(key=lambda r: (r["model"], r["clients"]))
+    if rows:
+        plot(rows, out_dir / PLOT)
+    return {"rows": rows, "failed": new["failed"], "plot": PLOT if rows else None}
+
+
 if __name__ == "__main__":  # python -m fedtune.sim.scale CLIENTS MODEL ROUNDS [WORK_DIR] -> one row as JSON
     work = Path(sys.argv[4]) if len(sys.argv) > 4 else Path(tempfile.mkdtemp(prefix="fedtune-scale-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ def fixed_shape_cost(model_path: str, *, examples: int, batch: int, steps: int, 
         for prefix, (lora, data) in configs.items():
             for fixed in (False, True):
                 runs.setdefault(f"{prefix}{'fixed-shape' if fixed else 'default'}", []).append(dp_rate(
-                    model_path, lora, data, batch=batch, steps=steps, pad_to_longest=True, device=device,
+                    model_path, lora, data, batch=batch, steps=steps, device=device,
                     fixed_shape=fixed))
     out: dict[str, Any] = {
         "examples": len(ids), "batch": batch, "steps": steps, "max-seq-len": max_len, "part-size": PART_SIZE,

@@ -1,10 +1,11 @@
 """Adapter tensors on the wire and on disk.
 
-Only trainable tensors travel (LoRA factors and the classifier head), as a Flower
+Only trainable tensors travel (LoRA factors and the task's head), as a Flower
 ``ArrayRecord`` keyed by PEFT's adapter state-dict names; the frozen base model
 never leaves a node. On disk the final adapter is PEFT's own format, so
-``PeftModel.from_pretrained(classifier, dir)`` loads it, plus ``fedtune.json`` (base model by Hub id or
-directory name, labels, sequence length) from which ``load_adapter`` rebuilds the classifier anywhere.
+``PeftModel.from_pretrained(model, dir)`` loads it, plus ``fedtune.json`` (task, base model by Hub id or
+directory name, labels, sequence length) from which the model is rebuilt anywhere (for classify:
+``fedtune.common.tasks.classify.adapter.load_adapter``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedtune.common.errors import ModelError
 from fedtune.common.models.base import BaseModelRef
+from fedtune.common.tasks import DEFAULT_TASK, get_task
 from fedtune.common.wire.arrays import Arrays, check_arrays
 
 
@@ -51,24 +53,22 @@ def load_arrays(model: PeftModel, arrays: Arrays) -> None:
 
 META_FILE = "fedtune.json"
 META_FORMAT = "fedtune-adapter/1"
-HEAD_DESCRIPTION = "masked mean pooling -> linear (fedtune.common.tasks.classify.task.model.SentenceClassifier)"
 
 
 @dataclass(frozen=True)
 class AdapterMeta:
-    """What ``fedtune.json`` beside a saved adapter says: enough to rebuild the classifier anywhere."""
+    """What ``fedtune.json`` beside a saved adapter says: enough to rebuild the task's model anywhere."""
 
     base: BaseModelRef
     labels: list[str]
     max_seq_len: int
-    task: str = "classify"  # the `task` setting: classify, ner or sft
+    task: str = DEFAULT_TASK  # the `task` setting: classify, ner or sft
 
     def to_json(self) -> dict[str, Any]:
-        from fedtune.common.tasks import get_task
-
-        out = {"format": META_FORMAT, "task": get_task(self.task).pipeline_tag, "fedtune-task": self.task,
+        task = get_task(self.task)
+        out = {"format": META_FORMAT, "task": task.pipeline_tag, "fedtune-task": self.task,
                "base_model": self.base.to_json(), "labels": self.labels, "max_seq_len": self.max_seq_len}
-        return out | ({"head": HEAD_DESCRIPTION} if self.task == "classify" else {})
+        return out | dict(task.adapter_fields)
 
     @classmethod
     def read(cls, adapter_dir: Path) -> AdapterMeta:
@@ -78,7 +78,7 @@ class AdapterMeta:
             base = raw["base_model"]
             return cls(BaseModelRef.from_json(base if isinstance(base, dict) else {"name": base, "source": "local"}),
                        [str(x) for x in raw["labels"]], int(raw.get("max_seq_len") or 128),
-                       str(raw.get("fedtune-task", "classify")))
+                       str(raw.get("fedtune-task", DEFAULT_TASK)))  # written before tasks existed: a classifier
         except FileNotFoundError:
             raise ModelError(f"{adapter_dir} is not a fedtune adapter directory (no {META_FILE})") from None
         except (OSError, ValueError, KeyError, TypeError) as err:

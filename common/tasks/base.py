@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from fedtune.common.data.table import LabelledData
     from fedtune.common.models.base import BaseModel, BaseModelRef
     from fedtune.common.settings import DataSettings, LoraSettings
+    from fedtune.common.tasks.card import TaskCard
     from fedtune.common.tasks.result import EvalResult
 
 # input_ids [N, T], attention_mask [N, T], labels [N] (classify) or [N, T] (ner, sft; -100 = no loss)
@@ -40,6 +41,9 @@ class Task(Protocol):
     presets: Mapping[str, Any]  # fedtune-sim --task: default settings (kebab keys) of this task's job
     truncates: bool  # encode cuts a long example to max-seq-len (never rejects one): no length check needed
     labelled: bool  # examples carry a label or tags from a set the node declares (`labels`)
+    clients: int  # fedtune-sim --task: the default job's number of simulated clients
+    adapter_fields: Mapping[str, Any]  # the task's own fields of the adapter's fedtune.json (classify: its head)
+    card: TaskCard  # the model card's task-specific parts (how to load, the headline metric)
 
     def load_base(self, model_path: str) -> BaseModel:
         """Tokenizer and frozen base model (cached per process); "" = the task's embedded model."""
@@ -78,6 +82,12 @@ class Task(Protocol):
         """How the adapter names its base model (never by a path of this machine)."""
         ...
 
+    def train_inputs(self, base: BaseModel, encoded: Encoded, lora: LoraSettings) -> dict[str, torch.Tensor]:
+        """What the trainer feeds the model for the encoded training examples, by name (see :func:`named`); a task
+        may put a fixed function of each example in place of ``input_ids`` (classify with LoRA above layer 0: the
+        frozen lower layers' output ``hidden_states`` [N, T, H]). A node computes it once per job and model."""
+        ...
+
     def loss(self, module: nn.Module, batch: Batch, *, fixed_shape: bool = False) -> torch.Tensor:
         """Mean over the batch's examples of each example's own loss (scalar). ``fixed_shape``: every tensor the
         model computes has a shape set by the batch's shape alone (no shortcut that depends on the rows)."""
@@ -88,6 +98,17 @@ class Task(Protocol):
         """Held-out loss, accuracy and the task's own metrics (``EvalResult.extra``); ``detail`` adds what
         only the server's report shows (sft: a few generated answers)."""
         ...
+
+    def summary_fields(self, held_out: LabelledData, rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The task's own fields of summary.json, from the held-out set and the run's metrics lines (classify: the
+        majority class and a warning when the final model is no better; the others: none)."""
+        ...
+
+
+def named(encoded: Encoded) -> dict[str, torch.Tensor]:
+    """An encoded triple by name: the keys of a Hugging Face batch."""
+    ids, mask, labels = encoded
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def per_example_mean(token_loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from fedtune.common.tasks.base import Batch, Encoded
+from fedtune.common.tasks.base import Batch, Encoded, named
+from fedtune.common.tasks.classify.card import CARD
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
     from fedtune.common.settings import DataSettings, LoraSettings
     from fedtune.common.tasks.result import EvalResult
 
+# fedtune.json's description of the head (the model is fedtune's own, not a stock transformers class)
+HEAD_DESCRIPTION = "masked mean pooling -> linear (fedtune.common.tasks.classify.model.SentenceClassifier)"
+
 
 class Classify:
     name = "classify"
@@ -28,6 +32,9 @@ class Classify:
     truncates = True
     labelled = True  # examples carry labels or tags from a declared set
     presets: dict[str, Any] = {}  # the settings' own defaults are this task's job
+    clients = 5  # fedtune-sim's default job
+    adapter_fields: Mapping[str, Any] = {"head": HEAD_DESCRIPTION}
+    card = CARD
 
     def base_ref(self, model_path: str, hub_id: str = "") -> BaseModelRef:
         from fedtune.common.models.base import base_model_ref
@@ -81,6 +88,18 @@ class Classify:
 
         return build_model(base, len(labels), lora, device, seed=seed)
 
+    def train_inputs(self, base: BaseModel, encoded: Encoded, lora: LoraSettings) -> dict[str, torch.Tensor]:
+        """With LoRA only in layers >= k > 0, the frozen layers below k are a fixed function of each example: their
+        output ``hidden_states`` [N, T, H] stands in for ``input_ids`` and every step runs only the layers that
+        train (caching them changes nothing about DP)."""
+        from fedtune.common.tasks.classify.model import frozen_prefix, lower_states
+
+        cut = frozen_prefix(base.encoder, lora)
+        if cut == 0:
+            return named(encoded)
+        ids, mask, labels = encoded
+        return {"hidden_states": lower_states(base.encoder, ids, mask, cut), "attention_mask": mask, "labels": labels}
+
     def loss(self, module: nn.Module, batch: Batch, *, fixed_shape: bool = False) -> torch.Tensor:
         # every shape follows the batch's: fixed_shape needs nothing more here
         # input_ids, or the frozen lower layers' cached states (hidden_states), with attention_mask
@@ -92,6 +111,11 @@ class Classify:
         from fedtune.common.tasks.classify.evaluation import evaluate
 
         return evaluate(model, *encoded, device=device, groups=groups)
+
+    def summary_fields(self, held_out: LabelledData, rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        from fedtune.common.tasks.classify.baseline import summary_fields
+
+        return summary_fields(held_out, rounds)
 
 
 CLASSIFY = Classify()

@@ -14,15 +14,16 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from fedtune.common.errors import DataError, ModelError
-from fedtune.common.tasks.base import IGNORE, Batch, Encoded
+from fedtune.common.tasks.base import IGNORE, Batch, Encoded, named
+from fedtune.common.tasks.sft.card import CARD
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -133,6 +134,9 @@ class Sft:
     headline = "perplexity"
     truncates = False
     labelled = False  # examples carry labels or tags from a declared set
+    clients = 3  # fedtune-sim's default job
+    adapter_fields: Mapping[str, Any] = {}
+    card = CARD
     presets: dict[str, Any] = {
         "dataset": "chitchat", "max-seq-len": 48, "lora-targets": TARGETS, "lora-layers": "26,27,28,29",
         "lora-rank": 8, "lora-alpha": 16.0, "num-rounds": 3, "local-epochs": 0.5, "batch-size": 32,
@@ -204,6 +208,9 @@ class Sft:
                             layers_to_transform=lora.layers or None, bias="none")
         return attach_lora(lm, config, lora, base.path)
 
+    def train_inputs(self, base: BaseModel, encoded: Encoded, lora: LoraSettings) -> dict[str, torch.Tensor]:
+        return named(encoded)
+
     def loss(self, module: nn.Module, batch: Batch, *, fixed_shape: bool = False) -> torch.Tensor:
         from fedtune.common.tasks.base import per_example_mean
 
@@ -226,6 +233,9 @@ class Sft:
         result.extra["samples"] = samples
         return result
 
+    def summary_fields(self, held_out: LabelledData, rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return {}  # no classes: no majority class
+
 
 @torch.no_grad()
 def generate(model: nn.Module, base: BaseModel, prompts: Sequence[str], *, device: torch.device,
@@ -235,12 +245,13 @@ def generate(model: nn.Module, base: BaseModel, prompts: Sequence[str], *, devic
     stop = [t for t in (tok.convert_tokens_to_ids("<|im_end|>") if _chatml(tok) else None, tok.eos_token_id)
             if isinstance(t, int)]
     model.eval()
+    lm = cast(Any, model)  # a (PEFT-wrapped) causal LM: nn.Module does not declare generate
     out = []
     for prompt in prompts:
         ids = tok(format_pair(tok, prompt)[0], add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=stop or None, pad_token_id=tok.pad_token_id,
-                             use_cache=True)
+        new = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                          do_sample=False, eos_token_id=stop or None, pad_token_id=tok.pad_token_id,
+                          use_cache=True)
         out.append(tok.decode(new[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return out
 

@@ -1,4 +1,4 @@
-"""DP-SGD on LoRA: weights really move, clipping holds, Opacus' accountant agrees with ours."""
+"""DP-SGD on LoRA: weights really move, clipping holds, Opacus runs the mechanism the node charges."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import PRVAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtune.client.randomness import RoundSeeds
-from fedtune.client.trainer import DpParams, noise_only_step, privatize, train
+from fedtune.client.trainer import DpParams, node_parts, noise_only_step, prepare_loop, privatize, run_loop, train
 from fedtune.common.models.adapter import to_arrays
 from fedtune.common.models.base import encode, load_base
 from fedtune.common.privacy.accountant import steps_per_round
 from fedtune.common.settings import LoraSettings
+from fedtune.common.tasks import get_task
 from fedtune.common.tasks.classify.model import build_model
 from tests.tiny import make_sentiment_frame
 
@@ -84,22 +84,22 @@ def test_clipping_bounds_every_per_sample_gradient(base):
 
 
 @pytest.mark.parametrize(("n", "batch", "sigma", "steps"), [(64, 16, 1.0, 5), (64, 8, 0.8, 12)])
-def test_epsilon_after_k_steps_matches_opacus_engine(base, n, batch, sigma, steps):
-    delta = 1e-5
+def test_opacus_records_the_mechanism_the_node_charges(base, n, batch, sigma, steps):
+    """The engine's own accountant saw (sigma, q, steps), the event the node's ledger charges for the round."""
     q, _ = steps_per_round(n, batch, 1.0)
-    result = train(_model(base), _data(base, n), steps=steps, batch_size=batch, learning_rate=1e-3,
-                   dp=DpParams(sigma, 1.0, delta), device=CPU, seeds=SEEDS)
-    accountant = PRVAccountant()
-    accountant.history = [(sigma, q, steps)]  # what the node charges for this round
-    charged = accountant.get_epsilon(delta)
-    assert result.opacus_epsilon == pytest.approx(charged, rel=1e-6)
-    assert charged > 0
+    loop = prepare_loop(_model(base), _data(base, n), batch_size=batch, learning_rate=1e-3, dp=DpParams(sigma, 1.0),
+                        device=CPU, seeds=SEEDS)
+    result = run_loop(loop, get_task("classify"), steps=steps, device=CPU, parts=node_parts())
+    assert loop.private is not None
+    (recorded,) = loop.private.engine.accountant.history  # one (sigma, sample rate, steps) entry
+    assert recorded == (sigma, pytest.approx(q, rel=1e-12), steps) and result.steps == steps
 
 
-def test_non_dp_training_reports_no_opacus_epsilon(base):
-    result = train(_model(base), _data(base), steps=2, batch_size=16, learning_rate=1e-2, dp=None,
-                   device=CPU, seeds=SEEDS)
-    assert result.opacus_epsilon is None
+def test_non_dp_training_runs_without_opacus(base):
+    loop = prepare_loop(_model(base), _data(base), batch_size=16, learning_rate=1e-2, dp=None, device=CPU,
+                        seeds=SEEDS)
+    result = run_loop(loop, get_task("classify"), steps=2, device=CPU, parts=node_parts())
+    assert loop.private is None and loop.module is loop.model
     assert result.steps == 2 and math.isfinite(result.loss)
 
 

@@ -84,3 +84,12 @@ def test_ner_and_sft_cards_name_their_task_metric_and_stock_loader(tmp_path, tas
     assert first["task"]["type"] == kind and (first["metrics"][0]["type"], first["metrics"][0]["value"]) == metric
     assert loader in text and "PeftModel.from_pretrained" in text and "fedtune.common.models.adapter" not in text
     assert "Unit of privacy" in text and "7.9832" in text
+
+
+def test_the_classifiers_card_loads_the_adapter_with_a_module_that_exists(tmp_path):
+    import importlib
+    import re
+
+    text = write_model_card(tmp_path, _info()).read_text()
+    module, name = re.search(r"from (\S+) import (\w+)", text).groups()
+    assert hasattr(importlib.import_module(module), name), f"{module}.{name}"

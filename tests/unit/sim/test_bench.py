@@ -43,19 +43,50 @@ def test_bench_writes_the_side_by_side_loops_and_the_round_breakdown(tiny_model_
     assert f"**{f['fixed-over-default']:.2f}**" in text and f"**{f['cached-fixed-over-default']:.2f}**" in text
 
 
+@pytest.mark.parametrize(("parts", "one_forward_per_step", "width"), [
+    (bench.NAIVE_PARTS, True, 16),  # the naive loop: each batch whole, at max-seq-len
+    (bench.WHOLE_BATCH_PARTS, True, 7),  # each batch whole, padded to its longest example (7 tokens here)
+    (None, False, 7),  # the node's own loop (train): parts of PART_SIZE, each padded to its longest example
+])
+def test_the_benchmarks_loops_cut_each_poisson_batch_as_they_say(tiny_model_dir, monkeypatch, parts,
+                                                                 one_forward_per_step, width):
+    import torch
+
+    from fedtune.client import trainer
+    from fedtune.client.randomness import RoundSeeds
+    from fedtune.common.models.base import encode, load_base
+    from tests.tiny import make_sentiment_frame
+
+    shapes: list[tuple[int, ...]] = []
+    step_loss = trainer.step_loss
+    monkeypatch.setattr(trainer, "step_loss", lambda task, module, part, device, **kw: shapes.append(
+        tuple(part["input_ids"].shape)) or step_loss(task, module, part, device, **kw))
+    monkeypatch.setattr(trainer, "PART_SIZE", 4)
+    base = load_base(str(tiny_model_dir))
+    frame = make_sentiment_frame(48, seed=1)
+    ids, mask = encode(base.tokenizer, frame["text"].tolist(), 16)
+    data = (ids, mask, torch.tensor((frame["label"] == "pos").astype(int).to_numpy()))
+    model = bench.build_model(base, 2, bench.NAIVE_LORA, torch.device("cpu"))
+    result = bench.bench_train(model, data, steps=3, batch=16, device=torch.device("cpu"),
+                               seeds=RoundSeeds.insecure(0, 1, "t"), parts=parts)
+    assert result.steps == 3 and sum(n for n, _ in shapes) == result.examples > 0
+    assert {w for _, w in shapes} == {width}
+    assert (len(shapes) == 3) if one_forward_per_step else max(n for n, _ in shapes) <= 4
+
+
 def test_scale_rows_are_parsed_and_merged_over_the_previous_table(monkeypatch, tmp_path):
     from fedtune.common.errors import ConfigError
     from fedtune.sim import scale
 
-    specs = bench.scale_specs("100:minilm:2, 1000:tiny")
+    specs = scale.scale_specs("100:minilm:2, 1000:tiny")
     assert [(s.clients, s.model, s.rounds) for s in specs] == [(100, "minilm", 2), (1000, "tiny", 2)]
     with pytest.raises(ConfigError, match="'10:gpt'"):
-        bench.scale_specs("10:gpt")
+        scale.scale_specs("10:gpt")
     row = {"clients": 1000, "model": "tiny BERT (2x32)", "s-per-round": 1.0}
     monkeypatch.setattr(scale, "scale_rows", lambda out, specs: {"rows": [row], "failed": [], "plot": None})
     monkeypatch.setattr(scale, "plot", lambda rows, path: path.write_bytes(b"png"))
     old = {"rows": [{**row, "s-per-round": 9.0}, {"clients": 100, "model": "all-MiniLM-L6-v2", "s-per-round": 5.0}]}
-    merged = bench.merge_scale_rows(old, specs[1:], tmp_path)
+    merged = scale.merge_scale_rows(old, specs[1:], tmp_path)
     assert sorted((r["clients"], r["s-per-round"]) for r in merged["rows"]) == [(100, 5.0), (1000, 1.0)]
     assert (tmp_path / scale.PLOT).read_bytes() == b"png"
 
