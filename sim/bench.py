@@ -48,6 +48,7 @@ from fedtune.common.tasks import get_task
 from fedtune.common.tasks.classify.model import build_model, frozen_prefix, lower_states
 from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
 from fedtune.common.wire.contract import RoundRequest
+from fedtune.server.results import read_rounds
 
 NAIVE_LORA = LoraSettings(lora_layers="")  # LoRA in every layer: the loop before caching
 TRAIN_PART = "DP training (forward/backward/step)"
@@ -272,7 +273,7 @@ def machine() -> dict[str, Any]:
 
 def main_job_row(results: Path, wall_s: float | None, load: float | None) -> dict[str, Any]:
     """A finished ``fedtune-sim`` run (its results directory) as a row: accuracy per round and time."""
-    lines = [json.loads(x) for x in (results / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = read_rounds(results)
     settings = json.loads((results / "summary.json").read_text()).get("settings", {}) \
         if (results / "summary.json").is_file() else {}
     return {"results": results.name, "lora-layers": settings.get("lora-layers", ""),
@@ -327,7 +328,7 @@ def merge_scale_rows(previous: dict[str, Any] | None, specs: tuple[Any, ...], ou
     return {"rows": rows, "failed": new["failed"], "plot": PLOT if rows else None}
 
 
-def main(argv: list[str] | None = None, *, render: Callable[[dict[str, Any]], str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtune-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="local model directory (default: embedded MiniLM)")
@@ -352,7 +353,11 @@ def main(argv: list[str] | None = None, *, render: Callable[[dict[str, Any]], st
                         "fixed-shape) and merge it into the existing figures, keeping every other row")
     p.add_argument("--record-run", nargs=3, metavar=("RESULTS_DIR", "WALL_S", "LOAD"),
                    help="add a finished main-job run (make run) to the main-job table and re-render, nothing else")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None, *, render: Callable[[dict[str, Any]], str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     from fedtune.sim.bench_report import to_markdown
 
     json_path = args.out.with_suffix(".json")
