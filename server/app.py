@@ -6,7 +6,6 @@ Settings are parsed once here; what reaches the nodes is one typed request per r
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -33,9 +32,10 @@ from fedtune.server.divergence import (
     spent_epsilon,
 )
 from fedtune.server.report import write_report
-from fedtune.server.results import ADAPTER_DIR, RunRecorder, card_info, eval_fields, held_out_groups
+from fedtune.server.results import ADAPTER_DIR, RunRecorder, card_info, held_out_groups
+from fedtune.server.round_line import RoundLine
 from fedtune.server.run_record import record_key, write_record
-from fedtune.server.strategy import AdapterFedAvg, ClientRow, weighted_mean
+from fedtune.server.strategy import AdapterFedAvg
 
 log = logging.getLogger("fedtune.server")
 app = ServerApp()
@@ -55,38 +55,13 @@ def _headline(rounds: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return {f"initial-{name}": rounds[0].get(name), f"final-{name}": rounds[-1].get(name)}
 
 
-def round_line(server_round: int, rows: list[ClientRow], eval_rows: list[ClientRow], accuracy: float,
-               loss: float) -> dict[str, Any]:
-    """One metrics.jsonl line: held-out result, clients' aggregates, and every client's row."""
-    eps = [float(r["epsilon"]) for r in rows if "epsilon" in r]
-    return {
-        "round": server_round, "accuracy": accuracy, "loss": loss,
-        "train-loss": weighted_mean([r for r in rows if r["status"] == "trained"], "train-loss"),
-        "bytes-received": sum(int(r.get("bytes", 0)) for r in rows),
-        "epsilon-max": max(eps) if eps else None,
-        "epsilon-mean": sum(eps) / len(eps) if eps else None,
-        "client-accuracy": weighted_mean(eval_rows, "eval-accuracy"),
-        "clients": rows,
-    }
-
-
 def _restore(resume: Checkpoint | None, strategy: AdapterFedAvg, recorder: RunRecorder) -> None:
     """The strategy's history and metrics.jsonl as they were at the checkpoint."""
     if resume is None:
         return
     log.info("resuming from the checkpoint after round %s", resume.server_round)
-    strategy.train_rows.update(resume.train_rows)
-    strategy.eval_rows.update(resume.eval_rows)
-    recorder.rounds = list(resume.metrics_lines)  # the interrupted run's lines, then the new ones
-    recorder.metrics_path.write_text("".join(json.dumps(line) + "\n" for line in resume.metrics_lines))
-
-
-def _strategy(settings: RunSettings, request: RoundRequest, run_id: str) -> AdapterFedAvg:
-    f = settings.federation
-    return AdapterFedAvg(request, run_id=run_id, node_wait_timeout=f.node_wait_timeout, weighting=f.weighting,
-                         max_node_examples=f.max_node_examples, fraction_train=f.fraction_train,
-                         fraction_evaluate=f.fraction_evaluate, min_train_nodes=f.min_clients,
-                         min_evaluate_nodes=1, min_available_nodes=f.min_clients)
+    strategy.restore(resume.outcomes, resume.evaluations)
+    recorder.resume(resume.metrics_lines)  # the interrupted run's lines, then the new ones
 
 
 @app.main()
@@ -110,7 +85,7 @@ def main(grid: Grid, context: Context) -> None:
     # The node reuses its noise plan across a resume: same run-key, and resumed-after-round > 0.
     request = RoundRequest(server_round=1, run_key=key, resumed_after_round=offset, labels=tuple(test.label_names),
                            model=settings.model, lora=settings.lora, plan=settings.plan, privacy=settings.privacy)
-    strategy = _strategy(settings, request, str(context.run_id))
+    strategy = AdapterFedAvg.from_settings(settings, request, str(context.run_id))
     _restore(resume, strategy, recorder)
     first_started = resume.first_started if resume else time.time()
     initial = arrays_to_record(resume.arrays) if resume else to_record(model)
@@ -122,22 +97,21 @@ def main(grid: Grid, context: Context) -> None:
             return None  # evaluated and recorded before the interruption, or the run has diverged
         load_arrays(model, record_to_arrays(arrays))
         result = task.evaluate(model, base, test, test_tensors, device=device, groups=groups, detail=True)
-        rows = strategy.train_rows.get(server_round, [])
-        line = recorder.record_round(round_line(server_round, rows, strategy.eval_rows.get(server_round, []),
-                                                result.accuracy, result.loss)
-                                     | eval_fields(result, test.label_names) | result.extra)
+        outcomes = strategy.outcomes.get(server_round, ())
+        line = recorder.record_round(RoundLine(server_round, outcomes, strategy.evaluations.get(server_round, ()),
+                                               result, test.label_names).to_row())
         log.info("round %s: held-out accuracy %.4f, loss %.4f, max epsilon %s", server_round,
                  result.accuracy, result.loss, line["epsilon-max"])
-        if why := guard.check(server_round, result.loss, rows):
+        if why := guard.check(server_round, result.loss, outcomes):
             strategy.stop(STOP_CODE, diverged_reason(why, kept_round=int(kept["round"]), private=settings.privacy.dp,
                                                      epsilon=spent_epsilon(recorder.rounds)))
         else:
             kept.update({"round": server_round, "arrays": arrays})
-        write_record(results_dir, str(context.run_id), key, strategy.train_rows, signing)
+        write_record(results_dir, str(context.run_id), key, strategy.outcomes, signing)
         if store:
             store.save(Checkpoint(
                 server_round=server_round, run_key=key, arrays=record_to_arrays(arrays),
-                train_rows=strategy.train_rows, eval_rows=strategy.eval_rows, metrics_lines=recorder.rounds,
+                outcomes=strategy.outcomes, evaluations=strategy.evaluations, metrics_lines=recorder.rounds,
                 first_started=first_started,
             ))
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})

@@ -18,9 +18,12 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-Row = Mapping[str, Any]  # one client's row of a round line (see server/strategy.py)
+if TYPE_CHECKING:
+    from fedtune.server.outcome import NodeOutcome
+
+Row = Mapping[str, Any]  # one round line of metrics.jsonl
 STOP_CODE = "diverged"
 
 
@@ -77,13 +80,13 @@ class DivergenceGuard:
         loss = first.get("loss") if first else None
         return cls(factor, float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else None)
 
-    def check(self, server_round: int, loss: float, rows: Sequence[Row] = ()) -> str | None:
-        """Why training diverged by ``server_round`` (held-out ``loss``, the round's client rows), or None."""
+    def check(self, server_round: int, loss: float, outcomes: Sequence[NodeOutcome] = ()) -> str | None:
+        """Why training diverged by ``server_round`` (held-out ``loss``, the round's node outcomes), or None."""
         if not math.isfinite(loss):
             return f"the held-out loss after round {server_round} is {loss}"
-        failed = [r for r in rows if r.get("status") == "error" and r.get("code") == "TRAIN"]
-        if rows and len(failed) == len(rows):
-            return (f"every node that answered in round {server_round} ({len(rows)}) reported that its local "
+        failed = [o for o in outcomes if o.status == "error" and o.code == "TRAIN"]
+        if outcomes and len(failed) == len(outcomes):
+            return (f"every node that answered in round {server_round} ({len(outcomes)}) reported that its local "
                     "training went non-finite (code TRAIN) and sent no update")
         if self.reference is None:
             self.reference = loss

@@ -241,6 +241,11 @@ class RunRecorder:
             self._writer = SummaryWriter(log_dir=str(self.out_dir), flush_secs=5)
         return self._writer
 
+    def resume(self, lines: list[dict[str, Any]]) -> None:
+        """Continue an interrupted run: its lines (from the checkpoint) are metrics.jsonl's first ones."""
+        self.rounds = list(lines)
+        self.metrics_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
     def record_round(self, line: dict[str, Any]) -> dict[str, Any]:
         line = {k: _finite_or_none(v) for k, v in line.items()} | {
             "elapsed-s": round(time.monotonic() - self.started, 2)

@@ -38,11 +38,12 @@ from fedtune.common.settings import RunSettings
 from fedtune.common.tasks import get_task
 from fedtune.common.wire.arrays import Arrays
 from fedtune.common.wire.contract import RoundRequest
-from fedtune.server.app import held_out, round_line
+from fedtune.server.app import held_out
 from fedtune.server.checkpoint import run_key
 from fedtune.server.divergence import STOP_CODE, DivergenceGuard, baseline_fields, diverged_reason, spent_epsilon
-from fedtune.server.results import ADAPTER_DIR, RunRecorder, card_info, eval_fields, held_out_groups
-from fedtune.server.strategy import ClientRow, reply_row
+from fedtune.server.outcome import NodeOutcome
+from fedtune.server.results import ADAPTER_DIR, RunRecorder, card_info, held_out_groups
+from fedtune.server.round_line import RoundLine
 from fedtune.sim.nodes import SimulatedNodes, prepare
 
 CENTRAL_NODE = 0  # the central node's partition id (its files are clients/client-0/)
@@ -63,16 +64,15 @@ def _node(env: dict[str, str]) -> tuple[NodeConfig, NodePrivacy]:
 
 
 def _train(request: RoundRequest, arrays: Arrays, config: NodeConfig, node: NodePrivacy,
-           run_id: str) -> tuple[ClientRow, Arrays | None]:
-    """One central round through the node's code path; a non-finite update is a row with code TRAIN."""
-    row: ClientRow = {"node-id": CENTRAL_NODE}
+           run_id: str) -> tuple[NodeOutcome, Arrays | None]:
+    """One central round through the node's code path; a non-finite update is an error with code TRAIN."""
     try:
         reply, update = train_round(request, arrays, config=config, node=node, run_id=run_id)
     except ModelError as err:
         if err.code != "TRAIN":
             raise
-        return row | {"status": "error", "code": err.code}, None
-    return row | reply_row(reply), update
+        return NodeOutcome(CENTRAL_NODE, "error", err.code), None
+    return NodeOutcome(CENTRAL_NODE, reply.status, reply.code, reply=reply), update
 
 
 class CentralRun:
@@ -92,12 +92,12 @@ class CentralRun:
                                            seed=settings.federation.seed)
         self.recorder = RunRecorder(self.out)
 
-    def _evaluate(self, server_round: int, arrays: Arrays, rows: list[ClientRow]) -> dict[str, Any]:
+    def _evaluate(self, server_round: int, arrays: Arrays, outcomes: list[NodeOutcome]) -> dict[str, Any]:
         load_arrays(self.model, arrays)
         result = self.task.evaluate(self.model, self.base, self.test, self.test_tensors, device=self.device,
                                     groups=self.groups, detail=True)
-        return self.recorder.record_round(round_line(server_round, rows, [], result.accuracy, result.loss)
-                                          | eval_fields(result, self.test.label_names) | result.extra)
+        return self.recorder.record_round(RoundLine(server_round, outcomes, [], result,
+                                                    self.test.label_names).to_row())
 
     def run(self, on_round: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
         s = self.settings
@@ -110,29 +110,29 @@ class CentralRun:
         arrays = kept = to_arrays(self.model)
         outcome = _Outcome()
         for server_round in range(s.plan.num_rounds + 1):
-            rows: list[ClientRow] = []
+            outcomes: list[NodeOutcome] = []
             if server_round:
-                row, update = _train(request.for_round(server_round), arrays, config, node, run_id)
-                rows, arrays = [row], update if update is not None else arrays
-            line = self._evaluate(server_round, arrays, rows)
+                node_outcome, update = _train(request.for_round(server_round), arrays, config, node, run_id)
+                outcomes, arrays = [node_outcome], update if update is not None else arrays
+            line = self._evaluate(server_round, arrays, outcomes)
             if on_round is not None:
                 on_round(server_round, line)
-            if stop := self._stop(guard, server_round, line, rows, outcome.kept_round):
+            if stop := self._stop(guard, server_round, line, outcomes, outcome.kept_round):
                 outcome = stop
                 break
             kept, outcome.kept_round = arrays, server_round
         return self._finish(kept, outcome)
 
-    def _stop(self, guard: DivergenceGuard, server_round: int, line: dict[str, Any], rows: list[ClientRow],
+    def _stop(self, guard: DivergenceGuard, server_round: int, line: dict[str, Any], outcomes: list[NodeOutcome],
               kept_round: int) -> _Outcome | None:
         """Why the run stops after this round (diverged, or the node refused), or None."""
         loss = line["loss"] if line.get("loss") is not None else math.nan  # the recorder wrote NaN as null
-        if why := guard.check(server_round, loss, rows):
+        if why := guard.check(server_round, loss, outcomes):
             return _Outcome(STOP_CODE, diverged_reason(why, kept_round=kept_round, private=self.settings.privacy.dp,
                                                        epsilon=spent_epsilon(self.recorder.rounds)), kept_round)
-        if rows and rows[0].get("status") == "refused":
+        if outcomes and outcomes[0].status == "refused":
             return _Outcome("budget", f"stopped after round {server_round}: the central node refused to train "
-                                      f"({rows[0].get('code')}); see its ledger", kept_round)
+                                      f"({outcomes[0].code}); see its ledger", kept_round)
         return None
 
     def _finish(self, kept: Arrays, outcome: _Outcome) -> dict[str, Any]:

@@ -102,3 +102,10 @@ def test_the_reader_skips_the_line_being_written_and_anything_not_a_round(tmp_pa
                                          '{"round": 1, "accuracy": 0.6}\n{"round": 2, "acc')
     assert read_rounds(tmp_path) == [{"round": 0, "accuracy": 0.5}, {"round": 1, "accuracy": 0.6}]
 
+
+def test_a_resumed_recorder_continues_after_the_checkpointed_lines(tmp_path):
+    lines = [{"round": 0, "accuracy": 0.5, "elapsed-s": 1.0}, {"round": 1, "accuracy": 0.6, "elapsed-s": 2.0}]
+    recorder = RunRecorder(tmp_path, tensorboard=False)
+    recorder.resume(lines)
+    recorder.record_round({"round": 2, "accuracy": 0.7})
+    assert read_rounds(tmp_path)[:2] == lines and [line["round"] for line in recorder.rounds] == [0, 1, 2]
