@@ -29,20 +29,17 @@ from fedtune.client.node_config import NodeConfig
 from fedtune.client.policy import load_policy
 from fedtune.client.round import NodePrivacy, train_round
 from fedtune.common import runtime
-from fedtune.common.data.table import LabelledData
 from fedtune.common.errors import FedtuneError, ModelError
-from fedtune.common.models.adapter import AdapterMeta, load_arrays, save_adapter, to_arrays
+from fedtune.common.models.adapter import AdapterMeta, save_adapter, to_arrays
 from fedtune.common.models.card import write_model_card
-from fedtune.common.models.device import pick_device
 from fedtune.common.settings import RunSettings
-from fedtune.common.tasks import get_task
 from fedtune.common.wire.arrays import Arrays
 from fedtune.common.wire.contract import RoundRequest
-from fedtune.server.app import held_out
 from fedtune.server.checkpoint import run_key
 from fedtune.server.divergence import STOP_CODE, DivergenceGuard, baseline_fields, diverged_reason, spent_epsilon
+from fedtune.server.evaluation import HeldOut
 from fedtune.server.outcome import NodeOutcome
-from fedtune.server.results import ADAPTER_DIR, RunRecorder, card_info, held_out_groups
+from fedtune.server.results import ADAPTER_DIR, RunRecorder, card_info
 from fedtune.server.round_line import RoundLine
 from fedtune.sim.nodes import SimulatedNodes, prepare
 
@@ -82,20 +79,12 @@ class CentralRun:
         self.settings = settings
         self.out = nodes.out
         self.env = prepare(settings, nodes)
-        self.device = pick_device()
-        self.task = get_task(settings.model.task)
-        self.base = self.task.load_base(settings.model.model_path)
-        self.test: LabelledData = held_out(settings)
-        self.test_tensors = self.task.encode(self.base, self.test, settings.model.max_seq_len)
-        self.groups = held_out_groups(self.test.dataset, settings.data.report_group_column)
-        self.model = self.task.build_model(self.base, self.test.label_names, settings.lora, self.device,
-                                           seed=settings.federation.seed)
+        self.held_out = HeldOut.build(settings)
+        self.task, self.model, self.test = self.held_out.task, self.held_out.model, self.held_out.test
         self.recorder = RunRecorder(self.out)
 
     def _evaluate(self, server_round: int, arrays: Arrays, outcomes: list[NodeOutcome]) -> dict[str, Any]:
-        load_arrays(self.model, arrays)
-        result = self.task.evaluate(self.model, self.base, self.test, self.test_tensors, device=self.device,
-                                    groups=self.groups, detail=True)
+        result = self.held_out.evaluate(arrays)
         return self.recorder.record_round(RoundLine(server_round, outcomes, [], result,
                                                     self.test.label_names).to_row())
 
