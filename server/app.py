@@ -2,50 +2,35 @@
 
 Settings are parsed once here; what reaches the nodes is one typed request per round
 (:class:`fedtune.common.wire.contract.RoundRequest`): no seed, no data columns, nothing that keys a budget.
+The run's steps are :class:`fedtune.server.run.ServerRun`'s; this module reads as their sequence.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.common import runtime
-from fedtune.common.data.table import LabelledData, federation_split
-from fedtune.common.models.adapter import AdapterMeta, load_arrays, save_adapter, to_record
+from fedtune.common.models.adapter import AdapterMeta, save_adapter
 from fedtune.common.models.card import write_model_card
-from fedtune.common.models.device import pick_device
 from fedtune.common.settings import RunSettings
-from fedtune.common.tasks import get_task
-from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
-from fedtune.common.wire.contract import RoundRequest
-from fedtune.server.checkpoint import Checkpoint, CheckpointStore, RoundOffset, run_key
-from fedtune.server.divergence import (
-    STOP_CODE,
-    DivergenceGuard,
-    baseline_fields,
-    diverged_reason,
-    spent_epsilon,
-)
+from fedtune.common.wire.arrays import record_to_arrays
+from fedtune.server.evaluation import held_out
 from fedtune.server.report import write_report
-from fedtune.server.results import ADAPTER_DIR, RunRecorder, card_info, eval_fields, held_out_groups
-from fedtune.server.run_record import record_key, write_record
-from fedtune.server.strategy import AdapterFedAvg, ClientRow, weighted_mean
+from fedtune.server.results import ADAPTER_DIR, card_info
+from fedtune.server.run import ServerRun
 
-log = logging.getLogger("fedtune.server")
+__all__ = ["app", "finish", "held_out", "main"]  # held_out: the held-out split, for fedtune-sim and tests
 app = ServerApp()
 
 
-def held_out(settings: RunSettings) -> LabelledData:
-    """The server's evaluation set: the run dataset's held-out split (never in a simulated node's data)."""
-    d = settings.data
-    data = get_task(settings.model.task).load_data(d)
-    return federation_split(data, d.test_fraction, settings.federation.seed, d.max_train_examples)[1]
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run = ServerRun(RunSettings.from_config(context.run_config), str(context.run_id))  # configure
+    run.aggregate(grid)  # every round: sample, send, aggregate, then evaluate, record, check, sign, checkpoint
+    finish(run)
 
 
 def _headline(rounds: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -55,114 +40,20 @@ def _headline(rounds: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return {f"initial-{name}": rounds[0].get(name), f"final-{name}": rounds[-1].get(name)}
 
 
-def round_line(server_round: int, rows: list[ClientRow], eval_rows: list[ClientRow], accuracy: float,
-               loss: float) -> dict[str, Any]:
-    """One metrics.jsonl line: held-out result, clients' aggregates, and every client's row."""
-    eps = [float(r["epsilon"]) for r in rows if "epsilon" in r]
-    return {
-        "round": server_round, "accuracy": accuracy, "loss": loss,
-        "train-loss": weighted_mean([r for r in rows if r["status"] == "trained"], "train-loss"),
-        "bytes-received": sum(int(r.get("bytes", 0)) for r in rows),
-        "epsilon-max": max(eps) if eps else None,
-        "epsilon-mean": sum(eps) / len(eps) if eps else None,
-        "client-accuracy": weighted_mean(eval_rows, "eval-accuracy"),
-        "clients": rows,
-    }
-
-
-def _restore(resume: Checkpoint | None, strategy: AdapterFedAvg, recorder: RunRecorder) -> None:
-    """The strategy's history and metrics.jsonl as they were at the checkpoint."""
-    if resume is None:
-        return
-    log.info("resuming from the checkpoint after round %s", resume.server_round)
-    strategy.train_rows.update(resume.train_rows)
-    strategy.eval_rows.update(resume.eval_rows)
-    recorder.rounds = list(resume.metrics_lines)  # the interrupted run's lines, then the new ones
-    recorder.metrics_path.write_text("".join(json.dumps(line) + "\n" for line in resume.metrics_lines))
-
-
-def _strategy(settings: RunSettings, request: RoundRequest, run_id: str) -> AdapterFedAvg:
-    f = settings.federation
-    return AdapterFedAvg(request, run_id=run_id, node_wait_timeout=f.node_wait_timeout, weighting=f.weighting,
-                         max_node_examples=f.max_node_examples, fraction_train=f.fraction_train,
-                         fraction_evaluate=f.fraction_evaluate, min_train_nodes=f.min_clients,
-                         min_evaluate_nodes=1, min_available_nodes=f.min_clients)
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    settings = RunSettings.from_config(context.run_config)
-    device = pick_device()
-    task = get_task(settings.model.task)
-    base = task.load_base(settings.model.model_path)
-    test = held_out(settings)
-    test_tensors = task.encode(base, test, settings.model.max_seq_len)
-    groups = held_out_groups(test.dataset, settings.data.report_group_column)
-    model = task.build_model(base, test.label_names, settings.lora, device, seed=settings.federation.seed)
-    results_dir = Path(settings.results_dir)
-    recorder = RunRecorder(results_dir)
-    signing = record_key(results_dir)  # signs the run record: every node's ledger head, per round
-    # Checkpoints are a server-side deployment setting (fedtune-server sets the variable), not a run setting.
-    store = CheckpointStore(folder) if (folder := runtime.path(runtime.CHECKPOINT_DIR)) else None
-    key = run_key(settings.to_config())
-    resume = store.resumable(key, settings.plan.num_rounds) if store else None
-    offset = resume.server_round if resume else 0
-    # The node reuses its noise plan across a resume: same run-key, and resumed-after-round > 0.
-    request = RoundRequest(server_round=1, run_key=key, resumed_after_round=offset, labels=tuple(test.label_names),
-                           model=settings.model, lora=settings.lora, plan=settings.plan, privacy=settings.privacy)
-    strategy = _strategy(settings, request, str(context.run_id))
-    _restore(resume, strategy, recorder)
-    first_started = resume.first_started if resume else time.time()
-    initial = arrays_to_record(resume.arrays) if resume else to_record(model)
-    guard = DivergenceGuard.resumed(settings.federation.divergence_factor, recorder.rounds)
-    kept: dict[str, Any] = {"round": offset, "arrays": initial}  # the last round's adapter (before any divergence)
-
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if (resume and server_round == offset) or strategy.stop_code == STOP_CODE:
-            return None  # evaluated and recorded before the interruption, or the run has diverged
-        load_arrays(model, record_to_arrays(arrays))
-        result = task.evaluate(model, base, test, test_tensors, device=device, groups=groups, detail=True)
-        rows = strategy.train_rows.get(server_round, [])
-        line = recorder.record_round(round_line(server_round, rows, strategy.eval_rows.get(server_round, []),
-                                                result.accuracy, result.loss)
-                                     | eval_fields(result, test.label_names) | result.extra)
-        log.info("round %s: held-out accuracy %.4f, loss %.4f, max epsilon %s", server_round,
-                 result.accuracy, result.loss, line["epsilon-max"])
-        if why := guard.check(server_round, result.loss, rows):
-            strategy.stop(STOP_CODE, diverged_reason(why, kept_round=int(kept["round"]), private=settings.privacy.dp,
-                                                     epsilon=spent_epsilon(recorder.rounds)))
-        else:
-            kept.update({"round": server_round, "arrays": arrays})
-        write_record(results_dir, str(context.run_id), key, strategy.train_rows, signing)
-        if store:
-            store.save(Checkpoint(
-                server_round=server_round, run_key=key, arrays=record_to_arrays(arrays),
-                train_rows=strategy.train_rows, eval_rows=strategy.eval_rows, metrics_lines=recorder.rounds,
-                first_started=first_started,
-            ))
-        return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
-
-    RoundOffset(strategy, offset).start(
-        grid=grid, initial_arrays=initial, num_rounds=settings.plan.num_rounds - offset,
-        timeout=settings.federation.round_timeout, evaluate_fn=lambda r, arrays: evaluate_global(r + offset, arrays),
-    )
-    _finish(settings, model, test, recorder, strategy, kept, offset)
-
-
-def _finish(settings: RunSettings, model: Any, test: LabelledData, recorder: RunRecorder, strategy: AdapterFedAvg,
-            kept: dict[str, Any], offset: int) -> None:
+def finish(run: ServerRun) -> None:
     """The run's outputs: the kept adapter (the last aggregate, or the last one before a divergence), the
     summary, the model card and the report."""
-    task = get_task(settings.model.task)
+    settings, recorder, strategy, kept = run.settings, run.recorder, run.strategy, run.kept
+    task, model, test = run.held_out.task, run.held_out.model, run.held_out.test
     meta = AdapterMeta(task.base_ref(settings.model.model_path, settings.model.base_model_id), test.label_names,
                        settings.model.max_seq_len, task.name)
-    adapter_dir = save_adapter(model, record_to_arrays(kept["arrays"]), Path(settings.results_dir) / ADAPTER_DIR,
+    adapter_dir = save_adapter(model, record_to_arrays(kept.arrays), Path(settings.results_dir) / ADAPTER_DIR,
                                meta=meta)
     outcome = {"status": "stopped-early", "stop-code": strategy.stop_code, "stop-reason": strategy.stop_reason} \
         if strategy.stop_code else {"status": "completed"}
-    recorder.finish({"mode": "federated", "adapter": ADAPTER_DIR, "adapter-round": kept["round"], **outcome,
-                     "resumed-after-round": offset,
-                     **(baseline_fields(test, recorder.rounds) if task.name == "classify" else {}),
+    recorder.finish({"mode": "federated", "adapter": ADAPTER_DIR, "adapter-round": kept.server_round, **outcome,
+                     "resumed-after-round": run.offset,
+                     **task.summary_fields(test, recorder.rounds),
                      "excluded-nodes": {str(k): v for k, v in strategy.excluded.items()},
                      "task": task.name, **_headline(recorder.rounds, task.headline),
                      "settings": settings.to_config()})

@@ -1,8 +1,9 @@
 """Per-round server checkpoints and resuming a run from the last one.
 
 Flower has no server-side resume, so the ServerApp saves, after every round's
-evaluation: the global adapter, the round number, the strategy's per-client
-history and the metrics lines so far. A restarted run loads the newest
+evaluation: the global adapter, the round number, every node's outcome of every
+round so far (as the rows of metrics.jsonl: :meth:`NodeOutcome.to_row`) and the
+metrics lines so far. A restarted run loads the newest
 checkpoint and runs only the remaining rounds, with the true round numbers
 (clients plan noise and seed their RNG from them), so the final adapter and
 metrics equal an uninterrupted run's whenever the clients reply the same.
@@ -24,7 +25,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from flwr.serverapp.strategy import Strategy
 from fedtune.common.durable import fsync_dir
 from fedtune.common.errors import ConfigError
 from fedtune.common.wire.arrays import Arrays
+from fedtune.server.outcome import EvalOutcome, NodeOutcome, rows_by_round
 
 LATEST = "LATEST"
 KEEP = 3
@@ -58,14 +60,18 @@ class Checkpoint:
     server_round: int
     run_key: str
     arrays: Arrays  # the global adapter after this round
-    train_rows: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
-    eval_rows: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    outcomes: Mapping[int, Sequence[NodeOutcome]] = field(default_factory=dict)  # every training reply, per round
+    evaluations: Mapping[int, Sequence[EvalOutcome]] = field(default_factory=dict)  # local evaluations, per round
     metrics_lines: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl so far
     first_started: float = 0.0  # wall-clock time the run was first started (for the ledger/audit trail)
 
 
-def _rows(raw: Mapping[str, Any]) -> dict[int, list[dict[str, Any]]]:
-    return {int(k): list(v) for k, v in raw.items()}
+def _outcomes(raw: Mapping[str, Any]) -> dict[int, tuple[NodeOutcome, ...]]:
+    return {int(k): tuple(NodeOutcome.from_row(row) for row in v) for k, v in raw.items()}
+
+
+def _evaluations(raw: Mapping[str, Any]) -> dict[int, tuple[EvalOutcome, ...]]:
+    return {int(k): tuple(EvalOutcome.from_row(row) for row in v) for k, v in raw.items()}
 
 
 class CheckpointStore:
@@ -87,7 +93,8 @@ class CheckpointStore:
         state = {
             "format": FORMAT_VERSION, "round": ckpt.server_round, "run-key": ckpt.run_key,
             "first-started": ckpt.first_started, "saved": time.time(),
-            "train-rows": ckpt.train_rows, "eval-rows": ckpt.eval_rows, "metrics": ckpt.metrics_lines,
+            "train-rows": rows_by_round(ckpt.outcomes), "eval-rows": rows_by_round(ckpt.evaluations),
+            "metrics": ckpt.metrics_lines,
         }
         with open(tmp / "state.json", "w") as fh:
             json.dump(state, fh, default=_jsonable)
@@ -121,10 +128,10 @@ class CheckpointStore:
                 arrays = {k: npz[k] for k in npz.files}
             return Checkpoint(
                 server_round=int(state["round"]), run_key=str(state["run-key"]), arrays=arrays,
-                train_rows=_rows(state["train-rows"]), eval_rows=_rows(state["eval-rows"]),
+                outcomes=_outcomes(state["train-rows"]), evaluations=_evaluations(state["eval-rows"]),
                 metrics_lines=list(state["metrics"]), first_started=float(state.get("first-started", 0.0)),
             )
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"checkpoint {path} is unreadable ({err}); move {self.root} away to start afresh, "
                               "or restore it from backup") from err
 

@@ -15,52 +15,22 @@ before the divergence, and write ``"status": "stopped-early", "stop-code": "dive
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-Row = Mapping[str, Any]  # one client's row of a round line (see server/strategy.py)
+if TYPE_CHECKING:
+    from fedtune.server.outcome import NodeOutcome
+
+Row = Mapping[str, Any]  # one round line of metrics.jsonl
 STOP_CODE = "diverged"
 
 
-@dataclass(frozen=True)
-class MajorityBaseline:
-    """Always predicting ``label`` scores ``accuracy`` on the held-out set."""
-
-    label: str
-    accuracy: float
-
-    def fields(self) -> dict[str, Any]:
-        return {"majority-label": self.label, "majority-accuracy": round(self.accuracy, 6)}
 
 
-def majority_baseline(labels: Sequence[int], names: Sequence[str]) -> MajorityBaseline:
-    """The majority-class accuracy of held-out ``labels`` (class indices into ``names``)."""
-    if not labels:
-        return MajorityBaseline(names[0] if names else "", math.nan)
-    index, count = Counter(int(x) for x in labels).most_common(1)[0]
-    return MajorityBaseline(names[index] if index < len(names) else str(index), count / len(labels))
 
 
-def quality_warnings(final_accuracy: float | None, baseline: MajorityBaseline) -> list[str]:
-    """A warning when the final held-out accuracy is not above the majority class's."""
-    if final_accuracy is None or not math.isfinite(baseline.accuracy):
-        return []
-    if final_accuracy <= baseline.accuracy:
-        return [f"the final held-out accuracy {final_accuracy:.4f} is not above the majority-class accuracy "
-                f"{baseline.accuracy:.4f} (always predicting {baseline.label!r}): this model is no better than "
-                "that constant"]
-    return []
 
 
-def baseline_fields(held_out: Any, rounds: Sequence[Row]) -> dict[str, Any]:
-    """Summary fields: the held-out set's majority-class accuracy, and a warning when the final model is no better.
-
-    ``held_out`` is a :class:`fedtune.common.data.table.LabelledData`; ``rounds`` the run's metrics lines."""
-    baseline = majority_baseline(list(held_out.dataset["label"]), held_out.label_names)
-    final = rounds[-1].get("accuracy") if rounds else None
-    return {**baseline.fields(), "warnings": quality_warnings(final, baseline)}
 
 
 class DivergenceGuard:
@@ -77,13 +47,13 @@ class DivergenceGuard:
         loss = first.get("loss") if first else None
         return cls(factor, float(loss) if isinstance(loss, int | float) and math.isfinite(loss) else None)
 
-    def check(self, server_round: int, loss: float, rows: Sequence[Row] = ()) -> str | None:
-        """Why training diverged by ``server_round`` (held-out ``loss``, the round's client rows), or None."""
+    def check(self, server_round: int, loss: float, outcomes: Sequence[NodeOutcome] = ()) -> str | None:
+        """Why training diverged by ``server_round`` (held-out ``loss``, the round's node outcomes), or None."""
         if not math.isfinite(loss):
             return f"the held-out loss after round {server_round} is {loss}"
-        failed = [r for r in rows if r.get("status") == "error" and r.get("code") == "TRAIN"]
-        if rows and len(failed) == len(rows):
-            return (f"every node that answered in round {server_round} ({len(rows)}) reported that its local "
+        failed = [o for o in outcomes if o.status == "error" and o.code == "TRAIN"]
+        if outcomes and len(failed) == len(outcomes):
+            return (f"every node that answered in round {server_round} ({len(outcomes)}) reported that its local "
                     "training went non-finite (code TRAIN) and sent no update")
         if self.reference is None:
             self.reference = loss

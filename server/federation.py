@@ -41,7 +41,7 @@ from fedtune.common.flower.processes import (
 )
 from fedtune.common.settings import RunSettings
 from fedtune.server.control_auth import new_token, write_cli_credentials
-from fedtune.server.results import METRICS_FILE, SUMMARY_FILE
+from fedtune.server.results import SUMMARY_FILE, read_rounds
 
 log = logging.getLogger("fedtune.server")
 POLL_S = 3.0  # `flwr list` is a Python process: poll gently on small machines
@@ -153,7 +153,7 @@ class Federation:
         self.proc = None
         self.run_id: int | None = None
         self.online: int | None = None  # nodes online at the last count (for the metrics)
-        self._last_line: str | None = None
+        self._last_line: dict[str, Any] | None = None  # the last round line logged
 
     @staticmethod
     def app_dir(work_dir: Path) -> Path:
@@ -206,19 +206,12 @@ class Federation:
         self.run_id = run_id
         return run_id
 
-    def _metrics_lines(self) -> list[str]:
-        try:
-            return [x for x in (self.opts.results_dir / METRICS_FILE).read_text().splitlines() if x.strip()]
-        except OSError:
-            return []
+    def _rounds(self) -> list[dict[str, Any]]:
+        return read_rounds(self.opts.results_dir)
 
-    def _progress(self, lines: list[str]) -> None:
-        if lines and lines[-1] != self._last_line:
-            self._last_line = lines[-1]
-            try:
-                row = json.loads(lines[-1])
-            except json.JSONDecodeError:
-                return
+    def _progress(self, rounds: list[dict[str, Any]]) -> None:
+        if rounds and rounds[-1] != self._last_line:
+            self._last_line = row = rounds[-1]
             log.info("round %s: held-out accuracy %s, max epsilon %s", row.get("round"), row.get("accuracy"),
                      row.get("epsilon-max"))
 
@@ -237,12 +230,12 @@ class Federation:
         watchdog, next_count = Watchdog(self.opts, time.monotonic()), 0.0
         while True:
             status = self.cli.status(run_id)
-            lines = self._metrics_lines()
-            self._progress(lines)
+            rounds = self._rounds()
+            self._progress(rounds)
             now = time.monotonic()
             if now >= next_count:
                 self.online, next_count = self.cli.online_nodes(), now + NODES_POLL_S
-            watchdog.observe(now, len(lines), self.online)
+            watchdog.observe(now, len(rounds), self.online)
             if status.startswith("finished"):
                 return Outcome(status)
             if self.proc.poll() is not None:
@@ -266,7 +259,7 @@ class Federation:
 
     def write_stop_summary(self, code: str, reason: str) -> None:
         """summary.json for a run the watchdog stopped (the ServerApp could not write its own)."""
-        rounds = [json.loads(x) for x in self._metrics_lines() if x.startswith("{")]
+        rounds = self._rounds()
         summary = {
             "status": "stopped-early", "stop-code": code, "stop-reason": reason, "resumable": True,
             "rounds": max((int(r.get("round", 0)) for r in rounds), default=0),
@@ -278,11 +271,7 @@ class Federation:
 
     def trained_updates(self) -> int:
         """How many node updates the run aggregated, over all rounds (0: nothing was learned)."""
-        try:
-            rows = [json.loads(line) for line in self._metrics_lines()]
-        except json.JSONDecodeError:
-            return 0
-        return sum(c.get("status") == "trained" for row in rows for c in row.get("clients", []))
+        return sum(c.get("status") == "trained" for line in self._rounds() for c in line.get("clients", []))
 
     def save_run_log(self, timeout_s: float = 20) -> None:
         """Fetch the run's log if the SuperLink still answers (on a signal, before stopping it)."""

@@ -7,7 +7,6 @@ error ``code`` and the update's ``bytes``. Absent fields are simply not counted.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,25 +15,14 @@ from prometheus_client.registry import Collector
 
 from fedtune.common.monitoring import serve
 from fedtune.server.federation import Federation
-from fedtune.server.results import METRICS_FILE
+from fedtune.server.results import read_rounds
 
 PREFIX = "fedtune_server_"
 
 
-def read_rounds(fed: Federation) -> list[dict[str, Any]]:
-    rounds = []
-    try:
-        lines = (fed.opts.results_dir / METRICS_FILE).read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written
-        if isinstance(row, dict) and isinstance(row.get("round"), int) and row["round"] > 0:
-            rounds.append(row)
-    return rounds
+def trained_rounds(fed: Federation) -> list[dict[str, Any]]:
+    """The run's round lines after round 0 (round 0 evaluates the initial adapter: no node trained)."""
+    return [line for line in read_rounds(fed.opts.results_dir) if line["round"] > 0]
 
 
 def _reply_label(client: dict[str, Any]) -> tuple[str, str]:
@@ -51,7 +39,7 @@ class ServerCollector(Collector):
         self.fed = fed
 
     def collect(self) -> Iterator[Any]:
-        rounds = read_rounds(self.fed)
+        rounds = trained_rounds(self.fed)
         clients = [c for r in rounds for c in r.get("clients", []) if isinstance(c, dict)]
         failed = sum(1 for r in rounds if not any(c.get("status") == "trained" for c in r.get("clients", [])))
         done = CounterMetricFamily(PREFIX + "rounds", "Rounds finished, by result (failed: no node's update "

@@ -26,11 +26,11 @@ from fedtune.common.settings import PrivacySettings, RunSettings, help_table
 from fedtune.server import plots
 from fedtune.server.results import (
     ADAPTER_DIR,
-    METRICS_FILE,
     REPORT_FILE,
     SUMMARY_FILE,
     node_statements,
     portable,
+    read_rounds,
 )
 
 CONFIG_FILE = "config.json"
@@ -53,13 +53,6 @@ class AuditVerdict:
     ok: bool | None
     summary: str
     rows: list[dict[str, Any]] = field(default_factory=list)  # per ledger: name, ok, epsilon, recomputed, problems
-
-
-def read_rounds(results_dir: Path) -> list[dict[str, Any]]:
-    path = results_dir / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The run's results directory: metrics.jsonl (a line per round), metrics.csv, TensorBoard events,
-summary.json, adapter/.
+summary.json, adapter/; and :func:`read_rounds`, the one reader of metrics.jsonl.
 
 Lines are appended and fsync'd as rounds finish, so a crashed run keeps every
 completed round; metrics.csv is rewritten atomically after each round and
@@ -39,6 +39,30 @@ SUMMARY_FILE = "summary.json"
 ADAPTER_DIR = "adapter"
 REPORT_FILE = "report.html"
 CSV_FIRST = ("round", "accuracy", "loss", "train-loss", "client-accuracy", "epsilon-max", "epsilon-mean")
+
+
+def read_rounds(results_dir: Path) -> list[dict[str, Any]]:
+    """The round lines of ``results_dir/metrics.jsonl``, in file order: every reader of the file uses this.
+
+    A missing or unreadable file has no rounds. A line that is not a JSON object with an integer ``round`` is
+    skipped: the recorder appends whole lines and fsyncs each, so such a line is normally the last one, still
+    being appended while a reader looks (the progress bar, the watchdog, Prometheus scrapes).
+    """
+    try:
+        text = (results_dir / METRICS_FILE).read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    rounds = []
+    for raw in text.splitlines():
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(line, dict) and isinstance(line.get("round"), int):
+            rounds.append(line)
+    return rounds
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -216,6 +240,11 @@ class RunRecorder:
 
             self._writer = SummaryWriter(log_dir=str(self.out_dir), flush_secs=5)
         return self._writer
+
+    def resume(self, lines: list[dict[str, Any]]) -> None:
+        """Continue an interrupted run: its lines (from the checkpoint) are metrics.jsonl's first ones."""
+        self.rounds = list(lines)
+        self.metrics_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     def record_round(self, line: dict[str, Any]) -> dict[str, Any]:
         line = {k: _finite_or_none(v) for k, v in line.items()} | {

@@ -48,6 +48,7 @@ from fedtune.common.tasks.classify.model import build_model, frozen_prefix, lowe
 from fedtune.common.tasks.classify.task import CLASSIFY
 from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
 from fedtune.common.wire.contract import RoundRequest
+from fedtune.server.results import read_rounds
 
 NAIVE_LORA = LoraSettings(lora_layers="")  # LoRA in every layer: the loop before caching
 TRAIN_PART = "DP training (forward/backward/step)"
@@ -285,7 +286,7 @@ def machine() -> dict[str, Any]:
 
 def main_job_row(results: Path, wall_s: float | None, load: float | None) -> dict[str, Any]:
     """A finished ``fedtune-sim`` run (its results directory) as a row: accuracy per round and time."""
-    lines = [json.loads(x) for x in (results / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = read_rounds(results)
     settings = json.loads((results / "summary.json").read_text()).get("settings", {}) \
         if (results / "summary.json").is_file() else {}
     return {"results": results.name, "lora-layers": settings.get("lora-layers", ""),

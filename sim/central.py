@@ -29,20 +29,18 @@ from fedtune.client.node_config import NodeConfig
 from fedtune.client.policy import load_policy
 from fedtune.client.round import NodePrivacy, train_round
 from fedtune.common import runtime
-from fedtune.common.data.table import LabelledData
 from fedtune.common.errors import FedtuneError, ModelError
-from fedtune.common.models.adapter import AdapterMeta, load_arrays, save_adapter, to_arrays
+from fedtune.common.models.adapter import AdapterMeta, save_adapter, to_arrays
 from fedtune.common.models.card import write_model_card
-from fedtune.common.models.device import pick_device
 from fedtune.common.settings import RunSettings
-from fedtune.common.tasks import get_task
 from fedtune.common.wire.arrays import Arrays
 from fedtune.common.wire.contract import RoundRequest
-from fedtune.server.app import held_out, round_line
 from fedtune.server.checkpoint import run_key
 from fedtune.server.divergence import STOP_CODE, DivergenceGuard, diverged_reason, spent_epsilon
-from fedtune.server.results import ADAPTER_DIR, RunRecorder, card_info, eval_fields, held_out_groups
-from fedtune.server.strategy import ClientRow, reply_row
+from fedtune.server.evaluation import HeldOut
+from fedtune.server.outcome import NodeOutcome
+from fedtune.server.results import ADAPTER_DIR, RunRecorder, card_info
+from fedtune.server.round_line import RoundLine
 from fedtune.sim.nodes import SimulatedNodes, prepare
 
 CENTRAL_NODE = 0  # the central node's partition id (its files are clients/client-0/)
@@ -63,16 +61,15 @@ def _node(env: dict[str, str]) -> tuple[NodeConfig, NodePrivacy]:
 
 
 def _train(request: RoundRequest, arrays: Arrays, config: NodeConfig, node: NodePrivacy,
-           run_id: str) -> tuple[ClientRow, Arrays | None]:
-    """One central round through the node's code path; a non-finite update is a row with code TRAIN."""
-    row: ClientRow = {"node-id": CENTRAL_NODE}
+           run_id: str) -> tuple[NodeOutcome, Arrays | None]:
+    """One central round through the node's code path; a non-finite update is an error with code TRAIN."""
     try:
         reply, update = train_round(request, arrays, config=config, node=node, run_id=run_id)
     except ModelError as err:
         if err.code != "TRAIN":
             raise
-        return row | {"status": "error", "code": err.code}, None
-    return row | reply_row(reply), update
+        return NodeOutcome(CENTRAL_NODE, "error", err.code), None
+    return NodeOutcome(CENTRAL_NODE, reply.status, reply.code, reply=reply), update
 
 
 class CentralRun:
@@ -82,22 +79,14 @@ class CentralRun:
         self.settings = settings
         self.out = nodes.out
         self.env = prepare(settings, nodes)
-        self.device = pick_device()
-        self.task = get_task(settings.model.task)
-        self.base = self.task.load_base(settings.model.model_path)
-        self.test: LabelledData = held_out(settings)
-        self.test_tensors = self.task.encode(self.base, self.test, settings.model.max_seq_len)
-        self.groups = held_out_groups(self.test.dataset, settings.data.report_group_column)
-        self.model = self.task.build_model(self.base, self.test.label_names, settings.lora, self.device,
-                                           seed=settings.federation.seed)
+        self.held_out = HeldOut.build(settings)
+        self.task, self.model, self.test = self.held_out.task, self.held_out.model, self.held_out.test
         self.recorder = RunRecorder(self.out)
 
-    def _evaluate(self, server_round: int, arrays: Arrays, rows: list[ClientRow]) -> dict[str, Any]:
-        load_arrays(self.model, arrays)
-        result = self.task.evaluate(self.model, self.base, self.test, self.test_tensors, device=self.device,
-                                    groups=self.groups, detail=True)
-        return self.recorder.record_round(round_line(server_round, rows, [], result.accuracy, result.loss)
-                                          | eval_fields(result, self.test.label_names) | result.extra)
+    def _evaluate(self, server_round: int, arrays: Arrays, outcomes: list[NodeOutcome]) -> dict[str, Any]:
+        result = self.held_out.evaluate(arrays)
+        return self.recorder.record_round(RoundLine(server_round, outcomes, [], result,
+                                                    self.test.label_names).to_row())
 
     def run(self, on_round: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
         s = self.settings
@@ -110,29 +99,29 @@ class CentralRun:
         arrays = kept = to_arrays(self.model)
         outcome = _Outcome()
         for server_round in range(s.plan.num_rounds + 1):
-            rows: list[ClientRow] = []
+            outcomes: list[NodeOutcome] = []
             if server_round:
-                row, update = _train(request.for_round(server_round), arrays, config, node, run_id)
-                rows, arrays = [row], update if update is not None else arrays
-            line = self._evaluate(server_round, arrays, rows)
+                node_outcome, update = _train(request.for_round(server_round), arrays, config, node, run_id)
+                outcomes, arrays = [node_outcome], update if update is not None else arrays
+            line = self._evaluate(server_round, arrays, outcomes)
             if on_round is not None:
                 on_round(server_round, line)
-            if stop := self._stop(guard, server_round, line, rows, outcome.kept_round):
+            if stop := self._stop(guard, server_round, line, outcomes, outcome.kept_round):
                 outcome = stop
                 break
             kept, outcome.kept_round = arrays, server_round
         return self._finish(kept, outcome)
 
-    def _stop(self, guard: DivergenceGuard, server_round: int, line: dict[str, Any], rows: list[ClientRow],
+    def _stop(self, guard: DivergenceGuard, server_round: int, line: dict[str, Any], outcomes: list[NodeOutcome],
               kept_round: int) -> _Outcome | None:
         """Why the run stops after this round (diverged, or the node refused), or None."""
         loss = line["loss"] if line.get("loss") is not None else math.nan  # the recorder wrote NaN as null
-        if why := guard.check(server_round, loss, rows):
+        if why := guard.check(server_round, loss, outcomes):
             return _Outcome(STOP_CODE, diverged_reason(why, kept_round=kept_round, private=self.settings.privacy.dp,
                                                        epsilon=spent_epsilon(self.recorder.rounds)), kept_round)
-        if rows and rows[0].get("status") == "refused":
+        if outcomes and outcomes[0].status == "refused":
             return _Outcome("budget", f"stopped after round {server_round}: the central node refused to train "
-                                      f"({rows[0].get('code')}); see its ledger", kept_round)
+                                      f"({outcomes[0].code}); see its ledger", kept_round)
         return None
 
     def _finish(self, kept: Arrays, outcome: _Outcome) -> dict[str, Any]:

@@ -24,11 +24,11 @@ from fedtune.common import exit_codes
 from fedtune.common.errors import ConfigError, FedtuneError, RunError, format_problems
 from fedtune.common.settings import RunSettings, help_table
 from fedtune.common.tasks import DEFAULT_TASK, TASKS, Task, get_task
-from fedtune.server.results import SUMMARY_FILE, portable
+from fedtune.server.results import SUMMARY_FILE, portable, read_rounds
 from fedtune.sim.nodes import SimulatedNodes, prepare
 from fedtune.sim.output import ResultsDir
 from fedtune.sim.preflight import preflight
-from fedtune.sim.report import plot, read_rounds, round_table, write_run_report
+from fedtune.sim.report import plot, round_table, write_run_report
 from fedtune.sim.runner import LocalSimulation, SimulationSpec, handle_signals, write_app_dir
 
 console = Console(stderr=True)

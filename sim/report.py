@@ -20,12 +20,12 @@ from fedtune.audit.roster import read_roster
 from fedtune.common.durable import write_atomically
 from fedtune.common.errors import FedtuneError
 from fedtune.common.ledger.key import load_public_key
-from fedtune.server.report import CONFIG_FILE, AuditVerdict, read_rounds, write_report
+from fedtune.server.report import CONFIG_FILE, AuditVerdict, write_report
 from fedtune.server.results import node_name, portable
 from fedtune.server.run_record import PUBLIC_FILE
 from fedtune.sim.nodes import ROSTER_FILE
 
-__all__ = ["audit_verdict", "plot", "read_rounds", "round_table", "write_run_report"]
+__all__ = ["audit_verdict", "plot", "round_table", "write_run_report"]
 
 
 def audit_verdict(results_dir: Path) -> AuditVerdict:

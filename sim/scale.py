@@ -20,6 +20,8 @@ from typing import Any
 
 import psutil
 
+from fedtune.server.results import read_rounds
+
 PLOT = "benchmarks-scale.png"
 
 
@@ -100,7 +102,7 @@ def run_row(spec: ScaleSpec, work: Path) -> dict[str, Any]:
     wall = time.monotonic() - start
     if code != 0:
         return {"clients": spec.clients, "model": spec.model, "failed": code, "log": str(log.name)}
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = read_rounds(out)
     ends = [float(x["elapsed-s"]) for x in lines]
     per_round = [b - a for a, b in zip(ends, ends[1:], strict=False)] or ends
     replies = [int(c["bytes"]) for x in lines for c in x.get("clients", []) if c.get("bytes")]

@@ -251,10 +251,6 @@ def test_fedtune_variables_are_read_only_in_common_runtime() -> None:
     assert not problems, _report(problems)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "task names are still compared in common/models/adapter.py:71, common/models/card.py:107,118,173, "
-    "client/node_data.py:118, server/app.py:165 and sim/central.py:146; the task-interface rework (another "
-    "branch) removes them: drop this mark then"))
 def test_task_names_are_compared_only_in_common_tasks() -> None:
     problems = [p for m in ALL if _outside_tasks(m) for p in task_comparisons(m)]
     assert not problems, _report(problems)

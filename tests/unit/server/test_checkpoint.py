@@ -13,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedtune.common.errors import ConfigError
 from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
 from fedtune.server.checkpoint import LATEST, Checkpoint, CheckpointStore, RoundOffset, run_key
+from fedtune.server.outcome import NodeOutcome
 from fedtune.server.strategy import AdapterFedAvg
 from tests.unit.server.fakes import REQUEST_TEMPLATE, RUN_ID, evaluated, server_round, shifted, trained
 
@@ -28,7 +29,7 @@ def _task_identity() -> Iterator[None]:
 
 def _ckpt(server_round: int, key: str = "k") -> Checkpoint:
     return Checkpoint(server_round=server_round, run_key=key, arrays={k: v + server_round for k, v in ARRAYS.items()},
-                      train_rows={server_round: [{"node-id": 7, "status": "trained", "epsilon": 1.5}]},
+                      outcomes={server_round: [NodeOutcome(7, "trained", "", weight=1.5)]},
                       metrics_lines=[{"round": r} for r in range(server_round + 1)], first_started=123.0)
 
 
@@ -40,7 +41,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     got = store.latest()
     assert got is not None and got.server_round == 2 and got.first_started == 123.0
     np.testing.assert_array_equal(got.arrays["lora_A"], ARRAYS["lora_A"] + 2)
-    assert got.train_rows == {2: [{"node-id": 7, "status": "trained", "epsilon": 1.5}]}
+    assert got.outcomes == {2: (NodeOutcome(7, "trained", "", weight=1.5),)}
     assert [m["round"] for m in got.metrics_lines] == [0, 1, 2]
     assert (tmp_path / "ckpt" / LATEST).read_text().strip() == "round-0002"
 
@@ -117,14 +118,14 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path: Path) -> N
     _run(first, FakeGrid(), initial, 1, 0, evaluated)
     store = CheckpointStore(tmp_path)
     store.save(Checkpoint(server_round=1, run_key="k", arrays=record_to_arrays(evaluated[-1][1]),
-                          train_rows=first.train_rows))
+                          outcomes=first.outcomes))
     ckpt = store.resumable("k", 3)
     assert ckpt is not None
     second, resumed_grid = _strategy(), FakeGrid()
-    second.train_rows.update(ckpt.train_rows)
+    second.restore(ckpt.outcomes, ckpt.evaluations)
     resumed = _run(second, resumed_grid, arrays_to_record(ckpt.arrays), 3 - ckpt.server_round, ckpt.server_round, [])
 
     assert resumed_grid.rounds_seen == [2, 2, 3, 3]  # the true round numbers reach the nodes
-    assert sorted(second.train_rows) == [1, 2, 3]
+    assert sorted(second.outcomes) == [1, 2, 3]
     for key, value in record_to_arrays(straight).items():
         np.testing.assert_array_equal(record_to_arrays(resumed)[key], value)

@@ -6,17 +6,12 @@ import math
 
 import pytest
 
-from fedtune.server.divergence import (
-    DivergenceGuard,
-    MajorityBaseline,
-    diverged_reason,
-    majority_baseline,
-    quality_warnings,
-    spent_epsilon,
-)
+from fedtune.common.tasks.classify.baseline import MajorityBaseline, majority_baseline, quality_warnings
+from fedtune.server.divergence import DivergenceGuard, diverged_reason, spent_epsilon
+from fedtune.server.outcome import NodeOutcome
 
-TRAINED = {"status": "trained", "code": ""}
-FAILED = {"status": "error", "code": "TRAIN"}
+TRAINED = NodeOutcome(1, "trained", "")
+FAILED = NodeOutcome(2, "error", "TRAIN")
 
 
 def test_a_loss_below_the_factor_passes_and_one_above_stops_naming_both_values():
@@ -38,7 +33,7 @@ def test_a_non_finite_loss_always_stops(loss):
 def test_every_node_failing_its_training_stops_but_one_good_node_does_not():
     guard = DivergenceGuard(3.0, reference_loss=0.69)
     assert guard.check(1, 0.69, [FAILED, TRAINED]) is None
-    assert guard.check(1, 0.69, [{"status": "error", "code": "DATA_MISSING"}]) is None
+    assert guard.check(1, 0.69, [NodeOutcome(3, "error", "DATA_MISSING")]) is None
     why = guard.check(2, 0.69, [FAILED, FAILED])
     assert why is not None and "(2) reported that its local training went non-finite (code TRAIN)" in why
 

@@ -20,7 +20,7 @@ from fedtune.common.settings import RunSettings
 from fedtune.common.tasks import get_task
 from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
 from fedtune.common.wire.contract import RoundRequest, TrainReply, parse_reply
-from fedtune.server.strategy import _train_row
+from fedtune.server.replies import train_outcome
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")  # a ClientApp called in-process
 
@@ -52,13 +52,13 @@ def test_an_ffa_node_sends_b_only_and_the_server_restores_a(tmp_path, tiny_model
     assert {k for k in sent if "lora_A" not in k} == set(back)
     assert any("lora_B" in k and np.any(back[k] != sent[k]) for k in back)
 
-    row, update = _train_row(reply, sent, "ffa")
-    assert row["status"] == "trained" and update is not None
+    outcome, update = train_outcome(reply, sent, "ffa")
+    assert outcome.status == "trained" and update is not None
     assert set(update) == set(sent)
     for name in sent:
         expected = sent[name] if "lora_A" in name else back[name]
         assert np.array_equal(update[name], expected), name
-    assert row["bytes"] < sum(v.nbytes for v in sent.values())
+    assert outcome.received_bytes is not None and outcome.received_bytes < sum(v.nbytes for v in sent.values())
 
 
 def test_an_ffa_reply_that_carries_a_is_rejected(tmp_path, tiny_model_dir, sentiment_csv):
@@ -66,13 +66,13 @@ def test_an_ffa_reply_that_carries_a_is_rejected(tmp_path, tiny_model_dir, senti
     with_a = record_to_arrays(reply.content["arrays"]) | {k: v for k, v in sent.items() if "lora_A" in k}
     forged = Message(RecordDict({**{k: v for k, v in reply.content.items() if k != "arrays"},
                                  "arrays": arrays_to_record(with_a)}), reply_to=reply)
-    row, update = _train_row(forged, sent, "ffa")
-    assert update is None and row["code"] == "BAD_UPDATE"
+    outcome, update = train_outcome(forged, sent, "ffa")
+    assert update is None and outcome.code == "BAD_UPDATE"
 
 
 def test_a_plain_lora_node_still_sends_every_trainable_tensor(tmp_path, tiny_model_dir, sentiment_csv):
     reply, sent = _round(tmp_path, tiny_model_dir, sentiment_csv, "lora")
     back = record_to_arrays(reply.content["arrays"])
     assert set(back) == set(sent) and any("lora_A" in k for k in back)
-    row, update = _train_row(reply, sent, "lora")
-    assert row["status"] == "trained" and set(update) == set(sent)
+    outcome, update = train_outcome(reply, sent, "lora")
+    assert outcome.status == "trained" and update is not None and set(update) == set(sent)

@@ -12,10 +12,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fedtune.common.settings import PrivacySettings
 from fedtune.common.tasks.result import EvalResult
 from fedtune.server.results import (
+    METRICS_FILE,
     RunRecorder,
     eval_fields,
     node_statements,
     portable,
+    read_rounds,
 )
 
 
@@ -87,3 +89,23 @@ def test_node_statements_take_each_nodes_last_reply():
 def test_portable_keeps_only_the_last_component_of_absolute_paths():
     assert portable({"a": "/x/y/data.csv", "b": ["rel/path", "/z"], "c": 3, "d": ""}) == {
         "a": "data.csv", "b": ["rel/path", "z"], "c": 3, "d": ""}
+
+
+def test_the_reader_returns_the_recorded_lines(recorded):
+    out, accuracies = recorded
+    assert [line["accuracy"] for line in read_rounds(out)] == accuracies
+
+
+def test_the_reader_skips_the_line_being_written_and_anything_not_a_round(tmp_path):
+    assert read_rounds(tmp_path) == []  # no file yet
+    (tmp_path / METRICS_FILE).write_text('{"round": 0, "accuracy": 0.5}\n\n[1, 2]\n{"no-round": 1}\n'
+                                         '{"round": 1, "accuracy": 0.6}\n{"round": 2, "acc')
+    assert read_rounds(tmp_path) == [{"round": 0, "accuracy": 0.5}, {"round": 1, "accuracy": 0.6}]
+
+
+def test_a_resumed_recorder_continues_after_the_checkpointed_lines(tmp_path):
+    lines = [{"round": 0, "accuracy": 0.5, "elapsed-s": 1.0}, {"round": 1, "accuracy": 0.6, "elapsed-s": 2.0}]
+    recorder = RunRecorder(tmp_path, tensorboard=False)
+    recorder.resume(lines)
+    recorder.record_round({"round": 2, "accuracy": 0.7})
+    assert read_rounds(tmp_path)[:2] == lines and [line["round"] for line in recorder.rounds] == [0, 1, 2]

@@ -83,7 +83,7 @@ def test_refusing_node_is_excluded_and_the_others_finish() -> None:
     asked = {r: sorted(nodes) for r, nodes in grid.asked.items()}
     assert asked == {1: [1, 2, 3], 2: [1, 2, 3], 3: [2, 3], 4: [2, 3]}
     assert strategy.stop_code is None and evaluated_rounds == [0, 1, 2, 3, 4]
-    refused_rows = [r for r in strategy.train_rows[2] if r["status"] == "refused"]
+    refused_rows = [o.to_row() for o in strategy.outcomes[2] if o.status == "refused"]
     assert len(refused_rows) == 1 and refused_rows[0]["code"] == "BUDGET_EXHAUSTED"
     assert refused_rows[0]["ledger-seq"] == 2 and refused_rows[0]["epsilon-remaining"] == pytest.approx(0.1)
     assert "refused in round 2 (BUDGET_EXHAUSTED)" in strategy.excluded[1]
@@ -134,9 +134,9 @@ def _with_key(msg: Message, key: str, value: object) -> Message:
 def test_every_reply_is_held_to_the_contract(answer, status: str, code: str) -> None:
     grid = ScriptedGrid({1: lambda m: trained(m, shifted(m, 1.0)), 2: answer})
     strategy, _ = _start(grid, rounds=1, min_nodes=1)
-    row = next(r for r in strategy.train_rows[1] if r["node-id"] == 2)
+    row = next(o.to_row() for o in strategy.outcomes[1] if o.node_id == 2)
     assert (row["status"], row["code"]) == (status, code)
-    assert ROW_TEXT not in json.dumps(strategy.train_rows, default=str)
+    assert ROW_TEXT not in json.dumps({r: [o.to_row() for o in outcomes] for r, outcomes in strategy.outcomes.items()})
     if status == "trained":
         assert set(row) >= {"epsilon", "ledger-key", "ledger-seq", "ledger-head", "bytes"}
     elif code != "BAD_UPDATE":  # a well-formed reply with an unusable update keeps its contract fields
@@ -151,7 +151,7 @@ def test_a_reply_whose_ids_would_not_make_a_receipt_is_rejected_and_not_averaged
                              min_train_nodes=1, min_available_nodes=3)
     result = strategy.start(grid=grid, initial_arrays=arrays_to_record({"w": np.zeros(2, dtype=np.float32)}),
                             num_rounds=1)
-    rows = {r["node-id"]: r for r in strategy.train_rows[1]}
+    rows = {o.node_id: o.to_row() for o in strategy.outcomes[1]}
     assert (rows[3]["status"], rows[3]["code"]) == ("rejected", "MALFORMED") and "ledger-key" not in rows[3]
     assert np.allclose(result.arrays.to_numpy_ndarrays()[0], 2.0)  # the mean of nodes 1 and 2 only
     assert all(rows[n]["node-sig"] and rows[n]["run"] == RUN_ID for n in (1, 2))

@@ -11,7 +11,6 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedtune.common.settings import RunSettings
 from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
-from fedtune.server.app import _strategy
 from fedtune.server.strategy import AdapterFedAvg
 from tests.unit.server.fakes import REQUEST_TEMPLATE, RUN_ID, evaluated, shifted, trained
 
@@ -51,7 +50,7 @@ def _round(grid: ClaimsGrid, **weights) -> tuple[AdapterFedAvg, float]:
 
 
 def _weights(strategy: AdapterFedAvg) -> dict[int, float]:
-    return {r["node-id"]: r["weight"] for r in strategy.train_rows[1]}
+    return {o.node_id: o.weight for o in strategy.outcomes[1]}
 
 
 HONEST_SHIFT, HONEST_EXAMPLES = {1: 1.0, 2: 2.0, 3: 3.0}, {1: 100, 2: 120, 3: 80}
@@ -76,7 +75,7 @@ def test_a_node_claiming_a_billion_examples_weighs_the_cap():
 
 def test_the_run_settings_reach_the_strategy():
     settings = RunSettings.from_config({"weighting": "equal", "max-node-examples": 500})
-    strategy = _strategy(settings, REQUEST_TEMPLATE, RUN_ID)
+    strategy = AdapterFedAvg.from_settings(settings, REQUEST_TEMPLATE, RUN_ID)
     assert (strategy.weighting, strategy.max_node_examples) == ("equal", 500)
     with pytest.raises(ValueError, match="weighting='median'"):
         AdapterFedAvg(REQUEST_TEMPLATE, run_id=RUN_ID, weighting="median")
