@@ -241,7 +241,7 @@ def entry_problems(entry: Mapping[str, Any]) -> list[str]:
         return [f"field 'format' must be {FORMAT!r}, got {str(fmt)[:64]!r}" if "format" in entry
                 else "missing field 'format'"]
     kind = entry.get("kind")
-    if kind not in FIELDS:
+    if not isinstance(kind, str) or kind not in FIELDS:  # (a list or an object is not even hashable)
         return [f"field 'kind' must be one of {', '.join(KINDS)}, got {str(kind)[:64]!r}" if "kind" in entry
                 else "missing field 'kind'"]
     required, optional = FIELDS[kind]
