@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from fedtune.audit.cli import main
-from fedtune.common.ledger.chain import MAX_LEDGER_BYTES, MAX_LINE_BYTES, MAX_LINES, canonical
+from fedtune.common.ledger.chain import canonical
+from fedtune.common.ledger.reader import MAX_LEDGER_BYTES, MAX_LINE_BYTES, MAX_LINES
 from tests.unit.audit.ledgers import NODE_A, Node, charge, make_node
 
 Lines = list[bytes]
