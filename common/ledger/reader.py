@@ -1,12 +1,13 @@
-"""Bounded reading of a ledger file: the node and the auditor read every ledger through here.
+"""Bounded reading of a ledger file: every reader of a ledger (node, auditor, metrics) goes through here.
 
 A file above :data:`MAX_LEDGER_BYTES` is refused unread; symbolic links, FIFOs and other non-regular
 files are refused; a line above :data:`MAX_LINE_BYTES` is reported and skipped without being held in
 memory; lines past :data:`MAX_LINES` are not read. Together these bound the memory any file can take.
 
-Lines are parsed strictly (:func:`parse_line`: printable ASCII, one canonical JSON object, no duplicate
-field, numbers kept as :class:`~fedtune.common.ledger.schema.BadNumber` when Python could not hold them
-faithfully). A torn last line (no newline) is always reported.
+Lines are parsed strictly by default (:func:`parse_line`: printable ASCII, one canonical JSON object,
+no duplicate field, numbers kept as :class:`~fedtune.common.ledger.schema.BadNumber` when Python could
+not hold them faithfully); a reader that only shows what it can (the node's metrics) passes its own
+line parser, under the same limits. A torn last line (no newline) is always reported.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,9 @@ MAX_LINE_BYTES = 64 * 1024  # an entry is ~1.3 KB; anything this long is not one
 MAX_LEDGER_BYTES = 32 * 1024 * 1024  # ~25,000 rounds; larger files are refused unread
 MAX_LINES = 100_000  # lines read at most (with the byte limit, this bounds the memory a ledger can take)
 CHUNK = 1024 * 1024
+
+# One complete line (without its newline) -> the entry on it, what is wrong with it, or None to skip it.
+LineParser = Callable[[bytes], str | Entry | None]
 
 
 @dataclass
@@ -59,16 +63,16 @@ def parse_line(raw: bytes) -> str | Entry:
     return entry
 
 
-def parse_chunks(chunks: Iterable[bytes], path: Path) -> ParsedLedger:
+def parse_chunks(chunks: Iterable[bytes], path: Path, line_parser: LineParser = parse_line) -> ParsedLedger:
     """Split a byte stream into entries without ever holding more than one line of at most MAX_LINE_BYTES."""
     parsed = ParsedLedger(path)
     buf, overlong, number, seen = bytearray(), 0, 1, 0
 
     def finish(raw: bytes) -> None:
-        result = parse_line(raw)
+        result = line_parser(raw)
         if isinstance(result, str):
             parsed.problems.append(Problem(number, result))
-        else:
+        elif result is not None:
             parsed.entries.append((number, result))
 
     for chunk in chunks:
@@ -120,7 +124,7 @@ def file_problem(fd: int, path: Path) -> str | None:
     return None
 
 
-def read(path: Path) -> ParsedLedger:
+def read(path: Path, line_parser: LineParser = parse_line) -> ParsedLedger:
     """Parse a ledger file; every problem (a symlink, a binary file, a bad line) is reported, none raised."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -131,7 +135,7 @@ def read(path: Path) -> ParsedLedger:
     try:
         if (problem := file_problem(fd, path)) is not None:
             return ParsedLedger(path, problems=[Problem(0, problem)])
-        parsed = parse_chunks(fd_chunks(fd, os.fstat(fd).st_size), path)
+        parsed = parse_chunks(fd_chunks(fd, os.fstat(fd).st_size), path, line_parser)
     finally:
         os.close(fd)
     if not parsed.entries and not parsed.problems:
