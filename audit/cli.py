@@ -37,8 +37,8 @@ from fedtune.audit.ledger_audit import DEFAULT_MAX_DELTA, DEFAULT_TOLERANCE, Led
 from fedtune.audit.policy import AuditPolicy, read_policy
 from fedtune.audit.roster import RosterNode, node_identity, read_roster
 from fedtune.common.errors import ConfigError, FedtuneError
-from fedtune.common.ledger.chain import LEDGER_FILE
 from fedtune.common.ledger.key import key_id, load_public_key
+from fedtune.common.ledger.store import LEDGER_FILE
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Audit of one epsilon ledger: integrity, binding, limits from the policy, epsilon replayed twice.
 
-For each ledger: every line must parse (bounded, see ``common/ledger/chain.py``), chain
+For each ledger: every line must parse (bounded, see ``common/ledger/reader.py``), chain
 (``seq``, ``prev``), hash and carry a canonical, valid Ed25519 signature by a key the
 auditor was given. Line 1 must be the signed header; it binds the ledger to a node
 (``--node``, ``--roster``) and states the policy. The limits every entry is held to
@@ -36,9 +36,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from fedtune.audit.policy import AuditPolicy
 from fedtune.audit.policy_changes import policy_change_problems
 from fedtune.common.errors import PrivacyError
-from fedtune.common.ledger.chain import Entry, Problem, read, verify
+from fedtune.common.ledger.chain import Problem, verify
+from fedtune.common.ledger.entry import MISSING, LedgerEntry, PolicyEntry, RepairRecord, RoundEntry, entry_from_json
+from fedtune.common.ledger.reader import read
 from fedtune.common.ledger.receipts import Receipt, cross_check
-from fedtune.common.ledger.schema import RNG_SECURE, RNG_SEEDED, entry_problems, event_from_json
+from fedtune.common.ledger.schema import RNG_SECURE, RNG_SEEDED, entry_problems
 from fedtune.common.privacy.accountant import COUNTERPART, DpEvent, dp_accounting_epsilon, opacus_epsilon
 
 DEFAULT_TOLERANCE = 0.01  # relative; measured agreement is ~0.2% (PRV vs PLD) and ~0.1% (RDP vs RDP)
@@ -95,10 +97,10 @@ class Limits:
         return cls(policy.max_epsilon, policy.delta, policy.accountant, policy.dataset_id, f"--policy {policy.source}")
 
     @classmethod
-    def from_entry(cls, number: int, entry: Entry) -> Limits:
-        what = "header" if entry["kind"] == "header" else "policy entry"
-        return cls(float(entry["budget"]), float(entry["delta"]), entry["accountant"], entry["dataset"],
-                   f"{what} (line {number})")
+    def from_entry(cls, number: int, entry: PolicyEntry) -> Limits:
+        what = "header" if entry.kind == "header" else "policy entry"
+        p = entry.policy
+        return cls(float(p.budget), float(p.delta), p.accountant, p.dataset, f"{what} (line {number})")
 
 
 @dataclass(frozen=True)
@@ -189,18 +191,18 @@ def replay(history: Sequence[DpEvent | None], delta: float, accountant: str) -> 
     return _replay_cached(events, delta, accountant)
 
 
-def _limit_problems(entry: Entry, limits: Limits) -> list[str]:
+def _limit_problems(entry: RoundEntry, limits: Limits) -> list[str]:
     """An entry that records other limits than the policy in force."""
     where = f"the policy in force ({limits.source})"
     out = []
-    if limits.dataset and entry["dataset"] != limits.dataset:
-        out.append(f"charged to dataset {entry['dataset'][:64]!r}, but {where} is for {limits.dataset[:64]!r}")
-    if entry["budget"] != limits.budget:
-        out.append(f"records budget {entry['budget']:g}, but {where} allows {limits.budget:g}")
-    if entry["delta"] != limits.delta:
-        out.append(f"records delta {entry['delta']:g}, but {where} sets delta {limits.delta:g}")
-    if entry["accountant"]["name"] != limits.accountant:
-        out.append(f"records accountant {entry['accountant']['name']}, but {where} sets {limits.accountant}")
+    if limits.dataset and entry.dataset != limits.dataset:
+        out.append(f"charged to dataset {entry.dataset[:64]!r}, but {where} is for {limits.dataset[:64]!r}")
+    if entry.budget != limits.budget:
+        out.append(f"records budget {entry.budget:g}, but {where} allows {limits.budget:g}")
+    if entry.delta != limits.delta:
+        out.append(f"records delta {entry.delta:g}, but {where} sets delta {limits.delta:g}")
+    if entry.accountant.name != limits.accountant:
+        out.append(f"records accountant {entry.accountant.name}, but {where} sets {limits.accountant}")
     return out
 
 
@@ -226,12 +228,12 @@ def _epsilon_problems(a: EntryAudit, tolerance: float, strict: bool) -> list[str
     return out
 
 
-def _rng_findings(number: int, entry: Entry, has_header: bool, strict_rng: bool, report: LedgerAudit) -> None:
-    rng = entry.get("rng")
-    if rng is None:
+def _rng_findings(number: int, entry: RoundEntry, has_header: bool, strict_rng: bool, report: LedgerAudit) -> None:
+    rng = entry.rng
+    if rng is MISSING:
         message = "the entry does not say where its noise came from (field 'rng')"
         (report.problems if has_header else report.notices).add(Problem(number, message))
-    elif rng != RNG_SECURE and str(rng).startswith(RNG_SEEDED):
+    elif rng != RNG_SECURE and rng.startswith(RNG_SEEDED):
         message = (f"noise from a seeded generator ({rng}): reproducible simulation only, not a production "
                    "guarantee (anyone who knows the seed can remove the noise)")
         (report.problems if strict_rng else report.notices).add(Problem(number, message))
@@ -247,7 +249,7 @@ class _Replay:
     histories: dict[str, list[DpEvent | None]] = field(default_factory=dict)
 
 
-def _policy_entry(number: int, entry: Entry, state: _Replay, spec: LedgerSpec, report: LedgerAudit) -> None:
+def _policy_entry(number: int, entry: PolicyEntry, state: _Replay, spec: LedgerSpec, report: LedgerAudit) -> None:
     """A header or policy entry: the new limits, unless the auditor's --policy overrides them."""
     node_limits = Limits.from_entry(number, entry)
     report.limits.append(node_limits)
@@ -259,17 +261,18 @@ def _policy_entry(number: int, entry: Entry, state: _Replay, spec: LedgerSpec, r
     policy = spec.policy
     if policy is None:  # cannot happen: state.auditor means spec.policy was given
         return
-    if entry["budget"] > policy.max_epsilon:
-        report.problems.add(Problem(number, f"the node's policy allows budget {entry['budget']:g}, above "
+    node = entry.policy
+    if node.budget > policy.max_epsilon:
+        report.problems.add(Problem(number, f"the node's policy allows budget {node.budget:g}, above "
                                             f"max-epsilon {policy.max_epsilon:g} in {policy.source}"))
-    if entry["delta"] > policy.delta:
-        report.problems.add(Problem(number, f"the node's policy sets delta {entry['delta']:g}, above delta "
+    if node.delta > policy.delta:
+        report.problems.add(Problem(number, f"the node's policy sets delta {node.delta:g}, above delta "
                                             f"{policy.delta:g} in {policy.source}"))
-    if entry["accountant"] != policy.accountant:
-        report.problems.add(Problem(number, f"the node's policy uses accountant {entry['accountant']}, but "
+    if node.accountant != policy.accountant:
+        report.problems.add(Problem(number, f"the node's policy uses accountant {node.accountant}, but "
                                             f"{policy.source} says {policy.accountant}"))
-    if policy.dataset_id and entry["dataset"] != policy.dataset_id:
-        report.problems.add(Problem(number, f"the node's policy is for dataset {entry['dataset'][:64]!r}, but "
+    if policy.dataset_id and node.dataset != policy.dataset_id:
+        report.problems.add(Problem(number, f"the node's policy is for dataset {node.dataset[:64]!r}, but "
                                             f"{policy.source} names {policy.dataset_id[:64]!r}"))
 
 
@@ -279,45 +282,39 @@ def _delta_problem(limits: Limits, max_delta: float) -> str:
             "with probability delta")
 
 
-def _charge_entry(number: int, entry: Entry, state: _Replay, tolerance: float, strict_rng: bool,
+def _charge_entry(number: int, entry: RoundEntry, state: _Replay, tolerance: float, strict_rng: bool,
                   report: LedgerAudit) -> None:
     """Replay one round/repair entry against the limits in force."""
-    try:
-        event = event_from_json(entry["event"])
-    except PrivacyError as err:
-        report.problems.extend([Problem(number, p) for p in err.problems])
-        return
-    history = state.histories.setdefault(entry["dataset"], [])
-    if entry["decision"] == "charged":
-        history.append(event)
+    history = state.histories.setdefault(entry.dataset, [])
+    if entry.decision == "charged":
+        history.append(entry.event)
     limits = state.limits
     if limits is not None:
         report.problems.extend([Problem(number, p) for p in _limit_problems(entry, limits)])
-    delta = limits.delta if limits is not None else float(entry["delta"])
-    accountant = limits.accountant if limits is not None else entry["accountant"]["name"]
+    delta = limits.delta if limits is not None else float(entry.delta)
+    accountant = limits.accountant if limits is not None else entry.accountant.name
     opacus, independent = replay(history, delta, accountant)
-    recorded = math.inf if entry["epsilon"] is None else float(entry["epsilon"])
-    audit = EntryAudit(number, entry["kind"], entry["time"], entry["run"], entry["round"], entry["dataset"],
-                       entry["decision"], event, accountant, delta, limits.budget if limits else math.nan, recorded,
-                       opacus, independent, entry["reason"], str(entry.get("rng", "")),
-                       tuple(entry.get("released", ())))
+    recorded = math.inf if entry.epsilon is None else float(entry.epsilon)
+    audit = EntryAudit(number, entry.kind, entry.sealed.time, entry.run, entry.round, entry.dataset,
+                       entry.decision, entry.event, accountant, delta, limits.budget if limits else math.nan,
+                       recorded, opacus, independent, entry.reason, "" if entry.rng is MISSING else entry.rng,
+                       () if entry.released is MISSING else entry.released)
     report.entries.append(audit)
     report.problems.extend([Problem(number, p) for p in _epsilon_problems(audit, tolerance, limits is not None)])
-    spent = entry["epsilon_round"]
-    if entry["decision"] == "refused" and spent not in (None, 0, 0.0):
+    spent = entry.epsilon_round
+    if entry.decision == "refused" and spent not in (None, 0, 0.0):
         report.problems.add(Problem(number, f"a refusal that spent epsilon {spent:g} (a refused round never "
                                             "trains; was a charge relabelled?)"))
-    if entry["kind"] == "round":
-        _rng_findings(number, entry, state.has_header, strict_rng, report)
+    if isinstance(r := entry.repair, RepairRecord):
+        report.notices.add(Problem(number, f"repair of a torn line ({r.bytes} bytes kept as {r.evidence}, "
+                                           f"sha256 {r.sha256[:16]}...): charged as spent ({r.recovered})"))
     else:
-        r = entry["repair"]
-        report.notices.add(Problem(number, f"repair of a torn line ({r['bytes']} bytes kept as {r['evidence']}, "
-                                           f"sha256 {r['sha256'][:16]}...): charged as spent ({r['recovered']})"))
+        _rng_findings(number, entry, state.has_header, strict_rng, report)
 
 
-def _binding(first: tuple[int, Entry] | None, spec: LedgerSpec, report: LedgerAudit) -> None:
-    header = first[1] if first is not None and first[0] == 1 and first[1]["kind"] == "header" else None
-    report.node = header["node"] if header is not None else None
+def _binding(first: tuple[int, LedgerEntry] | None, spec: LedgerSpec, report: LedgerAudit) -> None:
+    header = first[1] if first is not None and first[0] == 1 and first[1].kind == "header" else None
+    report.node = header.policy.node if isinstance(header, PolicyEntry) else None
     expected = spec.node
     if expected is not None and header is None:
         report.problems.add(Problem(1, f"no signed header: the ledger cannot be shown to belong to node {expected}"))
@@ -341,8 +338,9 @@ def audit_ledger(spec: LedgerSpec, keys: Mapping[str, ed25519.Ed25519PublicKey],
     parsed = read(spec.path)
     report = LedgerAudit(spec.path)
     report.problems.extend(verify(parsed, keys))
-    valid = [(n, e) for n, e in parsed.entries if not entry_problems(e)]
-    report.key = valid[0][1]["key"] if valid else None
+    # The well-formed lines, typed (the typed form checks exactly what entry_problems does, so all of them convert).
+    valid = [(n, entry_from_json(e)) for n, e in parsed.entries if not entry_problems(e)]
+    report.key = valid[0][1].sealed.key if valid else None
     _binding(valid[0] if valid else None, spec, report)
     has_header = report.node is not None
     state = _Replay(Limits.of(spec.policy) if spec.policy else None, has_header, spec.policy is not None)
@@ -356,7 +354,7 @@ def audit_ledger(spec: LedgerSpec, keys: Mapping[str, ed25519.Ed25519PublicKey],
     elif spec.policy is not None and not has_header and valid:
         report.notices.add(Problem(1, "no signed header: audited against --policy, but not bound to a node"))
     for number, entry in valid:
-        if entry["kind"] in ("header", "policy"):
+        if isinstance(entry, PolicyEntry):
             _policy_entry(number, entry, state, spec, report)
         else:
             _charge_entry(number, entry, state, tolerance, strict_rng, report)

@@ -17,29 +17,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedtune.common.ledger.chain import Entry, Problem
+from fedtune.common.ledger.chain import Problem
+from fedtune.common.ledger.entry import LedgerEntry, PolicyEntry, RoundEntry
 
-POLICY_KINDS = ("header", "policy")
 
-
-def _policy_problems(number: int, entry: Entry, before: tuple[int, Entry]) -> list[Problem]:
+def _policy_problems(number: int, entry: PolicyEntry, before: tuple[int, PolicyEntry]) -> list[Problem]:
     line, prev = before
-    where = f"{'the header' if prev['kind'] == 'header' else 'the policy entry'} (line {line})"
+    where = f"{'the header' if prev.kind == 'header' else 'the policy entry'} (line {line})"
+    new, old = entry.policy, prev.policy
     out = []
-    if entry["budget"] > prev["budget"]:
-        out.append(Problem(number, f"the policy entry raises the budget from {prev['budget']:g} ({where}) to "
-                                   f"{entry['budget']:g}: a dataset's budget never grows (what was spent still "
+    if new.budget > old.budget:
+        out.append(Problem(number, f"the policy entry raises the budget from {old.budget:g} ({where}) to "
+                                   f"{new.budget:g}: a dataset's budget never grows (what was spent still "
                                    "counts against the old one)"))
-    if entry["dataset"] != prev["dataset"]:
-        out.append(Problem(number, f"the policy entry changes the dataset-id from {prev['dataset'][:64]!r} "
-                                   f"({where}) to {entry['dataset'][:64]!r}: a new dataset-id opens a fresh budget, "
+    if new.dataset != old.dataset:
+        out.append(Problem(number, f"the policy entry changes the dataset-id from {old.dataset[:64]!r} "
+                                   f"({where}) to {new.dataset[:64]!r}: a new dataset-id opens a fresh budget, "
                                    "possibly for the same rows (keep the dataset-id; train other data under a "
                                    "ledger of its own)"))
     return out
 
 
-def _fingerprint_problem(number: int, entry: Entry, seen: dict[str, dict[str, int]]) -> Problem | None:
-    fingerprint, dataset = entry["fingerprint"], entry["dataset"]
+def _fingerprint_problem(number: int, entry: RoundEntry, seen: dict[str, dict[str, int]]) -> Problem | None:
+    fingerprint, dataset = entry.fingerprint, entry.dataset
     if not fingerprint:
         return None
     datasets = seen.setdefault(fingerprint, {})
@@ -54,16 +54,16 @@ def _fingerprint_problem(number: int, entry: Entry, seen: dict[str, dict[str, in
                            "budgets")
 
 
-def policy_change_problems(entries: Sequence[tuple[int, Entry]]) -> list[Problem]:
+def policy_change_problems(entries: Sequence[tuple[int, LedgerEntry]]) -> list[Problem]:
     """Budget raises, dataset-id changes and rows under two dataset ids, in well-formed ``entries`` (line, entry)."""
     out: list[Problem] = []
-    in_force: tuple[int, Entry] | None = None
+    in_force: tuple[int, PolicyEntry] | None = None
     seen: dict[str, dict[str, int]] = {}  # fingerprint -> dataset -> first line
     for number, entry in entries:
-        if entry["kind"] in POLICY_KINDS:
-            if entry["kind"] == "policy" and in_force is not None:
+        if isinstance(entry, PolicyEntry):
+            if entry.kind == "policy" and in_force is not None:
                 out += _policy_problems(number, entry, in_force)
             in_force = (number, entry)
-        elif entry["kind"] == "round" and (problem := _fingerprint_problem(number, entry, seen)) is not None:
+        elif entry.kind == "round" and (problem := _fingerprint_problem(number, entry, seen)) is not None:
             out.append(problem)
     return out

@@ -96,14 +96,14 @@ def _parser() -> argparse.ArgumentParser:
 def _ledger_command(opts: NodeOptions, repair: bool) -> int:
     """--repair-ledger / --adopt-witness: one operator action on the ledger, then exit."""
     from fedtune.client.ledger_repair import repair_torn_ledger
-    from fedtune.common.ledger.chain import Ledger
     from fedtune.common.ledger.key import load_private_key
+    from fedtune.common.ledger.store import Ledger
 
     try:
         key = load_private_key(opts.ledger_key_path())
         if repair:
             done = repair_torn_ledger(opts.ledger_path, key, witness=opts.witness_path)
-            print(f"fedtune-client: repaired {opts.ledger_path}: line {done.entry['seq']} charges the torn round "
+            print(f"fedtune-client: repaired {opts.ledger_path}: line {done.entry.sealed.seq} charges the torn round "
                   f"({done.recovered}); the torn bytes are kept in {done.evidence}")
         else:
             head = Ledger(opts.ledger_path, key, witness=opts.witness_path).adopt_witness()

@@ -40,11 +40,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedtune.common.durable import fsync_dir, write_atomically
 from fedtune.common.errors import PrivacyError
-from fedtune.common.ledger.chain import Entry, LedgerSession, fd_chunks, file_problem, parse_chunks, verify
+from fedtune.common.ledger.chain import verify
+from fedtune.common.ledger.entry import AccountantRecord, RepairRecord, RoundEntry
 from fedtune.common.ledger.key import key_id
-from fedtune.common.ledger.schema import DuplicateField, event_from_json, event_to_json, loads
+from fedtune.common.ledger.reader import fd_chunks, file_problem, parse_chunks
+from fedtune.common.ledger.schema import DuplicateField, Entry, event_from_json, loads
+from fedtune.common.ledger.store import LedgerSession
 from fedtune.common.ledger.witness import Witness
-from fedtune.common.privacy.accountant import DpEvent, accountant_record, opacus_epsilon
+from fedtune.common.privacy.accountant import DpEvent, opacus_epsilon
 
 EVIDENCE_SUFFIX = ".torn-"
 
@@ -54,7 +57,7 @@ class Repair:
     """What a repair did: the evidence file and the signed entry that charged (or refused) the torn round."""
 
     evidence: Path
-    entry: Entry
+    entry: RoundEntry  # the repair entry, sealed
     recovered: str  # torn-line | run-maximum | refusal
 
 
@@ -93,15 +96,14 @@ def _recovered(torn: bytes) -> dict[str, Any]:
     return out
 
 
-def _run_maximum(history: list[Entry], run: str, delta: float, accountant: str) -> DpEvent | None:
+def _run_maximum(history: list[RoundEntry], run: str, delta: float, accountant: str) -> DpEvent | None:
     """The most expensive single event ``run`` charged (by its epsilon alone)."""
-    events = [event_from_json(e["event"]) for e in history
-              if e["run"] == run and e["decision"] == "charged" and e["event"] is not None]
+    events = [e.event for e in history if e.run == run and e.decision == "charged" and e.event is not None]
     costs = [(opacus_epsilon([e], delta, accountant), e) for e in events if e is not None]
     return max(costs, key=lambda c: c[0])[1] if costs else None
 
 
-def _torn_event(got: dict[str, Any], mine: list[Entry], delta: float, accountant: str,
+def _torn_event(got: dict[str, Any], mine: list[RoundEntry], delta: float, accountant: str,
                 torn: bytes, evidence: Path) -> tuple[DpEvent | None, str]:
     """What to charge for the torn round, and how it was recovered; PrivacyError when only a guess is left."""
     if got.get("decision") == "refused":
@@ -125,21 +127,20 @@ def _limits(session: LedgerSession, got: dict[str, Any]) -> tuple[str, float, st
     if policy is not None:
         return got.get("dataset") or policy.dataset, policy.delta, policy.accountant, policy.budget
     if last is not None:
-        return (got.get("dataset") or last["dataset"], float(last["delta"]), str(last["accountant"]["name"]),
-                float(last["budget"]))
+        return got.get("dataset") or last.dataset, float(last.delta), last.accountant.name, float(last.budget)
     if all(k in got for k in ("dataset", "delta", "accountant", "budget")):
         return got["dataset"], got["delta"], got["accountant"], got["budget"]
     raise PrivacyError("the torn line is the ledger's first and does not hold its dataset, delta, accountant and "
                        "budget: nothing can be charged safely, so nothing is repaired")
 
 
-def _charge_fields(session: LedgerSession, torn: bytes, evidence: Path) -> tuple[dict[str, Any], str]:
-    """The repair entry's fields: the torn round charged as spent (or a readable refusal)."""
+def _repair_entry(session: LedgerSession, torn: bytes, evidence: Path) -> tuple[RoundEntry, str]:
+    """The repair entry: the torn round charged as spent (or a readable refusal)."""
     got = _recovered(torn)
     dataset, delta, accountant, budget = _limits(session, got)
-    mine = [e for e in session.entries if e["dataset"] == dataset]
+    mine = [e for e in session.entries if e.dataset == dataset]
     event, recovered = _torn_event(got, mine, delta, accountant, torn, evidence)
-    history = [event_from_json(e["event"]) for e in mine if e["decision"] == "charged"]
+    history = [e.event for e in mine if e.decision == "charged"]
     events = [e for e in history if e is not None]
     before = math.inf if len(events) < len(history) else opacus_epsilon(events, delta, accountant)
     if recovered == "refusal":
@@ -148,23 +149,22 @@ def _charge_fields(session: LedgerSession, torn: bytes, evidence: Path) -> tuple
         after = math.inf
     else:
         after = opacus_epsilon([*events, event], delta, accountant)
-    fields = {
-        "run": got.get("run", ""), "run_key": got.get("run_key", ""), "round": got.get("round", 0),
-        "dataset": dataset, "fingerprint": got.get("fingerprint", ""),
-        "decision": "refused" if recovered == "refusal" else "charged",
-        "reason": f"repair: torn line charged as spent ({recovered})", "event": event_to_json(event),
-        "delta": delta, "accountant": accountant_record(accountant),
-        "epsilon": after if math.isfinite(after) else None,
-        "epsilon_round": after - before if math.isfinite(after) else None, "budget": budget,
-        "repair": {"evidence": evidence.name, "sha256": hashlib.sha256(torn).hexdigest(), "bytes": len(torn),
-                   "recovered": recovered},
-    }
-    return fields, recovered
+    entry = RoundEntry(
+        kind="repair", run=got.get("run", ""), run_key=got.get("run_key", ""), round=got.get("round", 0),
+        dataset=dataset, fingerprint=got.get("fingerprint", ""),
+        decision="refused" if recovered == "refusal" else "charged",
+        reason=f"repair: torn line charged as spent ({recovered})", event=event,
+        delta=delta, accountant=AccountantRecord.of(accountant),
+        epsilon=after if math.isfinite(after) else None,
+        epsilon_round=after - before if math.isfinite(after) else None, budget=budget,
+        repair=RepairRecord(evidence.name, hashlib.sha256(torn).hexdigest(), len(torn), recovered),
+    )
+    return entry, recovered
 
 
-def _pending(path: Path, entries: list[Entry]) -> tuple[Path, bytes] | None:
+def _pending(path: Path, entries: list[RoundEntry]) -> tuple[Path, bytes] | None:
     """An evidence file of an interrupted repair (no repair entry names its digest yet)."""
-    repaired = {e["repair"]["sha256"] for e in entries if e["kind"] == "repair"}
+    repaired = {e.repair.sha256 for e in entries if isinstance(e.repair, RepairRecord)}
     for candidate in sorted(path.parent.glob(path.name + EVIDENCE_SUFFIX + "*")):
         if candidate.name.endswith(".tmp"):
             continue
@@ -209,7 +209,7 @@ def repair_torn_ledger(path: Path, key: ed25519.Ed25519PrivateKey, *, witness: P
         session = LedgerSession(fd, path, entries, key, guard)
         if guard is not None:
             guard.check(session.key_id, entries, path)
-        pending = None if size > complete else _pending(path, entries)
+        pending = None if size > complete else _pending(path, session.entries)
         if size == complete and pending is None:
             raise PrivacyError(f"ledger {path} has no torn last line: nothing to repair")
         if pending is not None:  # a repair that crashed after cutting the line: finish it
@@ -217,12 +217,12 @@ def repair_torn_ledger(path: Path, key: ed25519.Ed25519PrivateKey, *, witness: P
         else:
             torn = os.pread(fd, size - complete, complete)
             evidence = _evidence_path(path, torn)
-        fields, recovered = _charge_fields(session, torn, evidence)  # may refuse: nothing changed yet
+        repair, recovered = _repair_entry(session, torn, evidence)  # may refuse: nothing changed yet
         if pending is None:
             write_atomically(evidence, torn)  # the torn bytes, verbatim, durable before the ledger changes
             os.ftruncate(fd, complete)
             os.fsync(fd)
-        entry = session.write("repair", fields)
+        entry = session.write(repair)
     finally:
         os.close(fd)
     fsync_dir(path.parent)

@@ -21,8 +21,8 @@ from fedtune.client.gate import read_allowlist
 from fedtune.client.policy import load_policy
 from fedtune.common import tls
 from fedtune.common.errors import ConfigError, FedtuneError, quote
-from fedtune.common.ledger.chain import LEDGER_FILE, Ledger
 from fedtune.common.ledger.key import KEY_FILE, load_or_create_key, private_key_identity, public_identity
+from fedtune.common.ledger.store import LEDGER_FILE, Ledger
 from fedtune.common.tasks import DEFAULT_TASK, get_task
 
 

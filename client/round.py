@@ -37,20 +37,14 @@ from fedtune.client.policy import NodePolicy, PlanRequest
 from fedtune.client.randomness import RoundSeeds
 from fedtune.client.trainer import DpParams, train
 from fedtune.common.errors import ConfigError, ModelError
-from fedtune.common.ledger.chain import (
-    LEDGER_FILE,
-    Entry,
-    Ledger,
-    LedgerHeader,
-    LedgerSession,
-    event_from_json,
-    event_to_json,
-)
+from fedtune.common.ledger.entry import AccountantRecord, LedgerHeader, RoundEntry
 from fedtune.common.ledger.key import KEY_FILE, load_or_create_key
 from fedtune.common.ledger.receipts import sign_receipt
+from fedtune.common.ledger.schema import Entry
+from fedtune.common.ledger.store import LEDGER_FILE, Ledger, LedgerSession
 from fedtune.common.models.adapter import to_arrays
 from fedtune.common.models.device import pick_device
-from fedtune.common.privacy.accountant import accountant_record, steps_per_round
+from fedtune.common.privacy.accountant import steps_per_round
 from fedtune.common.tasks import get_task
 from fedtune.common.wire.arrays import Arrays, sent_arrays
 from fedtune.common.wire.contract import RoundRequest, TrainReply
@@ -75,9 +69,8 @@ class RunRef:
     run_key: str = ""  # the server's settings hash; a resumed server run keeps it
     resumed: bool = False  # the server resumed this run from a checkpoint (new run id, same run)
 
-    def owns(self, entry: Entry) -> bool:
-        return entry["run"] == self.run_id or (self.resumed and bool(self.run_key)
-                                               and entry.get("run_key") == self.run_key)
+    def owns(self, entry: RoundEntry) -> bool:
+        return entry.run == self.run_id or (self.resumed and bool(self.run_key) and entry.run_key == self.run_key)
 
 
 @dataclass(frozen=True)
@@ -107,23 +100,23 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _ledger_fields(decision: Decision, request: PlanRequest, policy: NodePolicy, *, run: RunRef,
-                   fingerprint: str, rng: str) -> dict[str, object]:
-    return {
-        "run": run.run_id, "run_key": run.run_key, "round": request.server_round,
-        "dataset": policy.dataset_id, "fingerprint": fingerprint, "rng": rng, "released": list(policy.released),
-        "decision": "charged" if decision.charged else "refused", "reason": decision.reason,
-        "event": event_to_json(decision.event), "delta": policy.delta,
-        "accountant": accountant_record(policy.accountant), "epsilon": _finite(decision.epsilon_after),
-        "epsilon_round": _finite(decision.epsilon_after - decision.epsilon_before)
+def _round_entry(decision: Decision, request: PlanRequest, policy: NodePolicy, *, run: RunRef,
+                 fingerprint: str, rng: str) -> RoundEntry:
+    return RoundEntry(
+        run=run.run_id, run_key=run.run_key, round=request.server_round,
+        dataset=policy.dataset_id, fingerprint=fingerprint, rng=rng, released=policy.released,
+        decision="charged" if decision.charged else "refused", reason=decision.reason,
+        event=decision.event, delta=policy.delta,
+        accountant=AccountantRecord.of(policy.accountant), epsilon=_finite(decision.epsilon_after),
+        epsilon_round=_finite(decision.epsilon_after - decision.epsilon_before)
         if math.isfinite(decision.epsilon_before) else None,
-        "projected": _finite(decision.projected), "budget": decision.budget,
-        "request": {"epsilon": request.epsilon, "delta": request.delta, "num_rounds": request.num_rounds,
-                    "local_steps": request.steps, "sample_rate": request.sample_rate, "dp": request.dp,
-                    "dp_mode": request.dp_mode,
-                    "clip_norm": request.clip_norm, "accountant": request.accountant, "model": request.model,
-                    "max_seq_len": request.max_seq_len},
-    }
+        projected=_finite(decision.projected), budget=decision.budget,
+        request={"epsilon": request.epsilon, "delta": request.delta, "num_rounds": request.num_rounds,
+                 "local_steps": request.steps, "sample_rate": request.sample_rate, "dp": request.dp,
+                 "dp_mode": request.dp_mode,
+                 "clip_norm": request.clip_norm, "accountant": request.accountant, "model": request.model,
+                 "max_seq_len": request.max_seq_len},
+    )
 
 
 def charge_round(node: NodePrivacy, request: PlanRequest, *, run: RunRef, fingerprint: str,
@@ -132,37 +125,37 @@ def charge_round(node: NodePrivacy, request: PlanRequest, *, run: RunRef, finger
 
     ``refusal`` (code, reason): refused by the request checks before the rows were read. A refusal identical to
     one already recorded for this run, or beyond MAX_REFUSALS_PER_DAY, returns that earlier entry instead of
-    appending a new one (its receipt is what the reply cites).
+    appending a new one (its receipt is what the reply cites). The entry is returned in its JSON form.
     """
     key = node.policy.dataset_id
     with node.ledger.session() as session:
-        mine = [e for e in session.entries if e["dataset"] == key]
-        charged = [e for e in mine if e["decision"] == "charged"]
-        history = [event_from_json(e["event"]) for e in charged]
+        mine = [e for e in session.entries if e.dataset == key]
+        charged = [e for e in mine if e.decision == "charged"]
+        history = [e.event for e in charged]
         if refusal is not None:
             before = epsilon_of(history, node.policy.delta, node.policy.accountant)
             decision = Decision(False, "policy: " + refusal[1], refusal[0], None, before, before, None,
                                 node.policy.max_epsilon, False)
         else:
-            run_sigma = next((float(e["event"]["noise_multiplier"]) for e in reversed(charged)
-                              if run.owns(e) and e["event"] is not None), None)
+            run_sigma = next((e.event.noise_multiplier for e in reversed(charged)
+                              if run.owns(e) and e.event is not None), None)
             decision = decide(node.policy, request, history, run_sigma)
         if not decision.charged and (earlier := _coalesced(session, run, decision.reason)) is not None:
-            return decision, earlier
-        entry = session.append(_ledger_fields(decision, request, node.policy, run=run, fingerprint=fingerprint,
-                                              rng=rng))
-    return decision, entry
+            return decision, earlier.to_json()
+        entry = session.append(_round_entry(decision, request, node.policy, run=run, fingerprint=fingerprint,
+                                            rng=rng))
+    return decision, entry.to_json()
 
 
-def _coalesced(session: LedgerSession, run: RunRef, reason: str) -> Entry | None:
+def _coalesced(session: LedgerSession, run: RunRef, reason: str) -> RoundEntry | None:
     """The earlier refusal entry a new refusal is folded into, if any: the same run and reason, or the newest
     refusal once the ledger took MAX_REFUSALS_PER_DAY of them in the last 24 hours."""
-    refused = [e for e in session.entries if e["decision"] == "refused"]
-    same = next((e for e in reversed(refused) if e["run"] == run.run_id and e["reason"] == reason), None)
+    refused = [e for e in session.entries if e.decision == "refused"]
+    same = next((e for e in reversed(refused) if e.run == run.run_id and e.reason == reason), None)
     if same is not None or not refused:
         return same
     since = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
-    recent = sum(dt.datetime.fromisoformat(e["time"]) >= since for e in refused[-MAX_REFUSALS_PER_DAY:])
+    recent = sum(dt.datetime.fromisoformat(e.sealed.time) >= since for e in refused[-MAX_REFUSALS_PER_DAY:])
     return refused[-1] if recent >= MAX_REFUSALS_PER_DAY else None
 
 

@@ -22,9 +22,9 @@ from fedtune.client.policy import NodePolicy, load_policy, policy_toml
 from fedtune.common import runtime
 from fedtune.common.data.table import LabelledData, federation_split
 from fedtune.common.errors import ConfigError
-from fedtune.common.ledger.chain import LEDGER_FILE
 from fedtune.common.ledger.key import KEY_FILE, load_or_create_key, public_path
 from fedtune.common.ledger.receipts import RECORD_KEY_FILE
+from fedtune.common.ledger.store import LEDGER_FILE
 from fedtune.common.settings import RunSettings
 from fedtune.common.tasks import get_task
 from fedtune.sim.partition import make_partitioner

@@ -24,8 +24,8 @@ import pytest
 
 from fedtune.common import exit_codes, tls
 from fedtune.common.flower.processes import free_port
-from fedtune.common.ledger.chain import Ledger
 from fedtune.common.ledger.key import load_or_create_key
+from fedtune.common.ledger.store import Ledger
 from fedtune.common.privacy.accountant import accountant_record
 from tests.tiny import make_sentiment_frame
 

@@ -29,7 +29,7 @@ import pytest
 
 from fedtune.common import exit_codes
 from fedtune.common.flower.processes import free_port, owned_pids
-from fedtune.common.ledger.chain import ACCOUNTING_KINDS
+from fedtune.common.ledger.entry import ACCOUNTING_KINDS
 from fedtune.common.privacy.accountant import accountant_record
 from tests.faults_helpers import kill_owned, kill_session, session_pids, start, wait_until
 from tests.tiny import make_sentiment_frame
@@ -252,8 +252,8 @@ def test_a_torn_ledger_fails_the_node_check(tmp_path: Path) -> None:
 
     from fedtune.client.round import NodePrivacy  # noqa: F401 - the node's own ledger writer is importable
     from fedtune.common import tls
-    from fedtune.common.ledger.chain import Ledger
     from fedtune.common.ledger.key import load_or_create_key
+    from fedtune.common.ledger.store import Ledger
 
     tls.create_ca(tmp_path / "ca")
     state = tmp_path / "state"

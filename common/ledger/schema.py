@@ -101,7 +101,7 @@ def _number(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fals
         kinds = (int,) if integer else (int, float)
         if isinstance(v, bool) or not isinstance(v, kinds):
             return f"must be {'an integer' if integer else 'a number'}, got {_kind(v)}"
-        if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+        if math.isnan(v) or v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
             return f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}, got {v!r}"
         return None
     return check
@@ -213,6 +213,10 @@ FIELDS: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {  # kind -> (req
         "run_key": _text(MAX_ID), "projected": OPTIONAL_CHARGE["projected"]}),
 }
 NESTED: dict[str, dict[str, Check]] = {"event": EVENT, "accountant": ACCOUNTANT, "repair": REPAIR}
+# What the ledger adds when it writes an entry (its place in the chain, time, key, hash, signature, nonce);
+# everything else, but ``format`` and ``kind``, is the entry's content.
+SEAL: dict[str, Check] = {name: COMMON[name] for name in ("seq", "prev", "time", "key", "hash", "sig")}
+ENVELOPE = frozenset(("format", "kind", *SEAL, *OPTIONAL_COMMON))
 
 
 def _fields(obj: Mapping[str, Any], required: Mapping[str, Check], optional: Mapping[str, Check],
@@ -241,11 +245,30 @@ def entry_problems(entry: Mapping[str, Any]) -> list[str]:
         return [f"field 'format' must be {FORMAT!r}, got {str(fmt)[:64]!r}" if "format" in entry
                 else "missing field 'format'"]
     kind = entry.get("kind")
-    if kind not in FIELDS:
+    if not isinstance(kind, str) or kind not in FIELDS:  # (a list or an object is not even hashable)
         return [f"field 'kind' must be one of {', '.join(KINDS)}, got {str(kind)[:64]!r}" if "kind" in entry
                 else "missing field 'kind'"]
     required, optional = FIELDS[kind]
     return _fields(entry, required, optional)
+
+
+def content_problems(kind: str, content: Mapping[str, Any]) -> list[str]:
+    """Every way the content of an entry of ``kind`` (all but format, kind and the seal) departs from format 2."""
+    if not isinstance(kind, str) or kind not in FIELDS:
+        return [f"field 'kind' must be one of {', '.join(KINDS)}, got {str(kind)[:64]!r}"]
+    required, optional = FIELDS[kind]
+    return _fields(content, {k: v for k, v in required.items() if k not in ENVELOPE},
+                   {k: v for k, v in optional.items() if k not in ENVELOPE})
+
+
+def seal_problems(seal: Mapping[str, Any]) -> list[str]:
+    """Every way the seal of an entry (seq, prev, time, key, hash, sig, nonce) departs from format 2."""
+    return _fields(seal, SEAL, OPTIONAL_COMMON)
+
+
+def part_problems(name: str, part: Mapping[str, Any]) -> list[str]:
+    """Every way the nested object ``name`` (event, accountant, repair) departs from format 2 (``name.field``)."""
+    return _fields(part, NESTED[name], {}, f"{name}.")
 
 
 def event_to_json(event: DpEvent | None) -> dict[str, Any] | None:

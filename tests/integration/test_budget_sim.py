@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.audit.cli import main as audit_main
-from fedtune.common.ledger.chain import ACCOUNTING_KINDS
+from fedtune.common.ledger.entry import ACCOUNTING_KINDS
 from fedtune.sim.cli import main as sim_main
 
 pytestmark = pytest.mark.slow  # two federations of 3 nodes with per-node policies; make test-all

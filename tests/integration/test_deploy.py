@@ -31,7 +31,7 @@ import pytest
 
 from fedtune.common import exit_codes
 from fedtune.common.flower.processes import free_port
-from fedtune.common.ledger.chain import ACCOUNTING_KINDS
+from fedtune.common.ledger.entry import ACCOUNTING_KINDS
 from tests.tiny import make_sentiment_frame
 
 BIN = Path(sys.executable).parent

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from fedtune.common.flower.processes import free_port
-from fedtune.common.ledger.chain import ACCOUNTING_KINDS
+from fedtune.common.ledger.entry import ACCOUNTING_KINDS
 from tests.faults_helpers import kill_owned, kill_session, start, wait_until
 from tests.tiny import make_sentiment_frame
 

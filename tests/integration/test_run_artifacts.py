@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fedtune.common.ledger.chain import ACCOUNTING_KINDS
+from fedtune.common.ledger.entry import ACCOUNTING_KINDS
 from fedtune.common.models.card import card_metadata
 from fedtune.common.tasks.classify.adapter import load_adapter
 from fedtune.sim.cli import main

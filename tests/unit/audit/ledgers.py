@@ -17,10 +17,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedtune.common.ledger.chain import Entry, Ledger, LedgerHeader, canonical, event_from_json, event_to_json, sign
+from fedtune.common.ledger.chain import canonical, sign
+from fedtune.common.ledger.entry import AccountantRecord, LedgerHeader, RoundEntry
 from fedtune.common.ledger.key import load_or_create_key, public_path
 from fedtune.common.ledger.receipts import Receipt, sign_receipt
-from fedtune.common.privacy.accountant import DpEvent, accountant_record, opacus_epsilon
+from fedtune.common.ledger.schema import Entry
+from fedtune.common.ledger.store import Ledger
+from fedtune.common.privacy.accountant import DpEvent, opacus_epsilon
 
 NODE_A = "sha256:" + "a1" * 32
 NODE_B = "sha256:" + "b2" * 32
@@ -75,27 +78,27 @@ def charge(node: Node, server_round: int, event: DpEvent | None = EVENT, *, run:
            bound: bool = True) -> Entry:
     """Decide and append one round like a node: charged if the projection fits the budget, else refused.
 
-    ``bound=False``: a ledger without a header (the policy only shapes the entry's fields).
+    ``bound=False``: a ledger without a header (the policy only shapes the entry's fields). Returns the
+    entry's JSON form, as the line holds it.
     """
     policy = header or node.header
     ledger = node.ledger(policy) if bound else Ledger(node.ledger_path, node.key, witness=node.witness)
     with ledger.session() as s:
-        mine = [e for e in s.entries if e["dataset"] == policy.dataset and e["decision"] == "charged"]
-        history = [event_from_json(e["event"]) for e in mine]
+        history = [e.event for e in s.entries if e.dataset == policy.dataset and e.decision == "charged"]
         before = opacus_epsilon([e for e in history if e], policy.delta, policy.accountant)
         after = opacus_epsilon([*[e for e in history if e], event], policy.delta, policy.accountant) if event \
             else float("inf")
         charged = after <= policy.budget
-        return s.append({
-            "run": run, "run_key": "rk", "round": server_round, "dataset": policy.dataset, "fingerprint": fingerprint,
-            "decision": "charged" if charged else "refused",
-            "reason": "" if charged else f"budget: epsilon would reach {after:.4f} > budget {policy.budget:.4f}",
-            "event": event_to_json(event), "delta": policy.delta, "accountant": accountant_record(policy.accountant),
-            "epsilon": after if charged else before, "epsilon_round": after - before if charged else 0.0,
-            "projected": after, "budget": policy.budget,
-            "request": {"epsilon": 8.0, "delta": 1e-5, "num_rounds": 4, "local_steps": 4},
-            "rng": rng, "released": ["train-loss"],
-        })
+        return s.append(RoundEntry(
+            run=run, run_key="rk", round=server_round, dataset=policy.dataset, fingerprint=fingerprint,
+            decision="charged" if charged else "refused",
+            reason="" if charged else f"budget: epsilon would reach {after:.4f} > budget {policy.budget:.4f}",
+            event=event, delta=policy.delta, accountant=AccountantRecord.of(policy.accountant),
+            epsilon=after if charged else before, epsilon_round=after - before if charged else 0.0,
+            projected=after, budget=policy.budget,
+            request={"epsilon": 8.0, "delta": 1e-5, "num_rounds": 4, "local_steps": 4},
+            rng=rng, released=("train-loss",),
+        )).to_json()
 
 
 def four_rounds(node: Node) -> list[Entry]:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from fedtune.audit.cli import main
-from fedtune.common.ledger.chain import MAX_LEDGER_BYTES, MAX_LINE_BYTES, MAX_LINES, canonical
+from fedtune.common.ledger.chain import canonical
+from fedtune.common.ledger.reader import MAX_LEDGER_BYTES, MAX_LINE_BYTES, MAX_LINES
 from tests.unit.audit.ledgers import NODE_A, Node, charge, make_node
 
 Lines = list[bytes]
@@ -79,6 +80,8 @@ CASES: list[tuple[str, Callable[[Lines], Lines], str, str]] = [
     ("sample rate above 1", _value("event.sample_rate", 1.5), "line 2:", "field 'event.sample_rate' must be in"),
     ("delta 0", _value("delta", 0.0), "line 2:", "field 'delta' must be in (0, 1)"),
     ("unknown kind", _value("kind", "banana"), "line 2:", "field 'kind' must be one of"),
+    ("list for kind", _value("kind", []), "line 2:", "field 'kind' must be one of header, policy, round, repair, "
+                                                     "got '[]'"),
     ("number for signature", _value("sig", 12), "line 2:", "field 'sig' must be the base64"),
     ("unknown rng", _value("rng", "mt19937"), "line 2:", "field 'rng' must be 'secrets'"),
     ("released not a list", _value("released", "train-loss"), "line 2:", "field 'released' must be a list"),

@@ -11,7 +11,7 @@ import pytest
 from fedtune.audit.cli import main as audit_main
 from fedtune.client.ledger_repair import repair_torn_ledger
 from fedtune.common.errors import PrivacyError
-from fedtune.common.ledger.chain import event_from_json
+from fedtune.common.ledger.schema import event_from_json
 from fedtune.common.ledger.witness import Witness
 from fedtune.common.privacy.accountant import opacus_epsilon
 from tests.unit.audit.ledgers import EVENT, NODE_A, Node, charge, lines, make_node
@@ -43,13 +43,15 @@ def test_a_torn_charge_is_charged_from_its_own_bytes(node: Node, capsys: pytest.
         pass
     repair = repair_torn_ledger(node.ledger_path, node.key, witness=node.witness)
     assert repair.recovered == "torn-line" and repair.evidence.read_bytes() == torn  # kept verbatim
-    entry = repair.entry
+    entry = repair.entry.to_json()
+    assert entry == lines(node.ledger_path)[-1]  # the line as written
     # The round number comes late in a canonical line: not in these 700 bytes, so recorded as 0 (unknown).
     assert (entry["kind"], entry["seq"], entry["decision"], entry["round"]) == ("repair", 4, "charged", 0)
-    assert event_from_json(entry["event"]) == EVENT
+    assert event_from_json(entry["event"]) == EVENT == repair.entry.event
     assert entry["epsilon"] == pytest.approx(opacus_epsilon([EVENT] * 3, 1e-5, "prv"))
     assert entry["repair"]["sha256"] == hashlib.sha256(torn).hexdigest() and entry["repair"]["bytes"] == 700
     assert len(entry["nonce"]) == 64 and entry["nonce"] not in torn.decode()  # a fresh nonce, like every entry
+    assert "projected" not in entry and "request" not in entry and "rng" not in entry  # a repair records none
     assert Witness(node.witness).read().seq == 4
     assert charge(node, 4)["decision"] == "refused"  # the repaired charge counts: round 4 no longer fits
     code = audit_main([str(node.ledger_path), "-k", str(node.public_key), "--node", NODE_A])
@@ -71,8 +73,8 @@ def test_a_torn_refusal_charges_nothing(node: Node) -> None:
     charge(node, 3)
     crash_during(node, 4, keep=500)  # round 4 does not fit: a refusal
     repair = repair_torn_ledger(node.ledger_path, node.key, witness=node.witness)
-    assert repair.recovered == "refusal" and repair.entry["decision"] == "refused"
-    assert repair.entry["epsilon"] == pytest.approx(lines(node.ledger_path)[-2]["epsilon"])
+    assert repair.recovered == "refusal" and repair.entry.decision == "refused"
+    assert repair.entry.epsilon == pytest.approx(lines(node.ledger_path)[-2]["epsilon"])
 
 
 def test_run_maximum_when_the_event_is_unreadable(node: Node) -> None:
@@ -80,7 +82,7 @@ def test_run_maximum_when_the_event_is_unreadable(node: Node) -> None:
     bad_event = b',"run":"9","run_key":"rk"'  # as if the event bytes were damaged but the run survived
     node.ledger_path.write_bytes(node.ledger_path.read_bytes() + bad_event)
     repair = repair_torn_ledger(node.ledger_path, node.key, witness=node.witness)
-    assert repair.recovered == "run-maximum" and event_from_json(repair.entry["event"]) == EVENT
+    assert repair.recovered == "run-maximum" and repair.entry.event == EVENT
 
 
 def test_an_interrupted_repair_is_finished(node: Node) -> None:
@@ -90,9 +92,9 @@ def test_an_interrupted_repair_is_finished(node: Node) -> None:
     # Undo only the last step, as a crash after the truncation would leave it:
     node.ledger_path.write_bytes(backup[:-len(torn)])
     Witness(node.witness).path.write_text(node.witness.read_text().replace('"seq": 4', '"seq": 3').replace(
-        repair.entry["hash"], lines(node.ledger_path)[-1]["hash"]))
+        repair.entry.sealed.hash, lines(node.ledger_path)[-1]["hash"]))
     again = repair_torn_ledger(node.ledger_path, node.key, witness=node.witness)
-    assert again.evidence == repair.evidence and again.entry["repair"] == repair.entry["repair"]
+    assert again.evidence == repair.evidence and again.entry.repair == repair.entry.repair
     with pytest.raises(PrivacyError, match="no torn last line: nothing to repair"):
         repair_torn_ledger(node.ledger_path, node.key, witness=node.witness)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,12 +17,13 @@ import pytest
 from fedtune.audit.fleet import audit
 from fedtune.audit.ledger_audit import LedgerSpec
 from fedtune.audit.policy import AuditPolicy
-from fedtune.client.budget import epsilon_of
+from fedtune.client.budget import Decision, epsilon_of
 from fedtune.client.policy import NodePolicy, PlanRequest
-from fedtune.client.round import NodePrivacy, RunRef, charge_round
+from fedtune.client.round import NodePrivacy, RunRef, _round_entry, charge_round
 from fedtune.common.errors import ConfigError, PrivacyError
-from fedtune.common.ledger.chain import event_from_json
 from fedtune.common.ledger.key import key_id
+from fedtune.common.ledger.schema import event_from_json
+from fedtune.common.privacy.accountant import DpEvent, accountant_record
 
 REQUEST = PlanRequest(model="", dp=True, epsilon=8.0, delta=1e-5, accountant="prv", num_rounds=3, server_round=1,
                       sample_rate=0.25, steps=4, clip_norm=1.0)
@@ -71,6 +73,29 @@ def test_budgets_are_per_dataset_id_not_per_fingerprint(tmp_path: Path) -> None:
     b, _ = charge_round(other, REQUEST, run=RunRef("1"), fingerprint=FINGERPRINT)
     assert b.charged and b.epsilon_before == 0.0
     assert [e["dataset"] for e in entries(tmp_path)] == ["ward-7", "ward-7", "ward-8"]
+
+
+@pytest.mark.parametrize(("before", "after", "projected", "recorded"), [
+    (1.5, 2.75, 2.75, {"epsilon": 2.75, "epsilon_round": 1.25, "projected": 2.75}),
+    (1.5, math.inf, None, {"epsilon": None, "epsilon_round": None, "projected": None}),  # trained without DP
+    (math.inf, math.inf, math.inf, {"epsilon": None, "epsilon_round": None, "projected": None}),
+])
+def test_the_round_entry_is_the_json_the_node_wrote_before_entries_were_typed(
+        before: float, after: float, projected: float | None, recorded: dict) -> None:
+    policy = NodePolicy(dataset_id="ward-7", max_epsilon=8.0, release_train_loss=True)
+    event = DpEvent(0.25, 0.9, 4, 1.0)
+    decision = Decision(True, "", "", event, before, after, projected, 8.0, False)
+    entry = _round_entry(decision, REQUEST, policy, run=RunRef("7", "rk"), fingerprint=FINGERPRINT, rng="secrets")
+    assert entry.to_json() == {  # the dict client/round.py assembled itself before, plus format and kind
+        "format": "fedtune-ledger/2", "kind": "round", "run": "7", "run_key": "rk", "round": 1, "dataset": "ward-7",
+        "fingerprint": FINGERPRINT, "rng": "secrets", "released": ["train-loss"], "decision": "charged", "reason": "",
+        "event": {"mechanism": "subsampled-gaussian", "sampling": "poisson", "relation": "add/remove-one",
+                  "sample_rate": 0.25, "noise_multiplier": 0.9, "steps": 4, "clip_norm": 1.0},
+        "delta": policy.delta, "accountant": accountant_record(policy.accountant), "budget": 8.0, **recorded,
+        "request": {"epsilon": 8.0, "delta": 1e-5, "num_rounds": 3, "local_steps": 4, "sample_rate": 0.25,
+                    "dp": True, "dp_mode": "dp", "clip_norm": 1.0, "accountant": "prv", "model": "",
+                    "max_seq_len": 0},
+    }
 
 
 def test_a_policy_without_dataset_id_cannot_open_a_ledger(tmp_path: Path) -> None:

@@ -8,36 +8,28 @@ import os
 import stat
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedtune.common.errors import ConfigError, PrivacyError
-from fedtune.common.ledger.chain import (
-    GENESIS,
-    MAX_LINE_BYTES,
-    Ledger,
-    LedgerHeader,
-    canonical,
-    entry_hash,
-    event_from_json,
-    event_to_json,
-    read,
-    sign,
-    verify,
-)
+from fedtune.common.ledger.chain import GENESIS, canonical, entry_hash, sign, verify
+from fedtune.common.ledger.entry import AccountantRecord, LedgerHeader, RoundEntry
 from fedtune.common.ledger.key import key_id, load_or_create_key, load_public_key, public_path
+from fedtune.common.ledger.reader import MAX_LINE_BYTES, read
+from fedtune.common.ledger.schema import event_from_json, event_to_json
+from fedtune.common.ledger.store import Ledger
 from fedtune.common.privacy.accountant import DpEvent
 
 
-def fields(i: int = 1, decision: str = "charged") -> dict:
+def fields(i: int = 1, decision: Literal["charged", "refused"] = "charged") -> RoundEntry:
     event = DpEvent(0.1, 1.0 + i / 10, 10, 1.0)
-    return {
-        "run": "r1", "run_key": "", "round": i, "dataset": "d" * 64, "fingerprint": "d" * 64, "decision": decision,
-        "reason": "", "event": event_to_json(event), "delta": 1e-5,
-        "accountant": {"name": "rdp", "library": "opacus", "version": "1.6.0"}, "epsilon": 0.5 * i,
-        "epsilon_round": 0.5, "budget": 8.0, "request": {"epsilon": 8.0},
-    }
+    return RoundEntry(
+        run="r1", run_key="", round=i, dataset="d" * 64, fingerprint="d" * 64, decision=decision,
+        reason="", event=event, delta=1e-5, accountant=AccountantRecord("rdp", "opacus", "1.6.0"), epsilon=0.5 * i,
+        epsilon_round=0.5, budget=8.0, request={"epsilon": 8.0},
+    )
 
 
 def make_ledger(tmp_path: Path, n: int = 3) -> tuple[Ledger, ed25519.Ed25519PrivateKey]:
@@ -67,7 +59,7 @@ def test_session_continues_an_existing_ledger(tmp_path: Path) -> None:
     with again.session() as s:
         assert len(s.entries) == 2
         s.append(fields(3))
-    assert [e["seq"] for e in again.entries()] == [1, 2, 3]
+    assert [e.sealed.seq for e in again.entries()] == [1, 2, 3]
 
 
 def test_torn_last_line_is_reported_and_blocks_the_node(tmp_path: Path) -> None:
@@ -83,9 +75,11 @@ def test_torn_last_line_is_reported_and_blocks_the_node(tmp_path: Path) -> None:
 
 def test_malformed_entry_is_not_appended(tmp_path: Path) -> None:
     ledger, _ = make_ledger(tmp_path, 1)
-    bad = fields(2) | {"decision": "maybe"}
-    with pytest.raises(PrivacyError, match="field 'decision' must be one of charged, refused"), \
-            ledger.session() as s:
+    with pytest.raises(PrivacyError, match="ledger round entry: field 'decision' must be one of charged, refused"):
+        replace(fields(2), decision="maybe")  # the typed entry refuses to exist
+    bad = fields(2).to_json() | {"decision": "maybe"}  # the untyped call: refused by the session, as before
+    with pytest.raises(PrivacyError, match="refusing to append a malformed entry: field 'decision' must be one of "
+                                           "charged, refused"), ledger.session() as s:
         s.append(bad)
     assert len(ledger.entries()) == 1
 
@@ -160,8 +154,8 @@ def test_loose_key_permissions_and_foreign_public_key_are_refused(tmp_path: Path
 HEADER = LedgerHeader("simulation:client-3", "d" * 64, 8.0, 1e-5, "rdp")
 
 
-def bound_fields(i: int = 1) -> dict:
-    return fields(i) | {"rng": "secrets", "released": ["train-loss"]}
+def bound_fields(i: int = 1) -> RoundEntry:
+    return replace(fields(i), rng="secrets", released=("train-loss",))
 
 
 def test_a_new_ledger_starts_with_its_signed_header(tmp_path: Path) -> None:
@@ -170,13 +164,13 @@ def test_a_new_ledger_starts_with_its_signed_header(tmp_path: Path) -> None:
     with ledger.session() as s:
         assert s.header == HEADER and s.policy == HEADER and s.entries == []
         entry = s.append(bound_fields(1))
-        assert s.head is not None and (s.head.seq, s.head.head) == (2, entry["hash"])
+        assert s.head is not None and (s.head.seq, s.head.head) == (2, entry.sealed.hash)
     parsed = read(ledger.path)
     kinds = [(e["kind"], e["seq"]) for _, e in parsed.entries]
     assert kinds == [("header", 1), ("round", 2)]
     assert parsed.entries[0][1]["node"] == "simulation:client-3"
     assert verify(parsed, {key_id(key.public_key()): key.public_key()}) == []
-    assert [e["seq"] for e in ledger.entries()] == [2]  # entries(): the rounds, not the header
+    assert [e.sealed.seq for e in ledger.entries()] == [2]  # entries(): the rounds, not the header
 
 
 def test_a_policy_change_is_recorded_and_the_old_call_keeps_working(tmp_path: Path) -> None:
@@ -188,11 +182,11 @@ def test_a_policy_change_is_recorded_and_the_old_call_keeps_working(tmp_path: Pa
         assert s.policy == looser and s.header == HEADER
         with pytest.raises(PrivacyError, match="field 'budget' is 8.0, but the policy in force says 10.0"):
             s.append(bound_fields(2))
-        s.append(bound_fields(2) | {"budget": 10.0})
+        s.append(replace(bound_fields(2), budget=10.0))
     with Ledger(tmp_path / "ledger.jsonl", key, header=looser).session() as s:
         pass  # unchanged policy: nothing written
     with Ledger(tmp_path / "ledger.jsonl", key).session() as s:  # Ledger(path, key): no binding, appends rounds
-        s.append(bound_fields(3) | {"budget": 10.0})
+        s.append(replace(bound_fields(3), budget=10.0))
     kinds = [e["kind"] for _, e in read(tmp_path / "ledger.jsonl").entries]
     assert kinds == ["header", "round", "policy", "round", "round"]
 
@@ -217,8 +211,8 @@ def test_header_fields_are_validated() -> None:
 
 def test_format_1_ledger_is_refused_naming_the_line(tmp_path: Path) -> None:
     key = load_or_create_key(tmp_path / "ledger-signing.key")
-    old = sign(fields(1) | {"format": "fedtune-ledger/1", "seq": 1, "prev": GENESIS, "time": "t",
-                             "key": key_id(key.public_key())}, key)
+    old = sign(fields(1).to_json() | {"format": "fedtune-ledger/1", "seq": 1, "prev": GENESIS, "time": "t",
+                                       "key": key_id(key.public_key())}, key)
     (tmp_path / "ledger.jsonl").write_bytes(canonical(old) + b"\n")
     with pytest.raises(PrivacyError, match="line 1: format fedtune-ledger/1 is no longer accepted"), \
             Ledger(tmp_path / "ledger.jsonl", key, header=HEADER).session():

@@ -9,7 +9,7 @@ import pytest
 
 from fedtune.client.policy import NodePolicy, PlanRequest
 from fedtune.client.round import NodePrivacy, RunRef, charge_round
-from fedtune.common.ledger.chain import event_from_json
+from fedtune.common.ledger.schema import event_from_json
 from fedtune.common.privacy.accountant import DpEvent, dp_accounting_epsilon, opacus_epsilon, steps_per_round
 from fedtune.common.settings import RunSettings
 

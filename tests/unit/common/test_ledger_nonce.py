@@ -15,9 +15,12 @@ from datasets import Dataset
 from fedtune.audit.fleet import audit
 from fedtune.audit.ledger_audit import LedgerSpec
 from fedtune.common.data.table import LabelledData
-from fedtune.common.ledger import chain as ledger_module
-from fedtune.common.ledger.chain import Ledger, LedgerHeader, entry_hash, read, verify
+from fedtune.common.ledger import store as ledger_module
+from fedtune.common.ledger.chain import entry_hash, verify
+from fedtune.common.ledger.entry import LedgerHeader, RoundEntry
 from fedtune.common.ledger.key import key_id, load_or_create_key
+from fedtune.common.ledger.reader import read
+from fedtune.common.ledger.store import Ledger
 from fedtune.common.tasks import get_task
 from tests.unit.audit.ledgers import NODE_A, charge, four_rounds, lines, make_node, rechain, write
 
@@ -28,8 +31,9 @@ NEIGHBOUR = LabelledData(Dataset.from_dict({"text": ["chest pain, 54, admitted",
                                             "label": [1, 0]}), ["neg", "pos"])
 
 
-def round_fields(fingerprint: str) -> dict:
-    return {
+def round_fields(fingerprint: str) -> RoundEntry:
+    return RoundEntry.from_json({
+        "format": "fedtune-ledger/2", "kind": "round",
         "run": "4", "run_key": "rk", "round": 1, "dataset": "ward-7", "fingerprint": fingerprint,
         "decision": "charged", "reason": "", "delta": 1e-5, "budget": 8.0, "epsilon": 1.2, "epsilon_round": 1.2,
         "projected": 1.2, "event": {"mechanism": "subsampled-gaussian", "sampling": "poisson",
@@ -37,14 +41,14 @@ def round_fields(fingerprint: str) -> dict:
                                     "steps": 2, "clip_norm": 1.0},
         "accountant": {"name": "rdp", "library": "opacus", "version": "1.6.0"},
         "request": {"epsilon": 8.0, "delta": 1e-5}, "rng": "secrets", "released": [],
-    }
+    })
 
 
 def test_the_head_cannot_be_recomputed_from_the_true_rows_and_everything_the_server_knows(tmp_path: Path) -> None:
     task = get_task("classify")
     key = load_or_create_key(tmp_path / "ledger-signing.key")
     with Ledger(tmp_path / "ledger.jsonl", key, header=HEADER).session() as s:
-        entry = s.append(round_fields(task.fingerprint(ROWS)))
+        entry = s.append(round_fields(task.fingerprint(ROWS))).to_json()
     header = lines(tmp_path / "ledger.jsonl")[0]
     assert all(len(e["nonce"]) == 64 for e in (header, entry))
     # The server's best reconstruction: every field but the nonce, with the true rows' fingerprint.
@@ -60,7 +64,7 @@ def test_identical_appends_get_different_hashes(tmp_path: Path, monkeypatch: pyt
     entries = []
     for name in ("a", "b"):
         with Ledger(tmp_path / name / "ledger.jsonl", key).session() as s:  # no header: both start at GENESIS
-            entries.append(s.append(round_fields("f" * 64)))
+            entries.append(s.append(round_fields("f" * 64)).to_json())
     a, b = ({k: v for k, v in e.items() if k not in ("hash", "sig", "nonce")} for e in entries)
     assert a == b and entries[0]["prev"] == entries[1]["prev"]  # same content, same predecessor
     assert entries[0]["nonce"] != entries[1]["nonce"] and entries[0]["hash"] != entries[1]["hash"]

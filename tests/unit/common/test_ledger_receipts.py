@@ -10,8 +10,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedtune.common.errors import PrivacyError
-from fedtune.common.ledger.chain import read
 from fedtune.common.ledger.key import load_or_create_key
+from fedtune.common.ledger.reader import read
 from fedtune.common.ledger.receipts import (
     RECORD_FILE,
     RECORD_KEY_FILE,

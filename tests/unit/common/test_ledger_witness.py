@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.common.errors import PrivacyError
-from fedtune.common.ledger.chain import Ledger
+from fedtune.common.ledger.store import Ledger
 from fedtune.common.ledger.witness import Witness, WitnessMark
 from tests.unit.audit.ledgers import charge, four_rounds, lines, make_node, rechain, write
 

@@ -9,8 +9,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedtune.common.errors import PrivacyError
-from fedtune.common.ledger.chain import canonical, read, sign
+from fedtune.common.ledger.chain import canonical, sign
 from fedtune.common.ledger.key import key_id
+from fedtune.common.ledger.reader import read
 from fedtune.common.ledger.receipts import (
     RECORD_FILE,
     RECORD_FORMAT,
