@@ -39,7 +39,7 @@ browser:
 ## The test suite (lint + pytest, slow tests excluded): one real simulated federation, one loopback TLS deployment.
 test: $(STAMP)
 	@sh deploy/install-test-tools.sh nginx
-	$(BIN)/ruff check .
+	@$(MAKE) --no-print-directory lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## Every test, slow ones included (real browser, long federations).

@@ -58,7 +58,7 @@ def train(msg: Message, context: Context) -> Message:
     def handle() -> RecordDict:
         request = _request(msg)
         config, policy = _node(context)
-        reply, update = train_round(request, record_to_arrays(msg.content[ARRAYS]), config=config,
+        reply, update = train_round(request, record_to_arrays(msg.content.array_records[ARRAYS]), config=config,
                                     node=NodePrivacy.open(policy, config.state_dir, node=config.node,
                                                           witness=config.witness), run_id=str(context.run_id))
         if update is None:
@@ -78,7 +78,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
             return EvalReply("declined").to_content()
         task = get_task(request.model.task)
         device = pick_device()
-        model = ready_model(task, request, record_to_arrays(msg.content[ARRAYS]), device)
+        model = ready_model(task, request, record_to_arrays(msg.content.array_records[ARRAYS]), device)
         rows = load_rows(config, request.labels, local_eval=True)
         if len(rows.test.dataset) == 0:
             return EvalReply("declined").to_content()

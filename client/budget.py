@@ -164,10 +164,18 @@ class PlanInfeasible(PrivacyError):
     """The server's requested epsilon cannot be met by any noise level."""
 
 
+def _sampling(request: PlanRequest) -> tuple[float, int]:
+    """The request's sampling rate and steps, known once the node's rows are read."""
+    if request.sample_rate is None or request.steps is None:
+        raise PrivacyError("a round is decided once the node's rows are read (its sampling rate and steps known)")
+    return request.sample_rate, request.steps
+
+
 def _plan_run(policy: NodePolicy, request: PlanRequest, history: History) -> float:
     """Noise for the rest of the run: at least what the server's requested run epsilon implies,
     and (noise-plan "spread") enough that all remaining rounds fit the remaining budget."""
-    run = DpEvent(request.sample_rate, 1.0, request.steps * request.rounds_left, request.clip_norm)
+    q, steps = _sampling(request)
+    run = DpEvent(q, 1.0, steps * request.rounds_left, request.clip_norm)
     try:
         sigma = plan_noise([], request.epsilon, request.delta, run, policy.accountant)
     except PrivacyError as err:

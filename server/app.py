@@ -57,5 +57,5 @@ def finish(run: ServerRun) -> None:
                      "excluded-nodes": {str(k): v for k, v in strategy.excluded.items()},
                      "task": task.name, **_headline(recorder.rounds, task.headline),
                      "settings": settings.to_config()})
-    write_model_card(adapter_dir, card_info(meta, settings, recorder.rounds, outcome["status"]))
+    write_model_card(adapter_dir, card_info(meta, settings, recorder.rounds, str(outcome["status"])))
     write_report(Path(settings.results_dir))

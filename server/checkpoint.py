@@ -87,7 +87,7 @@ class CheckpointStore:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         with open(tmp / "adapter.npz", "wb") as fh:
-            np.savez(fh, **ckpt.arrays)
+            np.savez(fh, **ckpt.arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds against allow_pickle
             fh.flush()
             os.fsync(fh.fileno())
         state = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -150,7 +151,7 @@ class Federation:
                                                          runtime.CONTROL_TOKEN_FILE.name: str(self.token_file),
                                                          runtime.RECORD_KEY.name: str(opts.work_dir / RECORD_KEY_FILE)}
         self.cli = FlwrCli(self.env, opts.work_dir)
-        self.proc = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.run_id: int | None = None
         self.online: int | None = None  # nodes online at the last count (for the metrics)
         self._last_line: dict[str, Any] | None = None  # the last round line logged

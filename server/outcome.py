@@ -18,7 +18,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fedtune.common.ledger.receipts import NODE_STATUS, STATUSES, Status
 from fedtune.common.wire.contract import TrainReply
@@ -85,7 +85,8 @@ def _reply_fields(reply: TrainReply) -> dict[str, Any]:
 
 
 def _reply_from_row(row: Mapping[str, Any]) -> TrainReply:
-    status = NODE_STATUS[row["status"]]  # a reply rejected for its update was a trained one
+    status: Literal["trained", "refused"] = "trained" if NODE_STATUS[row["status"]] == "trained" else "refused"
+    # (a reply rejected for its update was a trained one)
     return TrainReply(
         status=status, code="" if status == "trained" else str(row["code"]),
         num_examples=int(row["num-examples"]), epsilon=float(row["epsilon"]),

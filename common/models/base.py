@@ -132,7 +132,8 @@ class BaseModel:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.encoder.config.hidden_size)
+        config: Any = self.encoder.config
+        return int(config.hidden_size)
 
 
 @functools.lru_cache(maxsize=2)
@@ -148,7 +149,7 @@ def load_base(model_path: str) -> BaseModel:
     return BaseModel(path=path, tokenizer=tokenizer, encoder=encoder)
 
 
-def attach_lora(model: nn.Module, config: LoraConfig, lora: LoraSettings, where: str) -> PeftModel:
+def attach_lora(model: nn.Module, config: LoraConfig, lora: LoraSettings, where: str | Path) -> PeftModel:
     """Wrap ``model`` (already on its device: opacus#820) with LoRA; under FFA-LoRA the A factors stay frozen."""
     try:
         peft_model = get_peft_model(model, config)

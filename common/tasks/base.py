@@ -38,7 +38,11 @@ class Task(Protocol):
     name: str  # the `task` setting's value
     pipeline_tag: str  # the Hugging Face pipeline the adapter serves (model card, fedtune.json)
     headline: str  # the held-out metric reported first: accuracy, entity-f1 or perplexity
-    presets: Mapping[str, Any]  # fedtune-sim --task: default settings (kebab keys) of this task's job
+    @property
+    def presets(self) -> Mapping[str, Any]:
+        """fedtune-sim --task: default settings (kebab keys) of this task's job."""
+        ...
+
     truncates: bool  # encode cuts a long example to max-seq-len (never rejects one): no length check needed
     labelled: bool  # examples carry a label or tags from a set the node declares (`labels`)
     clients: int  # fedtune-sim --task: the default job's number of simulated clients

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,8 @@ class SentenceClassifier(nn.Module):
         if hidden_states is not None:
             states = top_layers(self.encoder, hidden_states, attention_mask, self.cut)
         else:
+            if input_ids is None:
+                raise ValueError("the classifier needs input_ids or hidden_states")
             # position_ids expanded to [B, T]: Opacus needs per-sample shapes (opacus#841).
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             states = self.encoder(
@@ -69,7 +72,8 @@ def top_layers(encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.T
     from transformers.masking_utils import create_bidirectional_mask
 
     mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
-    for layer in encoder.encoder.layer[cut:]:
+    layers: Any = encoder.encoder.layer  # type: ignore[union-attr]  # a BERT-style encoder's layer list
+    for layer in layers[cut:]:
         hidden = layer(hidden, mask)
     return hidden
 
@@ -83,7 +87,8 @@ def lower_states(encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cut:
     """
     was_training = encoder.training
     encoder.eval()
-    states = torch.zeros((len(ids), ids.shape[1], int(encoder.config.hidden_size)))
+    config: Any = encoder.config
+    states = torch.zeros((len(ids), ids.shape[1], int(config.hidden_size)))
     # Shortest first, each batch cut to its longest example; positions past an example's end stay 0 (masked).
     for idx in torch.argsort(mask.sum(dim=1), stable=True).split(batch_size):
         width = max(int(mask[idx].sum(dim=1).max()), 1)
@@ -98,7 +103,7 @@ def lower_states(encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cut:
 def lora_config(settings: LoraSettings) -> LoraConfig:
     return LoraConfig(
         r=settings.lora_rank,
-        lora_alpha=settings.lora_alpha,
+        lora_alpha=settings.lora_alpha,  # type: ignore[arg-type]  # PEFT's hint says int; it scales by a float
         lora_dropout=settings.lora_dropout,
         target_modules=settings.target_modules,
         modules_to_save=[HEAD_NAME],

@@ -169,7 +169,7 @@ class Ner:
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         model = model.to(device)  # before PEFT wraps it (opacus#820)
-        config = LoraConfig(task_type=TaskType.TOKEN_CLS, r=lora.lora_rank, lora_alpha=lora.lora_alpha,
+        config = LoraConfig(task_type=TaskType.TOKEN_CLS, r=lora.lora_rank, lora_alpha=lora.lora_alpha,  # type: ignore[arg-type]  # PEFT's hint says int
                             lora_dropout=lora.lora_dropout, target_modules=lora.target_modules,
                             layers_to_transform=lora.layers or None, modules_to_save=[HEAD], bias="none")
         return attach_lora(model, config, lora, base.path)

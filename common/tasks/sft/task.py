@@ -203,7 +203,7 @@ class Sft:
 
         torch.manual_seed(seed)  # LoRA A init; identical on every node that uses the same seed
         lm = copy.deepcopy(base.encoder).to(device)  # to the device before PEFT wraps it (opacus#820)
-        config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.lora_rank, lora_alpha=lora.lora_alpha,
+        config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.lora_rank, lora_alpha=lora.lora_alpha,  # type: ignore[arg-type]  # PEFT's hint says int
                             lora_dropout=lora.lora_dropout, target_modules=lora.target_modules,
                             layers_to_transform=lora.layers or None, bias="none")
         return attach_lora(lm, config, lora, base.path)
@@ -252,7 +252,7 @@ def generate(model: nn.Module, base: BaseModel, prompts: Sequence[str], *, devic
         new = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                           do_sample=False, eos_token_id=stop or None, pad_token_id=tok.pad_token_id,
                           use_cache=True)
-        out.append(tok.decode(new[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        out.append(str(tok.decode(new[0, ids.shape[1]:], skip_special_tokens=True)).strip())
     return out
 
 
