@@ -113,7 +113,8 @@ def test_a_second_virtualenv_loads_the_copied_adapter(run, tiny_model_dir, moved
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)], check=True)
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), *map(str, wheels.glob("fedtune-*.whl"))],
                    check=True)
-    script = ("import json, fedtune.common.models.adapter as a; assert 'site-packages' in a.__file__, a.__file__; "
+    script = ("import json, fedtune.common.tasks.classify.adapter as a; "
+              "assert 'site-packages' in a.__file__, a.__file__; "
               f"print(json.dumps(a.load_adapter('my-adapter').predict_proba({TEXTS!r}).tolist()))")
     proc = subprocess.run([str(venv / "bin" / "python"), "-c", script], cwd=moved, capture_output=True, text=True,
                           timeout=600, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
