@@ -40,7 +40,6 @@ from fedtune.common.errors import ConfigError, ModelError
 from fedtune.common.ledger.entry import AccountantRecord, LedgerHeader, RoundEntry
 from fedtune.common.ledger.key import KEY_FILE, load_or_create_key
 from fedtune.common.ledger.receipts import sign_receipt
-from fedtune.common.ledger.schema import Entry
 from fedtune.common.ledger.store import LEDGER_FILE, Ledger, LedgerSession
 from fedtune.common.models.adapter import to_arrays
 from fedtune.common.models.device import pick_device
@@ -120,12 +119,12 @@ def _round_entry(decision: Decision, request: PlanRequest, policy: NodePolicy, *
 
 
 def charge_round(node: NodePrivacy, request: PlanRequest, *, run: RunRef, fingerprint: str,
-                 rng: str = "secrets", refusal: tuple[str, str] | None = None) -> tuple[Decision, Entry]:
+                 rng: str = "secrets", refusal: tuple[str, str] | None = None) -> tuple[Decision, RoundEntry]:
     """Decide and record one round atomically (under the ledger's lock); the entry is on disk on return.
 
     ``refusal`` (code, reason): refused by the request checks before the rows were read. A refusal identical to
     one already recorded for this run, or beyond MAX_REFUSALS_PER_DAY, returns that earlier entry instead of
-    appending a new one (its receipt is what the reply cites). The entry is returned in its JSON form.
+    appending a new one (its receipt is what the reply cites). The entry is returned sealed.
     """
     key = node.policy.dataset_id
     with node.ledger.session() as session:
@@ -141,10 +140,10 @@ def charge_round(node: NodePrivacy, request: PlanRequest, *, run: RunRef, finger
                               if run.owns(e) and e.event is not None), None)
             decision = decide(node.policy, request, history, run_sigma)
         if not decision.charged and (earlier := _coalesced(session, run, decision.reason)) is not None:
-            return decision, earlier.to_json()
+            return decision, earlier
         entry = session.append(_round_entry(decision, request, node.policy, run=run, fingerprint=fingerprint,
                                             rng=rng))
-    return decision, entry.to_json()
+    return decision, entry
 
 
 def _coalesced(session: LedgerSession, run: RunRef, reason: str) -> RoundEntry | None:
@@ -165,18 +164,18 @@ def _round_cost(decision: Decision) -> float:
     return math.inf if math.isinf(decision.epsilon_after) else decision.epsilon_after - decision.epsilon_before
 
 
-def _reply(decision: Decision, entry: Entry, num_examples: int, node: str, train_loss: float | None = None, *,
+def _reply(decision: Decision, entry: RoundEntry, num_examples: int, node: str, train_loss: float | None = None, *,
            key: Ed25519PrivateKey, run_id: str, server_round: int) -> TrainReply:
     """The typed reply, with the node's signature (its ledger key) over the receipt the server will keep."""
     event = decision.event
     status: Literal["trained", "refused"] = "trained" if decision.charged else "refused"
-    seq, head = int(entry["seq"]), str(entry["hash"])
+    seq, head = entry.sealed.seq, entry.sealed.hash
     return TrainReply(
         status=status, code=decision.code, num_examples=num_examples,
         epsilon=decision.epsilon_after,
         epsilon_round=_round_cost(decision),
         epsilon_budget=decision.budget, noise_multiplier=event.noise_multiplier if event is not None else 0.0,
-        exhausted=decision.exhausted, ledger_key=str(entry["key"]), ledger_seq=seq, ledger_head=head,
+        exhausted=decision.exhausted, ledger_key=entry.sealed.key, ledger_seq=seq, ledger_head=head,
         node_sig=sign_receipt(key, run=run_id, round=server_round, seq=seq, head=head, status=status),
         node=node, train_loss=train_loss)
 
@@ -237,7 +236,7 @@ def train_round(request: RoundRequest, global_arrays: Arrays, *, config: NodeCon
         update, loss = _train_charged(request, decision, rows, model, global_arrays, node.policy,
                                       steps=plan.steps or 0, seeds=seeds)
     except Exception as err:  # noqa: BLE001 - after the charge every failure looks the same to the server
-        log.exception("round %s was charged (ledger line %s) and then failed", request.server_round, entry["seq"])
+        log.exception("round %s was charged (ledger line %s) and then failed", request.server_round, entry.sealed.seq)
         raise ChargedRoundFailed(f"round {request.server_round} failed after its charge: {err}") from err
     reply = _reply(decision, entry, rows.num_train, config.node, loss if node.policy.release_train_loss else None,
                    key=node.ledger.key, run_id=run_id, server_round=request.server_round)

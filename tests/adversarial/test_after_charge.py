@@ -79,9 +79,9 @@ def test_identical_refusals_in_a_run_are_one_ledger_line(tmp_path: Path) -> None
     no_dp = replace(REQUEST, dp=False, dp_mode="off")
     receipts = [charge_round(node, replace(no_dp, server_round=r), run=RunRef("7"), fingerprint="f")[1]
                 for r in range(1, 6)]
-    assert len({e["seq"] for e in receipts}) == 1 and len(_lines(tmp_path)) == 1
+    assert len({e.sealed.seq for e in receipts}) == 1 and len(_lines(tmp_path)) == 1
     other_run = charge_round(node, no_dp, run=RunRef("8"), fingerprint="f")[1]
-    assert other_run["seq"] == 2  # another run gets its own line
+    assert other_run.sealed.seq == 2  # another run gets its own line
 
 
 def test_new_refusal_lines_stop_at_the_daily_cap(tmp_path: Path) -> None:
@@ -90,9 +90,9 @@ def test_new_refusal_lines_stop_at_the_daily_cap(tmp_path: Path) -> None:
                for i in range(MAX_REFUSALS_PER_DAY + 20)]
     lines = _lines(tmp_path)
     assert len(lines) == MAX_REFUSALS_PER_DAY and all(e["decision"] == "refused" for e in lines)
-    assert {e["seq"] for e in entries[MAX_REFUSALS_PER_DAY:]} == {MAX_REFUSALS_PER_DAY}  # the newest line, cited
+    assert {e.sealed.seq for e in entries[MAX_REFUSALS_PER_DAY:]} == {MAX_REFUSALS_PER_DAY}  # the newest line, cited
     # A charge is never coalesced: the budget's own entries always land.
     allowed = replace(REQUEST, steps=1)
     decision, entry = charge_round(node, allowed, run=RunRef("x"), fingerprint="f")
-    assert decision.charged and entry["seq"] == MAX_REFUSALS_PER_DAY + 1
+    assert decision.charged and entry.sealed.seq == MAX_REFUSALS_PER_DAY + 1
     assert dt.datetime.fromisoformat(lines[-1]["time"]) <= dt.datetime.now(dt.UTC)

@@ -38,7 +38,7 @@ def test_todays_node_continues_it_and_the_budget_carries_over(tmp_path: Path, ca
     node = NodePrivacy.open(policy, state, node=NODE)
     decision, entry = charge_round(node, REQUEST, run=RunRef("new-run"), fingerprint="cd" * 32)
     assert not decision.charged and decision.exhausted and decision.epsilon_before > 7.99  # the old rounds count
-    assert entry["seq"] == 6 and len(entry["nonce"]) == 64  # appended in today's form
+    assert entry.sealed.seq == 6 and len(str(entry.sealed.nonce)) == 64  # appended in today's form
     lines = [json.loads(x) for x in (state / "ledger.jsonl").read_text().splitlines()]
     assert [e.get("nonce") is not None for e in lines] == [False] * 5 + [True]
     code, out = _audit(state / "ledger.jsonl", capsys)

@@ -38,7 +38,7 @@ def test_a_clip_only_round_is_charged_as_unbounded_epsilon_and_recorded_as_clip_
                                    fingerprint="ab" * 32)
     assert decision.charged and decision.event is None and math.isinf(decision.epsilon_after)
     line = json.loads((tmp_path / "ledger.jsonl").read_text().splitlines()[-1])
-    assert line == entry and line["request"]["dp_mode"] == "clip-only" and line["request"]["dp"] is False
+    assert line == entry.to_json() and line["request"]["dp_mode"] == "clip-only" and line["request"]["dp"] is False
     assert line["epsilon"] is None  # unbounded: JSON has no inf
     later, _ = charge_round(node, REQUEST, run=RunRef("2"), fingerprint="ab" * 32)
     assert not later.charged and later.code == "BUDGET_UNBOUNDED"  # a dataset trained without noise stays so

@@ -51,7 +51,7 @@ def test_plan_outside_the_policy_is_refused_and_recorded(tmp_path: Path) -> None
 def test_charges_are_durable_before_training_and_refusals_follow(tmp_path: Path) -> None:
     node = NodePrivacy.open(NodePolicy(dataset_id="ward-7", max_epsilon=6.0, noise_plan="as-requested"), tmp_path)
     first, entry = charge_round(node, REQUEST, run=RunRef("7"), fingerprint=FINGERPRINT)
-    assert first.charged and entries(tmp_path)[-1] == entry  # on disk when charge_round returns
+    assert first.charged and entries(tmp_path)[-1] == entry.to_json()  # on disk when charge_round returns
     second, _ = charge_round(node, replace(REQUEST, server_round=2), run=RunRef("7"), fingerprint=FINGERPRINT)
     assert not second.charged and second.reason.startswith("budget")
     lines = entries(tmp_path)

@@ -9,7 +9,6 @@ import pytest
 
 from fedtune.client.policy import NodePolicy, PlanRequest
 from fedtune.client.round import NodePrivacy, RunRef, charge_round
-from fedtune.common.ledger.schema import event_from_json
 from fedtune.common.privacy.accountant import DpEvent, dp_accounting_epsilon, opacus_epsilon, steps_per_round
 from fedtune.common.settings import RunSettings
 
@@ -47,8 +46,8 @@ def test_ledger_epsilon_agrees_with_both_libraries_for_default_settings(tmp_path
     node = NodePrivacy.open(policy, tmp_path)
     entries = [charge_round(node, replace(request, server_round=r), run=RunRef("1"), fingerprint="f" * 64)[1]
                for r in (1, 2, 3)]
-    events = [event_from_json(e["event"]) for e in entries]
-    final = entries[-1]["epsilon"]
+    events = [e.event for e in entries]
+    final = entries[-1].epsilon
     assert 7.9 <= final <= 8.0  # the plan spends the budget, from below
     assert opacus_epsilon(events, 1e-5, accountant) == pytest.approx(final, rel=1e-9)
     independent = dp_accounting_epsilon(events, 1e-5, "pld" if accountant == "prv" else "rdp")
