@@ -34,6 +34,7 @@ def test_a_ledger_of_the_previous_release_audits_clean(capsys) -> None:
 def test_todays_node_continues_it_and_the_budget_carries_over(tmp_path: Path, capsys) -> None:
     state = tmp_path / "state"
     shutil.copytree(HERE, state)
+    (state / "ledger-signing.key").chmod(0o600)  # git checks files out 0644; the node insists on a private key
     policy = NodePolicy(max_epsilon=8.0, dataset_id="old-ward", accountant="prv")
     node = NodePrivacy.open(policy, state, node=NODE)
     decision, entry = charge_round(node, REQUEST, run=RunRef("new-run"), fingerprint="cd" * 32)
