@@ -8,8 +8,6 @@ with the same status and the same fields (and, for a refusal before the charge, 
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -17,8 +15,8 @@ import pytest
 
 from fedtune.common.settings import RunSettings
 from fedtune.sim.nodes import SimulatedNodes, prepare
-from fedtune.sim.runner import LocalSimulation, SimulationSpec
 from tests.adversarial.node import TARGET
+from tests.curious import run_scripted_server
 
 APP = Path(__file__).parent / "overflow_app"
 RECEIPT = {"ledger-key", "ledger-head", "node-sig", "node"}
@@ -34,21 +32,11 @@ def _neighbouring_nodes(out: Path) -> None:
 
 
 def test_overflowing_weights_say_nothing_about_the_target_row(tiny_model_dir, sentiment_csv, tmp_path) -> None:
-    app_dir = tmp_path / "app"
-    shutil.copytree(APP, app_dir)
     settings = RunSettings.from_config({"dataset": str(sentiment_csv), "partitioner": "iid", "epsilon": 8.0,
                                         "model-path": str(tiny_model_dir)})
     env = prepare(settings, SimulatedNodes(tmp_path / "out", 2))
     _neighbouring_nodes(tmp_path / "out")
-    observed = tmp_path / "observed.json"
-    spec = SimulationSpec(app_dir=app_dir, run_config={"out": str(observed), "model": str(tiny_model_dir)},
-                          num_clients=2, cpus_per_client=2, work_dir=tmp_path / "flower", env=env)
-    with LocalSimulation(spec) as sim:
-        run_id = sim.submit()
-        status = sim.wait(run_id, timeout_s=600)
-        log = sim.save_logs(run_id, tmp_path / "run.log").read_text()
-    assert status.endswith("completed"), log[-3000:]
-    seen = json.loads(observed.read_text())
+    seen, log = run_scripted_server(APP, tmp_path, env, num_clients=2, run_config={"model": str(tiny_model_dir)})
     assert set(seen) == {"ordinary", "float32-overflow", "huge", "at-the-bound", "nan", "targeted-overflow"}, seen
     for name, (a, b) in seen.items():
         assert a["config"]["status"]["status"] == b["config"]["status"]["status"], name

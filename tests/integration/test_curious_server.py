@@ -8,7 +8,6 @@ the node declared. It must not be able to cancel the noise, open a new budget, o
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -17,27 +16,17 @@ import pytest
 from fedtune.common.settings import RunSettings
 from fedtune.common.wire.contract import TrainReply
 from fedtune.sim.nodes import SimulatedNodes, prepare
-from fedtune.sim.runner import LocalSimulation, SimulationSpec
+from tests.curious import run_scripted_server
 
 APP = Path(__file__).parent / "curious_app"
 pytestmark = pytest.mark.slow  # a 5-round federation (~1-2 min on 2 cores); make test-all
 
 
 def test_a_curious_server_learns_nothing_it_should_not(tiny_model_dir, sentiment_csv, tmp_path):
-    app_dir = tmp_path / "app"
-    shutil.copytree(APP, app_dir)
     settings = RunSettings.from_config({"dataset": str(sentiment_csv), "partition-by": "group", "epsilon": 8.0,
                                         "model-path": str(tiny_model_dir)})
     env = prepare(settings, SimulatedNodes(tmp_path / "out", 1))
-    out = tmp_path / "observed.json"
-    spec = SimulationSpec(app_dir=app_dir, run_config={"out": str(out), "model": str(tiny_model_dir)},
-                          num_clients=1, cpus_per_client=2, work_dir=tmp_path / "flower", env=env)
-    with LocalSimulation(spec) as sim:
-        run_id = sim.submit()
-        status = sim.wait(run_id, timeout_s=600)
-        log = sim.save_logs(run_id, tmp_path / "run.log").read_text()
-    assert status.endswith("completed"), log[-3000:]
-    seen = json.loads(out.read_text())
+    seen, log = run_scripted_server(APP, tmp_path, env, num_clients=1, run_config={"model": str(tiny_model_dir)})
     first, second, reordered, bad = seen["replies"]
 
     # 1. Node-secret noise: the difference of two answers to the identical request is noise-sized, not zero.
