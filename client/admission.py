@@ -33,7 +33,8 @@ def plan_without_rows(request: RoundRequest) -> PlanRequest:
     return PlanRequest(
         model=request.model.model_path, dp=p.dp, epsilon=p.epsilon, delta=p.delta, accountant=p.accountant,
         num_rounds=request.plan.num_rounds, server_round=request.server_round, sample_rate=None, steps=None,
-        clip_norm=p.clip_norm, dp_mode=p.dp_mode, max_seq_len=request.model.max_seq_len)
+        clip_norm=p.clip_norm, dp_mode=p.dp_mode, max_seq_len=request.model.max_seq_len,
+        secure=request.aggregation.secure_aggregation)
 
 
 def refusals(request: RoundRequest, policy: NodePolicy, config: NodeConfig) -> list[tuple[str, str]]:

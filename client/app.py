@@ -18,6 +18,7 @@ from fedtune.client.node_config import NodeConfig, node_config
 from fedtune.client.node_data import load_rows, tensors
 from fedtune.client.policy import NodePolicy, load_policy
 from fedtune.client.round import NodePrivacy, train_round
+from fedtune.client.secure_aggregation import SECURE, secure_aggregation_mod
 from fedtune.common.errors import FedtuneError
 from fedtune.common.models.device import pick_device
 from fedtune.common.tasks import get_task
@@ -25,7 +26,7 @@ from fedtune.common.wire.arrays import arrays_to_record, record_to_arrays
 from fedtune.common.wire.contract import ARRAYS, REQUEST, ErrorReply, EvalReply, RoundRequest, WireError
 
 log = logging.getLogger("fedtune.client")
-app = ClientApp()
+app = ClientApp(mods=[secure_aggregation_mod])
 
 
 def _answer(msg: Message, handler: Callable[[], RecordDict]) -> Message:
@@ -57,6 +58,8 @@ def _node(context: Context) -> tuple[NodeConfig, NodePolicy]:
 def train(msg: Message, context: Context) -> Message:
     def handle() -> RecordDict:
         request = _request(msg)
+        if request.aggregation.secure_aggregation != (SECURE in msg.content.config_records):
+            raise WireError("the request's secure-aggregation does not match how the round arrived")
         config, policy = _node(context)
         reply, update = train_round(request, record_to_arrays(msg.content.array_records[ARRAYS]), config=config,
                                     node=NodePrivacy.open(policy, config.state_dir, node=config.node,

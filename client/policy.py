@@ -16,6 +16,7 @@ the refusal in its ledger. Example (all keys optional except ``max-epsilon``)::
     accountant = "prv"           # the node's accountant: prv or rdp (the server's choice is ignored)
     noise-plan = "spread"        # spread | as-requested (see NoisePlan)
     require-dp = true
+    require-secure-aggregation = false  # refuse rounds whose updates the server would see one by one
     dataset-id = "oncology-notes-2026"  # required: the budget key (the server can neither set nor change it)
     release-train-loss = false   # send the round's training loss to the server (a disclosed leak)
     release-local-eval = false   # answer local-evaluation requests (a disclosed leak)
@@ -52,6 +53,7 @@ class PlanRequest:
     clip_norm: float
     dp_mode: str = "dp"  # dp | clip-only | off: how the server asks to train (only dp is private)
     max_seq_len: int = 0  # tokens per example the request asks for
+    secure: bool = False  # the round came through Flower's SecAgg+ (the server sees only the sum of the updates)
 
     @property
     def rounds_left(self) -> int:
@@ -85,6 +87,9 @@ class NodePolicy:
         "spread: raise the noise so the whole run fits the remaining budget; as-requested: use the noise the "
         "server's requested epsilon implies and refuse once the budget is spent.", "spread")
     require_dp: bool = _h("Refuse to train without DP-SGD.", True)
+    require_secure_aggregation: bool = _h(
+        "Refuse rounds that do not come through secure aggregation (Flower's SecAgg+), in which the server would "
+        "see this node's update on its own rather than only the sum over the round's nodes.", False)
     dataset_id: str = _h(
         "The budget key: names this node's dataset. Required for a deployed node (fedtune-client); nothing the "
         "server sends can change it. Keep it when rows are added or edited, so the old rows keep their budget.", "")
@@ -144,6 +149,9 @@ class NodePolicy:
         if self.allowed_models and not self.allows_model(request.model):
             out.append(("POLICY_MODEL", f"base model {request.model or EMBEDDED_MODEL!r} is not in the policy's "
                                         f"allowed-models ({', '.join(self.allowed_models)})"))
+        if self.require_secure_aggregation and not request.secure:
+            out.append(("POLICY_SECURE_AGGREGATION", "the round is not securely aggregated; the policy requires "
+                                                     "secure aggregation"))
         if self.max_seq_len and request.max_seq_len > self.max_seq_len:
             out.append(("POLICY_SEQ_LEN", f"the request asks for max-seq-len {request.max_seq_len}; the policy "
                                           f"allows at most {self.max_seq_len}"))

@@ -231,8 +231,55 @@ class DataSettings:
         return out
 
 
-SECTIONS = (ModelSettings, LoraSettings, PrivacySettings, TrainPlan, FederationSettings, DataSettings)
-SECTION_NAMES = ("model", "lora", "privacy", "plan", "federation", "data")
+@dataclass(frozen=True)
+class AggregationSettings:
+    """Secure aggregation (Flower's SecAgg+) and client-level DP on the sum: sent to the nodes with the request."""
+
+    secure_aggregation: bool = _help(
+        "Sum the nodes' adapter updates with Flower's SecAgg+ protocol: the server sees only the sum (every node "
+        "weighs the same). A node's policy can require it (require-secure-aggregation).", False)
+    secagg_shares: float = _help(
+        "Fraction of the round's nodes each node shares its mask keys with, in (0, 1] (1 = SecAgg, all nodes).", 1.0)
+    secagg_threshold: float = _help(
+        "Fraction of a node's share group that must answer for its masks to be removed, in (0.5, 1]: the round "
+        "completes with the nodes that remain while this holds, and fails cleanly (no aggregate) below it.", 0.6)
+    secagg_timeout: float = _help(
+        "Seconds each SecAgg+ stage waits for replies (a node that has not answered is dropped); 0 = round-timeout.",
+        0.0)
+    secagg_range: float = _help(
+        "Largest |value| of one node's update coordinate the secure sum carries; beyond it a value is clamped and "
+        "counted in the round's secagg-clamped. 0 = from the learning rate and clip norm (see docs/secure-"
+        "aggregation.md); with client-dp it follows client-clip-norm.", 0.0)
+    client_dp: bool = _help(
+        "Client-level DP on the secure sum (distributed DP): each trained node clips its round update to "
+        "client-clip-norm and adds its share of Skellam noise, so that the sum carries noise "
+        "client-noise-multiplier x client-clip-norm once the protocol's threshold of nodes is in it.", False)
+    client_clip_norm: float = _help("L2 bound of one node's round update under client-dp (> 0).", 1.0)
+    client_noise_multiplier: float = _help(
+        "Noise of the secure sum under client-dp, in units of client-clip-norm (> 0).", 1.0)
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0.0 < self.secagg_shares <= 1.0:
+            out.append(f"secagg-shares must be in (0, 1], got {self.secagg_shares}")
+        if not 0.5 < self.secagg_threshold <= 1.0:
+            out.append(f"secagg-threshold must be in (0.5, 1], got {self.secagg_threshold}")
+        for key, value in (("secagg-timeout", self.secagg_timeout), ("secagg-range", self.secagg_range)):
+            if not (value >= 0 and math.isfinite(value)):
+                out.append(f"{key} must be >= 0 (0 = automatic), got {value}")
+        for key, value in (("client-clip-norm", self.client_clip_norm),
+                           ("client-noise-multiplier", self.client_noise_multiplier)):
+            if not (value > 0 and math.isfinite(value)):
+                out.append(f"{key} must be > 0, got {value}")
+        if self.client_dp and not self.secure_aggregation:
+            out.append("client-dp needs secure-aggregation = true (its noise is split between the nodes of the "
+                       "secure sum); set both")
+        return out
+
+
+SECTIONS = (ModelSettings, LoraSettings, PrivacySettings, TrainPlan, FederationSettings, DataSettings,
+            AggregationSettings)
+SECTION_NAMES = ("model", "lora", "privacy", "plan", "federation", "data", "aggregation")
 
 
 @dataclass(frozen=True)
@@ -245,6 +292,7 @@ class RunSettings:
     plan: TrainPlan = field(default_factory=TrainPlan)
     federation: FederationSettings = field(default_factory=FederationSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    aggregation: AggregationSettings = field(default_factory=AggregationSettings)
     results_dir: str = "results/latest"
 
     @classmethod

@@ -56,6 +56,29 @@ def train_outcome(msg: Message, reference: Arrays, lora_variant: str = "lora", r
         with_frozen(arrays, reference)
 
 
+def summed_outcome(msg: Message, run_id: str = "") -> tuple[NodeOutcome, int]:
+    """A secure round's stage-2 reply -> (its outcome, the coordinates the node clamped).
+
+    Under secure aggregation the update is inside the SecAgg+ sum: the reply carries the contract's fields
+    only (no adapter), and a trained outcome has no arrays of its own.
+    """
+    node = msg.metadata.src_node_id
+    if msg.has_error():
+        return NodeOutcome(node, "error", flower_code(msg.error.code)), 0
+    try:
+        reply = parse_reply(msg.content, summed=True)
+    except WireError as err:
+        return NodeOutcome(node, "rejected", err.code), 0
+    if isinstance(reply, ErrorReply):
+        return NodeOutcome(node, "error", reply.code), 0
+    if not isinstance(reply, TrainReply):
+        return NodeOutcome(node, "rejected", "MALFORMED"), 0
+    legacy = msg.content.config_records.get("fitres.metrics")
+    clamped = legacy.get("clamped", 0) if legacy is not None else 0
+    clamped = clamped if isinstance(clamped, int) and not isinstance(clamped, bool) and clamped >= 0 else 0
+    return NodeOutcome(node, reply.status, reply.code, reply=reply, run=run_id), clamped
+
+
 def eval_outcome(msg: Message) -> EvalOutcome | None:
     """A local-evaluation reply -> its outcome; None for a failed, malformed or declined one."""
     if msg.has_error():

@@ -30,6 +30,7 @@ from fedtune.server.evaluation import HeldOut
 from fedtune.server.results import RunRecorder
 from fedtune.server.round_line import RoundLine
 from fedtune.server.run_record import record_key, write_record
+from fedtune.server.secure_aggregation import SecureAggregation
 from fedtune.server.strategy import AdapterFedAvg
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ class ServerRun:
         self.resumed = resume is not None
         self.offset = resume.server_round if resume else 0  # rounds done before an interruption
         self.strategy = AdapterFedAvg.from_settings(settings, self._request(), run_id)
+        # What runs Flower's rounds: the strategy itself, or the strategy with its training step summed by SecAgg+.
+        self.secure = SecureAggregation(self.strategy, settings) if settings.aggregation.secure_aggregation else None
         if resume is not None:
             log.info("resuming from the checkpoint after round %s", resume.server_round)
             self.strategy.restore(resume.outcomes, resume.evaluations)
@@ -83,12 +86,12 @@ class ServerRun:
         s = self.settings
         return RoundRequest(server_round=1, run_key=self.key, resumed_after_round=self.offset,
                             labels=tuple(self.held_out.test.label_names), model=s.model, lora=s.lora, plan=s.plan,
-                            privacy=s.privacy)
+                            privacy=s.privacy, aggregation=s.aggregation)
 
     def aggregate(self, grid: Grid) -> None:
         """Flower's rounds with the strategy (sample, send, aggregate), numbered from the resumed round on;
         each ends with :meth:`end_round`."""
-        RoundOffset(self.strategy, self.offset).start(
+        RoundOffset(self.secure or self.strategy, self.offset).start(
             grid=grid, initial_arrays=self.kept.arrays, num_rounds=self.settings.plan.num_rounds - self.offset,
             timeout=self.settings.federation.round_timeout,
             evaluate_fn=lambda r, arrays: self.end_round(r + self.offset, arrays),
@@ -111,9 +114,11 @@ class ServerRun:
     def record(self, server_round: int, result: EvalResult) -> None:
         """The round's line of metrics.jsonl (and its CSV row and TensorBoard scalars)."""
         s = self.strategy
-        line = self.recorder.record_round(RoundLine(server_round, s.outcomes.get(server_round, ()),
-                                                    s.evaluations.get(server_round, ()), result,
-                                                    self.held_out.test.label_names).to_row())
+        row = RoundLine(server_round, s.outcomes.get(server_round, ()), s.evaluations.get(server_round, ()), result,
+                        self.held_out.test.label_names).to_row()
+        if self.secure is not None:
+            row |= self.secure.round_fields(server_round, self.settings.privacy.delta)
+        line = self.recorder.record_round(row)
         log.info("round %s: held-out accuracy %.4f, loss %.4f, max epsilon %s", server_round, result.accuracy,
                  result.loss, line["epsilon-max"])
 
@@ -129,7 +134,9 @@ class ServerRun:
 
     def sign(self) -> None:
         """The run record: a receipt for every reply so far, signed with the server's record key."""
-        write_record(self.results_dir, self.run_id, self.key, self.strategy.outcomes, self.signing)
+        client_level = self.secure.client_level(self.settings.privacy.delta) if self.secure is not None else None
+        write_record(self.results_dir, self.run_id, self.key, self.strategy.outcomes, self.signing,
+                     client_level=client_level)
 
     def checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
         if self.store is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -64,5 +65,7 @@ def _receipt(server_round: int, outcome: NodeOutcome) -> Receipt | None:
 
 
 def write_record(results_dir: Path, run_id: str, run_key: str, outcomes: Mapping[int, Sequence[NodeOutcome]],
-                 key: ed25519.Ed25519PrivateKey) -> Path:
-    return write_run_record(results_dir, RunRecord(run_id, run_key, tuple(receipts(outcomes))), key)
+                 key: ed25519.Ed25519PrivateKey, *, client_level: Mapping[str, Any] | None = None) -> Path:
+    """Sign and write the run record; ``client_level``: the aggregate's client-level DP (secure aggregation)."""
+    record = RunRecord(run_id, run_key, tuple(receipts(outcomes)), client_level=client_level)
+    return write_run_record(results_dir, record, key)

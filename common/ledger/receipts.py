@@ -169,9 +169,13 @@ class RunRecord:
     receipts: tuple[Receipt, ...] = ()
     server_key: str = ""  # key id that signed it (set when read back)
     format: str = RECORD_FORMAT  # RECORD_FORMAT_V1 when read back from a record of the previous version
+    # Client-level (institution-level) DP of the aggregate under secure aggregation with client-dp: epsilon,
+    # delta, mechanism, rounds and the trust assumption it rests on (server/secure_aggregation.py); None without.
+    client_level: Mapping[str, Any] | None = None
 
     def with_receipt(self, receipt: Receipt) -> RunRecord:
-        return RunRecord(self.run, self.run_key, (*self.receipts, receipt), self.server_key, self.format)
+        return RunRecord(self.run, self.run_key, (*self.receipts, receipt), self.server_key, self.format,
+                         self.client_level)
 
     def to_json(self) -> dict[str, Any]:
         """Format 2; refuses receipts that do not carry the run and the node's signature."""
@@ -180,8 +184,9 @@ class RunRecord:
             raise PrivacyError(f"a {RECORD_FORMAT} record needs the run and the node's signature on every receipt"
                                + (f"; round {unsigned[0].round}, node {unsigned[0].node} has none" if unsigned
                                   else f", not a {self.format} record"))
-        return {"format": RECORD_FORMAT, "run": self.run, "run_key": self.run_key,
-                "receipts": [r.fields() for r in self.receipts]}
+        out = {"format": RECORD_FORMAT, "run": self.run, "run_key": self.run_key,
+               "receipts": [r.fields() for r in self.receipts]}
+        return out | ({"client_level": dict(self.client_level)} if self.client_level is not None else {})
 
 
 def write_run_record(run_dir: Path, record: RunRecord, key: ed25519.Ed25519PrivateKey) -> Path:
@@ -286,14 +291,27 @@ def read_run_record(run_dir: Path, server_key: ed25519.Ed25519PublicKey | Sequen
         return check
     _server_signature(data, server_keys, check)
     receipts = tuple(_receipts(data["receipts"], data["format"], check))
-    check.record = RunRecord(data["run"], data["run_key"], receipts, data["key"], data["format"])
+    check.record = RunRecord(data["run"], data["run_key"], receipts, data["key"], data["format"],
+                             data.get("client_level"))
     return check
+
+
+def _client_level_ok(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    eps, delta, rounds = value.get("epsilon"), value.get("delta"), value.get("rounds")
+    return (isinstance(eps, int | float) and not isinstance(eps, bool) and 0 <= eps < float("inf")
+            and isinstance(delta, float) and 0 < delta < 1 and isinstance(rounds, int) and rounds >= 0
+            and isinstance(value.get("trust"), str) and len(str(value.get("mechanism", ""))) <= 1024)
 
 
 def _record_shape(data: Mapping[str, Any]) -> list[str]:
     want = {"format", "run", "run_key", "receipts", "key", "hash", "sig"}
     out = [f"run record: missing field '{k}'" for k in sorted(want - set(data))]
-    out += [f"run record: unknown field '{str(k)[:64]}'" for k in sorted(set(data) - want)]
+    out += [f"run record: unknown field '{str(k)[:64]}'" for k in sorted(set(data) - want - {"client_level"})]
+    if "client_level" in data and not _client_level_ok(data["client_level"]):
+        out.append("run record: field 'client_level' must be an object with a finite epsilon >= 0, delta in "
+                   "(0, 1), rounds >= 0 and a trust assumption")
     if out:
         return out
     if data["format"] not in (RECORD_FORMAT, RECORD_FORMAT_V1):

@@ -24,9 +24,16 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.common.errors import FedtuneError
 from fedtune.common.ledger.schema import HEX64, KEY_ID, MAX_SEQ, NODE_ID, signature_problem
-from fedtune.common.settings import LoraSettings, ModelSettings, PrivacySettings, TrainPlan, key_of
+from fedtune.common.settings import (
+    AggregationSettings,
+    LoraSettings,
+    ModelSettings,
+    PrivacySettings,
+    TrainPlan,
+    key_of,
+)
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: the request carries the aggregation section (secure aggregation, client-level DP)
 REQUEST, STATUS, METRICS, ARRAYS = "request", "status", "metrics", "arrays"
 
 MAX_TEXT = 1024  # longest string the server may send in one field
@@ -35,7 +42,8 @@ MAX_LABELS = 512
 LIMITS: dict[str, float] = {
     "max-seq-len": 8192, "lora-rank": 1024, "lora-alpha": 1e6, "num-rounds": 100_000, "local-epochs": 1000,
     "batch-size": 1_000_000, "learning-rate": 1e3, "lora-lr-scale": 1e3, "epsilon": 1e4, "clip-norm": 1e6,
-    "nonprivate-learning-rate": 1e3, "nonprivate-lora-lr-scale": 1e3,
+    "nonprivate-learning-rate": 1e3, "nonprivate-lora-lr-scale": 1e3, "secagg-range": 1e6, "secagg-timeout": 1e7,
+    "client-clip-norm": 1e6, "client-noise-multiplier": 1e6,
 }
 
 # Codes a node may send instead of a result; the text is fixed here, the detail stays in the node's log.
@@ -54,6 +62,7 @@ ERROR_CODES: dict[str, str] = {
 # Why a node refused a round (its policy or its budget said no); detail in its ledger.
 REFUSAL_CODES: dict[str, str] = {
     "POLICY_DP_REQUIRED": "the policy requires DP-SGD",
+    "POLICY_SECURE_AGGREGATION": "the policy requires secure aggregation",
     "POLICY_DELTA": "the requested delta is above the policy's",
     "POLICY_STEPS": "more local steps per round than the policy allows",
     "POLICY_MODEL": "the base model is not in the policy's allowed models",
@@ -125,7 +134,8 @@ def _section_from(section: type, record: ConfigRecord, problems: list[str]) -> A
 
 
 _SECTIONS: tuple[tuple[str, type], ...] = (
-    ("model", ModelSettings), ("lora", LoraSettings), ("plan", TrainPlan), ("privacy", PrivacySettings))
+    ("model", ModelSettings), ("lora", LoraSettings), ("plan", TrainPlan), ("privacy", PrivacySettings),
+    ("aggregation", AggregationSettings))
 _ROUND_KEYS = ("wire-version", "server-round", "run-key", "resumed-after-round", "labels")
 
 
@@ -145,6 +155,7 @@ class RoundRequest:
     lora: LoraSettings
     plan: TrainPlan
     privacy: PrivacySettings  # the server's *request*; the node's policy decides
+    aggregation: AggregationSettings = dataclasses.field(default_factory=AggregationSettings)
 
     def to_record(self) -> ConfigRecord:
         out: dict[str, Any] = {"wire-version": WIRE_VERSION, "server-round": self.server_round,
@@ -334,8 +345,12 @@ def _exact_keys(record: Any, required: tuple[str, ...], optional: tuple[str, ...
     return out
 
 
-def parse_reply(content: RecordDict, evaluation: bool = False) -> TrainReply | EvalReply | ErrorReply:
-    """Server side: a node's reply as one of the contract's types; WireError (code MALFORMED) otherwise."""
+def parse_reply(content: RecordDict, evaluation: bool = False, summed: bool = False,
+                ) -> TrainReply | EvalReply | ErrorReply:
+    """Server side: a node's reply as one of the contract's types; WireError (code MALFORMED) otherwise.
+
+    ``summed``: the round ran under secure aggregation, where a trained update travels only inside the secure sum
+    (the reply itself carries no adapter)."""
     status = content.config_records.get(STATUS)
     if status is None:
         raise WireError("reply has no status record", code="MALFORMED")
@@ -351,6 +366,8 @@ def parse_reply(content: RecordDict, evaluation: bool = False) -> TrainReply | E
         raise WireError("reply has no metrics record", code="MALFORMED")
     reply = TrainReply.from_status_metrics(status, metrics)
     has_arrays = ARRAYS in content.array_records
-    if has_arrays != (reply.status == "trained"):
+    if summed and has_arrays:
+        raise WireError("under secure aggregation a reply must not carry the adapter", code="MALFORMED")
+    if not summed and has_arrays != (reply.status == "trained"):
         raise WireError("a trained reply must carry the adapter and a refusal must not", code="MALFORMED")
     return reply
