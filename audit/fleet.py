@@ -32,6 +32,7 @@ from fedtune.audit.ledger_audit import (
     summary,
 )
 from fedtune.common.ledger.receipts import RECORD_FORMAT_V1, RecordCheck, read_run_record
+from fedtune.common.privacy.distributed import client_level_problem
 
 PublicKey = ed25519.Ed25519PublicKey
 
@@ -109,6 +110,9 @@ def audit(specs: Sequence[LedgerSpec], keys: Mapping[str, PublicKey], *, toleran
         missing = sorted({(r.ledger_key, r.node) for r in receipts if r.ledger_key not in audited})
         problems += [f"{check.path}: the run record has receipts from node {node} (ledger key {key}), but no ledger "
                      "signed by that key was audited" for key, node in missing]
+        level = check.record.client_level if check.record is not None else None
+        if level is not None and (why := client_level_problem(dict(level))) is not None:
+            problems.append(f"{check.path}: {why}")
     return AuditReport(ledgers, tolerance, checks, problems)
 def to_json(report: AuditReport) -> dict[str, Any]:
     """Machine-readable form (``fedtune-audit --json``); infinities become null; problems bounded per ledger."""

@@ -78,6 +78,10 @@ def render(report: AuditReport) -> Group:
         if check.record is not None:
             parts.append(Text(f"{check.path}: {len(check.record.receipts)} receipts of run {check.record.run} "
                               "cross-checked"))
+            if (level := check.record.client_level) is not None:
+                parts.append(Text(f"{check.path}: client-level DP of the aggregate: epsilon {level['epsilon']:.4f} "
+                                  f"at delta {level['delta']:g} over {level['rounds']} secure round(s); assumes "
+                                  f"{level.get('trust', '')}"))
     parts += [Text(f"run record: {p}", style="red") for p in report.problems]
     verdict = ("all ledgers verified" if report.ok else "AUDIT FAILED") + (
         f" (budgets strict; tolerance {100 * report.tolerance:g}% between recorded and replayed epsilon)")

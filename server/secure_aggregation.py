@@ -63,13 +63,26 @@ class SecureRound:
     value_range: float = 0.0  # c
     step: float = 0.0  # g: the value of one integer unit of the sum
     aggregated: bool = False  # the sum became the round's global adapter
+    sent_bytes: int = 0  # payload the server sent over the protocol's four stages (keys, shares, request, adapter)
+    received_bytes: int = 0  # payload it received (keys, encrypted shares, masked vectors, share lists)
     why: str = ""  # why not
     client_noise: SkellamShare | None = field(default=None, repr=False)  # the round's noise, under client-dp
 
     def to_row(self) -> dict[str, object]:
         return {"nodes": self.nodes, "threshold": self.threshold, "in-sum": self.in_sum, "trained": self.trained,
                 "clamped": self.clamped, "value-range": self.value_range, "step": self.step,
-                "aggregated": self.aggregated, **({"why": self.why} if self.why else {})}
+                "aggregated": self.aggregated, "bytes-sent": self.sent_bytes, "bytes-received": self.received_bytes,
+                **({"why": self.why} if self.why else {})}
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's arrays and of the byte strings in its config records (keys, shares, vectors)."""
+    total = sum(len(a.data) for record in content.array_records.values() for a in record.values())
+    for record in content.config_records.values():
+        for value in record.values():
+            items = value if isinstance(value, list) else [value]
+            total += sum(len(v) for v in items if isinstance(v, bytes | str))
+    return total
 
 
 class _Tap(Grid):
@@ -80,12 +93,16 @@ class _Tap(Grid):
         self.calls = 0
         self.threshold = 0
         self.collected: list[Message] = []
+        self.sent_bytes = 0
+        self.received_bytes = 0
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         if self.calls == 0 and messages:
             self.threshold = int(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.THRESHOLD])
+        self.sent_bytes += sum(payload_bytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.received_bytes += sum(payload_bytes(m.content) for m in replies if not m.has_error())
         if self.calls == COLLECT_STAGE:
             self.collected = replies
         self.calls += 1
@@ -214,6 +231,7 @@ class SecureAggregation(Strategy):
         tap, bridge = summed
         info = self.rounds[server_round]
         info.threshold = tap.threshold
+        info.sent_bytes, info.received_bytes = tap.sent_bytes, tap.received_bytes
         parsed = [summed_outcome(m, self.inner.run_id) for m in tap.collected]
         answered = {o.node_id for o, _ in parsed}
         outcomes = [o for o, _ in parsed] + [NodeOutcome(m.metadata.dst_node_id, "error", "SECAGG_DROPPED")

@@ -40,7 +40,7 @@ FLAGS = {
     "task": "task", "rounds": "num-rounds", "epsilon": "epsilon", "delta": "delta", "partitioner": "partitioner",
     "alpha": "dirichlet-alpha", "seed": "seed", "dataset": "dataset", "model": "model-path",
     "max_train_examples": "max-train-examples", "local_epochs": "local-epochs", "lora_rank": "lora-rank",
-    "dp_mode": "dp-mode",
+    "dp_mode": "dp-mode", "secure_aggregation": "secure-aggregation",
 }
 
 
@@ -62,6 +62,11 @@ def parser() -> argparse.ArgumentParser:
                    help="the non-private baseline: dp-mode off (no clipping, no noise, the nonprivate-* optimiser)")
     p.add_argument("--dp-mode", choices=("dp", "clip-only", "off"),
                    help="dp (DP-SGD), clip-only (the DP pipeline with noise 0) or off (same as --no-dp)")
+    p.add_argument("--secure-aggregation", action="store_true", default=None,
+                   help="sum the nodes' updates with Flower's SecAgg+: the server sees only the sum "
+                        "(secure-aggregation = true)")
+    p.add_argument("--client-dp", action="store_true", default=None,
+                   help="client-level DP on the secure sum (client-dp = true; implies --secure-aggregation)")
     p.add_argument("--central", action="store_true",
                    help="the central baseline: one node trains on the union of the clients' training data (same "
                         "split, model, held-out set and accountant), in this process, without Flower")
@@ -120,6 +125,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
         if getattr(args, attr) is not None:
             overrides[key] = getattr(args, attr)
     problems = []
+    if args.client_dp:
+        overrides["secure-aggregation"] = overrides["client-dp"] = True
     if args.no_dp:
         if overrides.get("dp-mode", "off") != "off":
             problems.append(f"--no-dp contradicts --dp-mode {overrides['dp-mode']}; give one")

@@ -93,3 +93,29 @@ TRUST = ("at least t (the SecAgg+ threshold) of the nodes in each round's sum ar
 MECHANISM = ("distributed Skellam on the SecAgg+ sum (Agarwal, Kairouz, Liu 2021): integer noise added after "
              "unbiased rounding, RDP Cor. 3.6 composed over the aggregated rounds without sampling amplification, "
              "converted with Balle et al. 2020")
+
+
+def gaussian_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """The independent recomputation an auditor makes: dp-accounting's RDP accountant for ``rounds`` Gaussian
+    mechanisms of ``noise_multiplier`` (a lower bound of the Skellam figure, within 1% of it at the secure
+    sum's scale, where the Skellam terms and the rounding vanish)."""
+    import dp_accounting
+
+    if rounds <= 0:
+        return 0.0
+    accountant = dp_accounting.rdp.RdpAccountant(orders=[float(a) for a in ORDERS])
+    accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), rounds)
+    return float(accountant.get_epsilon(delta))
+
+
+def client_level_problem(level: dict[str, object], tolerance: float = 0.01) -> str | None:
+    """What is wrong with a run record's client-level claim: an epsilon below the independent recomputation."""
+    sigma, rounds, delta, eps = (level.get(k) for k in ("noise-multiplier", "rounds", "delta", "epsilon"))
+    if not (isinstance(sigma, int | float) and sigma > 0 and isinstance(rounds, int) and isinstance(delta, float)
+            and isinstance(eps, int | float)):
+        return "the client-level claim lacks noise-multiplier, rounds, delta or epsilon"
+    again = gaussian_epsilon(float(sigma), rounds, delta)
+    if eps < again * (1 - tolerance):
+        return (f"the client-level epsilon {eps:.4f} is below its recomputation {again:.4f} (noise multiplier "
+                f"{sigma:g}, {rounds} rounds, delta {delta:g})")
+    return None

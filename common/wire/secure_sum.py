@@ -87,13 +87,13 @@ def flatten(update: Arrays, names: Sequence[str]) -> np.ndarray:
 
 def unflatten(vector: np.ndarray, reference: Arrays, names: Sequence[str]) -> Arrays:
     """The vector back as named tensors with the reference's shapes (float64)."""
+    if (total := sum(reference[n].size for n in names)) != vector.size:
+        raise ValueError(f"the sum holds {vector.size} values; the adapter has {total}")
     out, at = {}, 0
     for name in names:
         size = reference[name].size
         out[name] = vector[at:at + size].reshape(reference[name].shape)
         at += size
-    if at != vector.size:
-        raise ValueError(f"the sum holds {vector.size} values; the adapter has {at}")
     return out
 
 
