@@ -99,7 +99,8 @@ class _Tap(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         if self.calls == 0 and messages:
-            self.threshold = int(messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.THRESHOLD])
+            threshold = messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.THRESHOLD]
+            self.threshold = threshold if isinstance(threshold, int) else 0
         self.sent_bytes += sum(payload_bytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self.received_bytes += sum(payload_bytes(m.content) for m in replies if not m.has_error())

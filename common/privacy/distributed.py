@@ -82,7 +82,7 @@ def client_epsilon(shares: Sequence[SkellamShare], delta: float) -> float:
 
     if not shares:
         return 0.0
-    rdp = sum(skellam_rdp(ORDERS, l1=s.l1, l2=s.l2, variance=s.variance) for s in shares)
+    rdp = np.sum([skellam_rdp(ORDERS, l1=s.l1, l2=s.l2, variance=s.variance) for s in shares], axis=0)
     eps, _ = get_privacy_spent(orders=list(ORDERS), rdp=list(rdp), delta=delta)
     return float(eps)
 
