@@ -244,8 +244,8 @@ class AggregationSettings:
         "Fraction of a node's share group that must answer for its masks to be removed, in (0.5, 1]: the round "
         "completes with the nodes that remain while this holds, and fails cleanly (no aggregate) below it.", 0.6)
     secagg_timeout: float = _help(
-        "Seconds each SecAgg+ stage waits for replies (a node that has not answered is dropped); 0 = round-timeout.",
-        0.0)
+        "Seconds each of SecAgg+'s key stages (setup, share keys, unmask) waits for replies; a node that has not "
+        "answered is dropped. The stage in which nodes train waits round-timeout.", 120.0)
     secagg_range: float = _help(
         "Largest |value| of one node's update coordinate the secure sum carries; beyond it a value is clamped and "
         "counted in the round's secagg-clamped. 0 = from the learning rate and clip norm (see docs/secure-"
@@ -264,9 +264,10 @@ class AggregationSettings:
             out.append(f"secagg-shares must be in (0, 1], got {self.secagg_shares}")
         if not 0.5 < self.secagg_threshold <= 1.0:
             out.append(f"secagg-threshold must be in (0.5, 1], got {self.secagg_threshold}")
-        for key, value in (("secagg-timeout", self.secagg_timeout), ("secagg-range", self.secagg_range)):
-            if not (value >= 0 and math.isfinite(value)):
-                out.append(f"{key} must be >= 0 (0 = automatic), got {value}")
+        if not (self.secagg_timeout > 0 and math.isfinite(self.secagg_timeout)):
+            out.append(f"secagg-timeout must be > 0 seconds, got {self.secagg_timeout}")
+        if not (self.secagg_range >= 0 and math.isfinite(self.secagg_range)):
+            out.append(f"secagg-range must be >= 0 (0 = automatic), got {self.secagg_range}")
         for key, value in (("client-clip-norm", self.client_clip_norm),
                            ("client-noise-multiplier", self.client_noise_multiplier)):
             if not (value > 0 and math.isfinite(value)):

@@ -86,10 +86,12 @@ def payload_bytes(content: RecordDict) -> int:
 
 
 class _Tap(Grid):
-    """The run's grid, passing everything through; keeps the setup threshold and the stage-2 replies."""
+    """The run's grid, passing everything through; keeps the setup threshold and the stage-2 replies, and gives
+    each stage its deadline (``secagg-timeout`` for the key stages, ``round-timeout`` for training)."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, *, key_timeout: float, train_timeout: float) -> None:
         self.grid = grid
+        self.timeouts = (key_timeout, train_timeout)  # the key stages; the stage in which the nodes train
         self.calls = 0
         self.threshold = 0
         self.collected: list[Message] = []
@@ -102,7 +104,8 @@ class _Tap(Grid):
             threshold = messages[0].content.config_records[RECORD_KEY_CONFIGS][Key.THRESHOLD]
             self.threshold = threshold if isinstance(threshold, int) else 0
         self.sent_bytes += sum(payload_bytes(m.content) for m in messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        stage_timeout = self.timeouts[1] if self.calls == COLLECT_STAGE else self.timeouts[0]
+        replies = list(self.grid.send_and_receive(messages, timeout=stage_timeout))
         self.received_bytes += sum(payload_bytes(m.content) for m in replies if not m.has_error())
         if self.calls == COLLECT_STAGE:
             self.collected = replies
@@ -212,7 +215,8 @@ class SecureAggregation(Strategy):
         c = value_range(s.aggregation, s.plan, s.privacy)
         target = target_range(len(nodes))
         self.rounds[server_round] = SecureRound(len(nodes), value_range=c, step=step(c, target))
-        tap, bridge = _Tap(grid), _Bridge(nodes, grid, grid.run.run_id)
+        tap = _Tap(grid, key_timeout=s.aggregation.secagg_timeout, train_timeout=s.federation.round_timeout)
+        bridge = _Bridge(nodes, grid, grid.run.run_id)
         context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
                                         run_config={}), strategy=bridge)
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
@@ -220,7 +224,7 @@ class SecureAggregation(Strategy):
         workflow = _Workflow(messages[0].content, num_shares=s.aggregation.secagg_shares,
                              reconstruction_threshold=s.aggregation.secagg_threshold, max_weight=1.0,
                              clipping_range=c, quantization_range=target, modulus_range=MODULUS,
-                             timeout=s.aggregation.secagg_timeout or s.federation.round_timeout)
+                             timeout=s.federation.round_timeout)  # per stage: _Tap applies secagg-timeout
         if len(nodes) < 2:
             log.error("round %s: secure aggregation needs at least 2 nodes, %d sampled", server_round, len(nodes))
         else:
