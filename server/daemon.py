@@ -151,8 +151,9 @@ def _follow(fed: Federation, signals: _Signals) -> int:
     elif outcome.status != "finished:completed":
         log.error("the run ended as %s; see %s", outcome.status, fed.logs)
     else:
-        log.error("the run completed but no node trained in any round; each node's reason (refused app, budget, "
-                  "error) is in %s", results / METRICS_FILE)
+        log.error("the run completed but no node's update was aggregated in any round; each node's reason "
+                  "(refused app, budget, error) and, under secure aggregation, why a round's sum was not "
+                  "aggregated are in %s", results / METRICS_FILE)
     return code
 
 

@@ -271,8 +271,12 @@ class Federation:
         write_atomically(self.opts.results_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
     def trained_updates(self) -> int:
-        """How many node updates the run aggregated, over all rounds (0: nothing was learned)."""
-        return sum(c.get("status") == "trained" for line in self._rounds() for c in line.get("clients", []))
+        """How many node updates the run aggregated, over all rounds (0: nothing was learned). A secure round
+        whose sum was not aggregated (SecAgg+ did not complete) counts none: its nodes trained, but the global
+        adapter did not change."""
+        return sum(c.get("status") == "trained" for line in self._rounds()
+                   if (line.get("secure-aggregation") or {}).get("aggregated", True) is not False
+                   for c in line.get("clients", []))
 
     def save_run_log(self, timeout_s: float = 20) -> None:
         """Fetch the run's log if the SuperLink still answers (on a signal, before stopping it)."""

@@ -11,7 +11,11 @@ Marker ``faults`` (excluded from the default suite; minutes on 2 cores):
 - budgets run out mid-run: exit 3 and the refusal is in the node's ledger;
 - SIGTERM to fedtune-sim: exit 143, the run's log is kept, no Flower process is left
   (checked by process group and by owner tag);
-- a torn ledger: ``fedtune-client --check`` fails naming the line.
+- a torn ledger: ``fedtune-client --check`` fails naming the line;
+- secure aggregation (SecAgg+): a node killed right after its charge in the masked-vector stage is dropped and
+  the round completes with the 3 survivors (threshold 3 of 4); with 3 nodes and threshold 3, a node killed at
+  the start of the unmask stage makes the round fail cleanly (no aggregate, a reason, the run ends, exit 1:
+  nothing was aggregated), and no node is charged twice.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class Deployment:
     root: Path
     rounds: int
     policy: str = "max-epsilon = 8.0\ndelta = 1e-5\ndataset-id = \"notes\"\n"
+    nodes: str = "ab"  # every node gets certificates, 200 rows and the policy; min-clients = all of them
+    settings: str = ""  # more run settings (TOML lines)
+    rows: dict[str, int] = field(default_factory=dict)  # a node's rows, instead of 200
     server_port: int = field(default_factory=free_port)
     procs: dict[str, object] = field(default_factory=dict)
 
@@ -63,18 +70,22 @@ class Deployment:
     def prepare(self, model: Path, dataset: Path) -> Deployment:
         import subprocess
 
-        subprocess.run([str(BIN / "fedtune-certs"), "dev", "--out", str(self.certs), "--node", "a", "--node", "b"],
-                       check=True, capture_output=True)
-        frame = make_sentiment_frame(400, seed=3)
-        for i, name in enumerate("ab"):
+        subprocess.run([str(BIN / "fedtune-certs"), "dev", "--out", str(self.certs),
+                        *[a for n in self.nodes for a in ("--node", n)]], check=True, capture_output=True)
+        frame = make_sentiment_frame(200 * len(self.nodes), seed=3)
+        for i, name in enumerate(self.nodes):
             d = self.node_dir(name)
             d.mkdir()
-            frame.iloc[i * 200:(i + 1) * 200].to_csv(d / "data.csv", index=False)
+            rows = frame.iloc[i * 200:(i + 1) * 200]
+            if name in self.rows:
+                rows = make_sentiment_frame(self.rows[name], seed=10 + i)
+            rows.to_csv(d / "data.csv", index=False)
             key = self.certs / "nodes" / name / "ledger-signing.key"
             (d / "policy.toml").write_text(f'{self.policy}ledger-key = "{key}"\n')
         (self.root / "run.toml").write_text(
             f'model-path = "{model}"\ndataset = "{dataset}"\npartition-by = "group"\nmax-seq-len = 16\n'
-            f"batch-size = 32\nlearning-rate = 0.05\nnum-rounds = {self.rounds}\nmin-clients = 2\n")
+            f"batch-size = 32\nlearning-rate = 0.05\nnum-rounds = {self.rounds}\nmin-clients = {len(self.nodes)}\n"
+            f"{self.settings}")
         app_hash = subprocess.run([str(BIN / "fedtune-server"), "--work-dir", str(self.srv), "--print-app-hash"],
                                   check=True, capture_output=True, text=True).stdout.strip()
         (self.root / "allowed.txt").write_text(f"{app_hash}\n")
@@ -114,6 +125,22 @@ class Deployment:
         lines = path.read_text().splitlines() if path.exists() else []
         return [e for e in map(json.loads, lines) if e["kind"] in ACCOUNTING_KINDS]  # no header/policy entries
 
+    def charges(self, name: str) -> list[tuple[str, int]]:
+        """The (run, round) pairs the node's ledger charged."""
+        return [(str(e["run"]), int(e["round"])) for e in self.ledger(name) if e["decision"] == "charged"]
+
+    def charged_in(self, name: str, server_round: int) -> bool:
+        """Whether the node's ledger holds a charge for the round (read while the node may be appending)."""
+        path = self.node_dir(name) / "state" / "ledger.jsonl"
+        text = path.read_text() if path.exists() else ""
+        complete = text[:text.rfind("\n") + 1].splitlines()  # a line being written is not read
+        return any(e.get("decision") == "charged" and e.get("round") == server_round for e in map(json.loads, complete))
+
+    def app_tasks(self, name: str) -> int:
+        """Tasks the node's app gate acquired so far (one line each; one per Flower message)."""
+        path = self.node_dir(name) / "state" / "app-decisions.jsonl"
+        return path.read_text().count("\n") if path.exists() else 0
+
     def activations(self, name: str) -> int:
         path = self.node_dir(name) / "state" / "supernode.log"
         return path.read_text(errors="replace").count("SuperNode ID:") if path.exists() else 0
@@ -122,7 +149,7 @@ class Deployment:
         for proc in list(self.procs.values())[::-1]:
             kill_session(proc)  # type: ignore[arg-type]
         kill_owned(f"fedtune-server:{self.srv.resolve()}")
-        for name in "ab":
+        for name in self.nodes:
             kill_owned(f"fedtune-client:{(self.node_dir(name) / 'state').resolve()}")
 
 
@@ -188,11 +215,17 @@ def test_a_dead_node_stops_the_run_at_the_deadline_and_it_resumes(restarted) -> 
     assert [r["round"] for r in dep.rounds_done()] == [0, 1, 2, 3]
 
 
+def assert_no_node_charged_twice(dep: Deployment) -> dict[str, list[tuple[str, int]]]:
+    """Every node's ledger charges each (run, round) at most once; the charges, per node."""
+    charges = {name: dep.charges(name) for name in dep.nodes}
+    for name, charged in charges.items():
+        assert len(charged) == len(set(charged)), f"node {name} was charged twice for one training: {charged}"
+    return charges
+
+
 def test_no_node_is_charged_twice_for_one_training(restarted) -> None:  # noqa: ANN001
     dep, _ = restarted
-    for name in "ab":
-        charged = [(e["run"], e["round"]) for e in dep.ledger(name) if e["decision"] == "charged"]
-        assert charged and len(charged) == len(set(charged)), charged
+    assert all(assert_no_node_charged_twice(dep).values())
 
 
 def test_no_flower_process_outlives_its_daemon(restarted) -> None:  # noqa: ANN001
@@ -274,3 +307,106 @@ def test_a_torn_ledger_fails_the_node_check(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == exit_codes.BAD_INPUT, proc.stdout + proc.stderr
     assert "line 2" in proc.stderr and "torn" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- secure aggregation (SecAgg+): a node dies inside the protocol -----------------------------------------------
+
+SECAGG_TIMEOUT_S = 60  # each SecAgg+ stage waits this long for a node (a healthy stage takes ~15-40 s here)
+SECURE_RUN_S = 900
+SECURE_SETTINGS = f"secure-aggregation = true\nsecagg-timeout = {SECAGG_TIMEOUT_S}\nfraction-evaluate = 0.0\n"
+# The daemon's watchdog must not stop the run while the protocol drops the dead node (fewer nodes online than
+# min-clients for a while): the round itself ends, at the latest SECAGG_TIMEOUT_S after the node died.
+SECURE_SERVER = ("--node-wait-timeout", "600", "--round-timeout", "900")
+DROPPED_CODES = ("SECAGG_DROPPED", "FLOWER_NODE_UNAVAILABLE")  # no reply by the stage's timeout / node offline
+
+
+def _clientapp_log(dep: Deployment, name: str) -> str:
+    """The node's SuperNode log, with the output of its flwr-clientapp processes (the SecAgg+ mod's stages)."""
+    path = dep.node_dir(name) / "state" / "supernode.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _secure_run(dep: Deployment, victim: str, kill_when: Any, facts: dict[str, Any]) -> None:
+    """Start the server and every node, SIGKILL ``victim`` (its whole session) once ``kill_when()`` holds
+    (polled), then follow the run to its end."""
+    server = dep.start_server("server", *SECURE_SERVER)
+    wait_until("run submitted", (dep.srv / "current-run.json").exists, 120, server)
+    for name in dep.nodes:
+        dep.start_node(name)
+    wait_until(f"node {victim} inside the protocol", kill_when, SECURE_RUN_S, server, poll_s=0.05)
+    dep.kill_node(victim)
+    killed_at = time.monotonic()
+    facts["victim-log"] = _clientapp_log(dep, victim)
+    wait_until("round 1 recorded", lambda: len(dep.rounds_done()) >= 2, SECURE_RUN_S, server)
+    facts["round-ended-after-kill-s"] = time.monotonic() - killed_at
+    facts["server"] = _wait_exit(server, SECURE_RUN_S)
+    print(f"\nsecure fault timings: {json.dumps({k: v for k, v in facts.items() if k.endswith('-s')})}")
+
+
+@pytest.fixture(scope="module")
+def secure_survivors(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, sentiment_csv: Path
+                     ) -> Iterator[tuple[Deployment, dict[str, Any]]]:
+    """4 nodes, threshold round(0.75 x 4) = 3: node d dies right after its round-1 charge, in the masked-vector
+    stage (it has 2,000 rows, so its DP-SGD outlasts the poll between its charge and its reply)."""
+    dep = Deployment(tmp_path_factory.mktemp("faults-secagg-drop"), rounds=1, nodes="abcd", rows={"d": 2000},
+                     settings=SECURE_SETTINGS + "secagg-threshold = 0.75\n").prepare(tiny_model_dir, sentiment_csv)
+    facts: dict[str, Any] = {}
+    try:
+        _secure_run(dep, "d", lambda: dep.charged_in("d", 1), facts)
+        yield dep, facts
+    finally:
+        dep.stop_all()
+
+
+def test_a_node_killed_inside_secagg_is_dropped_and_the_survivors_complete_the_round(secure_survivors) -> None:  # noqa: ANN001
+    dep, facts = secure_survivors
+    assert "stage 2 completed" not in facts["victim-log"], "node d answered stage 2 before it was killed"
+    assert facts["server"] == exit_codes.OK, (dep.root / "server.out").read_text()[-3000:]
+    rows = dep.rounds_done()
+    assert [r["round"] for r in rows] == [0, 1]
+    summed = rows[1]["secure-aggregation"]
+    assert summed["nodes"] == 4 and summed["threshold"] == 3, summed
+    assert summed["aggregated"] is True and summed["in-sum"] == summed["trained"] == 3, summed
+    statuses = sorted((c["status"], c.get("code") or "") for c in rows[1]["clients"])
+    assert [s for s, _ in statuses] == ["error", "trained", "trained", "trained"], statuses
+    assert statuses[0][1] in DROPPED_CODES, statuses
+    assert facts["round-ended-after-kill-s"] < SECAGG_TIMEOUT_S + 120, facts
+    run = str(json.loads((dep.srv / "current-run.json").read_text())["run-id"])
+    charges = assert_no_node_charged_twice(dep)
+    assert all(c == [(run, 1)] for c in charges.values()), charges  # d too: charged before it died, once
+
+
+@pytest.fixture(scope="module")
+def secure_below_threshold(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, sentiment_csv: Path
+                           ) -> Iterator[tuple[Deployment, dict[str, Any]]]:
+    """3 nodes, threshold round(1.0 x 3) = 3: node c dies as its unmask stage starts (after its masked vector is
+    in the sum), so its masks cannot be removed and the round has no aggregate."""
+    dep = Deployment(tmp_path_factory.mktemp("faults-secagg-fail"), rounds=1, nodes="abc",
+                     settings=SECURE_SETTINGS + "secagg-threshold = 1.0\n").prepare(tiny_model_dir, sentiment_csv)
+    facts: dict[str, Any] = {}
+    try:  # the gate acquires one task per SecAgg+ stage: the 4th of round 1 is the unmask stage
+        _secure_run(dep, "c", lambda: dep.app_tasks("c") >= 4 and dep.charged_in("c", 1), facts)
+        yield dep, facts
+    finally:
+        dep.stop_all()
+
+
+def test_a_secure_round_below_the_threshold_fails_cleanly_and_the_run_ends(secure_below_threshold) -> None:  # noqa: ANN001
+    dep, facts = secure_below_threshold
+    assert "stage 2 completed" in facts["victim-log"] and "stage 3 completes" not in facts["victim-log"], \
+        "node c was not killed between its masked vector and its key shares"
+    out = (dep.root / "server.out").read_text()
+    # The run completes its one round, but nothing was aggregated: exit 1, the adapter is the initial one.
+    assert facts["server"] == exit_codes.FAILED, out[-3000:]
+    assert "no node's update was aggregated" in out
+    summary = json.loads((dep.srv / "results" / "summary.json").read_text())
+    assert summary["status"] == "completed", summary
+    rows = dep.rounds_done()
+    assert [r["round"] for r in rows] == [0, 1]
+    summed = rows[1]["secure-aggregation"]
+    assert summed["threshold"] == 3 and summed["aggregated"] is False and summed["why"], summed
+    assert summed["in-sum"] == 3, summed  # c's masked vector arrived; its key shares never did
+    assert facts["round-ended-after-kill-s"] < SECAGG_TIMEOUT_S + 90, facts  # the server did not hang
+    run = str(json.loads((dep.srv / "current-run.json").read_text())["run-id"])
+    charges = assert_no_node_charged_twice(dep)
+    assert all(c == [(run, 1)] for c in charges.values()), charges

@@ -107,6 +107,24 @@ def test_a_run_where_no_node_trained_is_not_a_success(tmp_path: Path) -> None:
     assert fed.trained_updates() == 2
 
 
+def test_a_secure_round_whose_sum_was_not_aggregated_counts_no_update(tmp_path: Path) -> None:
+    from fedtune.server.federation import ServerOptions
+
+    results = tmp_path / "results"
+    results.mkdir()
+    fed = Federation(ServerOptions(work_dir=tmp_path, host="127.0.0.1", port=1, control_host="127.0.0.1",
+                                   insecure=True, ca=None, cert=None, key=None, node_keys=(),
+                                   run_config={"results-dir": str(results)}))
+    trained = '[{"status": "trained"}, {"status": "trained"}, {"status": "error", "code": "SECAGG_DROPPED"}]'
+    (results / "metrics.jsonl").write_text(
+        '{"round": 0, "clients": []}\n'
+        f'{{"round": 1, "clients": {trained}, "secure-aggregation": {{"aggregated": false, "why": "x"}}}}\n')
+    assert fed.trained_updates() == 0  # the nodes trained, but SecAgg+ did not complete: nothing was learned
+    with open(results / "metrics.jsonl", "a") as fh:
+        fh.write(f'{{"round": 2, "clients": {trained}, "secure-aggregation": {{"aggregated": true}}}}\n')
+    assert fed.trained_updates() == 2
+
+
 # -- exit codes, watchdog, metrics ----------------------------------------------------------------------------
 
 from fedtune.common import exit_codes  # noqa: E402
