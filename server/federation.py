@@ -42,7 +42,7 @@ from fedtune.common.flower.processes import (
 )
 from fedtune.common.settings import RunSettings
 from fedtune.server.control_auth import new_token, write_cli_credentials
-from fedtune.server.results import SUMMARY_FILE, read_rounds
+from fedtune.server.results import SUMMARY_FILE, aggregated_updates, read_rounds
 
 log = logging.getLogger("fedtune.server")
 POLL_S = 3.0  # `flwr list` is a Python process: poll gently on small machines
@@ -274,9 +274,7 @@ class Federation:
         """How many node updates the run aggregated, over all rounds (0: nothing was learned). A secure round
         whose sum was not aggregated (SecAgg+ did not complete) counts none: its nodes trained, but the global
         adapter did not change."""
-        return sum(c.get("status") == "trained" for line in self._rounds()
-                   if (line.get("secure-aggregation") or {}).get("aggregated", True) is not False
-                   for c in line.get("clients", []))
+        return aggregated_updates(self._rounds())
 
     def save_run_log(self, timeout_s: float = 20) -> None:
         """Fetch the run's log if the SuperLink still answers (on a signal, before stopping it)."""

@@ -283,3 +283,12 @@ class RunRecorder:
         }
         write_json_atomic(self.out_dir / SUMMARY_FILE, summary)
         return summary
+
+
+def aggregated_updates(rounds: list[dict[str, Any]]) -> int:
+    """How many node updates a run aggregated, over all its round lines (0: nothing was learned). A secure round
+    whose sum was not aggregated (SecAgg+ did not complete) counts none: its nodes trained, but the global
+    adapter did not change."""
+    return sum(c.get("status") == "trained" for line in rounds
+               if (line.get("secure-aggregation") or {}).get("aggregated", True) is not False
+               for c in line.get("clients", []))

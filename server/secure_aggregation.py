@@ -245,7 +245,7 @@ class SecureAggregation(Strategy):
         info.trained = sum(o.trained for o in outcomes)
         info.clamped = sum(c for _, c in parsed)
         update = self._update(server_round, reference, bridge.mean, info)
-        summary = self.inner.finish_round(server_round, outcomes, weight=1.0)
+        summary = self.inner.finish_round(server_round, outcomes, weight=1.0 if update is not None else None)
         if update is None:
             log.warning("round %s: no secure aggregate (%s); the global adapter is unchanged", server_round,
                         info.why)

@@ -189,12 +189,14 @@ class AdapterFedAvg(Strategy):
         averaged = fedavg([(arrays, w) for (_, arrays), w in zip(updates, weights, strict=True)])
         return arrays_to_record(averaged), summary
 
-    def finish_round(self, server_round: int, outcomes: Sequence[NodeOutcome], *, weight: float) -> MetricRecord:
+    def finish_round(self, server_round: int, outcomes: Sequence[NodeOutcome], *,
+                     weight: float | None) -> MetricRecord:
         """Record a round whose updates were aggregated elsewhere (the secure sum): every trained node got
-        ``weight``; returns the round's summary."""
+        ``weight`` (None: nothing was aggregated); returns the round's summary."""
         for outcome in outcomes:
             self._note(server_round, outcome)
-        self.outcomes[server_round] = tuple(o.weighted(weight) if o.trained else o for o in outcomes)
+        self.outcomes[server_round] = tuple(o.weighted(weight) if o.trained and weight is not None else o
+                                            for o in outcomes)
         return self._train_summary(self.outcomes[server_round])
 
     def _note(self, server_round: int, outcome: NodeOutcome) -> None:

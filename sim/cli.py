@@ -24,7 +24,7 @@ from fedtune.common import exit_codes
 from fedtune.common.errors import ConfigError, FedtuneError, RunError, format_problems
 from fedtune.common.settings import RunSettings, help_table
 from fedtune.common.tasks import DEFAULT_TASK, TASKS, Task, get_task
-from fedtune.server.results import SUMMARY_FILE, portable, read_rounds
+from fedtune.server.results import SUMMARY_FILE, aggregated_updates, portable, read_rounds
 from fedtune.sim.nodes import SimulatedNodes, prepare
 from fedtune.sim.output import ResultsDir
 from fedtune.sim.preflight import preflight
@@ -285,10 +285,11 @@ def _verdict(summary: dict[str, Any], headline: str, rounds: list[dict[str, Any]
         console.print(f"stopped early: {summary.get('stop-reason')}", markup=False, highlight=False)
         return STOP_CODES.get(str(summary.get("stop-code")), exit_codes.STOPPED_BUDGET)
     replies = [c for r in rounds for c in r.get("clients", [])]
-    if replies and not any(c.get("status") == "trained" for c in replies):
+    if replies and not aggregated_updates(rounds):
         codes = sorted({str(c.get("code") or c.get("status")) for c in replies})
-        console.print(f"failed: no client trained in any round (their replies: {', '.join(codes)}); the adapter is "
-                      "the initial one. The nodes' own logs say why (flower/run.log).", markup=False, highlight=False)
+        console.print(f"failed: no update was aggregated in any round (the clients' replies: {', '.join(codes)}); "
+                      "the adapter is the initial one. The nodes' own logs say why (flower/run.log).", markup=False,
+                      highlight=False)
         return exit_codes.FAILED
     return exit_codes.OK
 
