@@ -111,6 +111,8 @@ def _federation(out: Path, secure: bool) -> dict[str, Any]:
     code = sim_main(["--out", str(out), "--overwrite", *(["--secure-aggregation"] if secure else [])])
     wall = time.perf_counter() - started
     lines = read_rounds(out)
+    if code != 0 or len(lines) < 2:
+        return {"secure": secure, "exit": code, "results": str(out)}
     elapsed = [float(x.get("elapsed-s", 0.0)) for x in lines]
     received = [int((x.get("secure-aggregation") or {}).get("bytes-received", x.get("bytes-received", 0)))
                 for x in lines[1:]]
@@ -130,13 +132,20 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     base = RunSettings.from_config({"max-seq-len": 48, "secure-aggregation": "true"})
     client_dp = RunSettings.from_config({"max-seq-len": 48, "secure-aggregation": "true", "client-dp": "true"})
-    result: dict[str, Any] = {
-        "quantisation": quantisation_error(base, nodes=args.nodes, steps=args.steps),
-        "quantisation-client-dp": quantisation_error(client_dp, nodes=args.nodes, steps=args.steps),
-        "federations": [_federation(args.out / f"{'secure' if s else 'plain'}-{i}", s)
-                        for i in range(args.runs) for s in (False, True)],
-    }
-    (args.out / "secure-bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    result: dict[str, Any] = {"federations": []}
+    path = args.out / "secure-bench.json"
+
+    def save() -> None:  # after every part: a long bench keeps what it measured
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+    result["quantisation"] = quantisation_error(base, nodes=args.nodes, steps=args.steps)
+    save()
+    result["quantisation-client-dp"] = quantisation_error(client_dp, nodes=args.nodes, steps=args.steps)
+    save()
+    for i in range(args.runs):
+        for secure in (False, True):
+            result["federations"].append(_federation(args.out / f"{'secure' if secure else 'plain'}-{i}", secure))
+            save()
     print(json.dumps(result, indent=2))
     return 0
 
