@@ -4,13 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.common.secure_aggregation.ndarrays_arithmetic import (
-    factor_combine,
-    factor_extract,
-    parameters_addition,
-    parameters_mod,
-)
-from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from fedtune.common.settings import AggregationSettings, PrivacySettings, TrainPlan
 from fedtune.common.wire.secure_sum import (
@@ -24,6 +17,7 @@ from fedtune.common.wire.secure_sum import (
     unflatten,
     value_range,
 )
+from fedtune.sim.secure_bench import flower_sum  # Flower's own quantisation, modular sum and dequantisation
 
 
 @pytest.mark.parametrize("nodes", [1, 2, 3, 5, 100, 1000, 4000])
@@ -31,19 +25,6 @@ def test_target_range_never_lets_the_modular_sum_wrap(nodes):
     t = target_range(nodes)
     assert t & (t - 1) == 0 and t <= 2**30 and nodes * t < MODULUS
     assert 2 * t * nodes >= MODULUS or t == 2**30  # the largest power of two that fits
-
-
-def _sum_like_flower(vectors: list[np.ndarray], c: float, t: int) -> np.ndarray:
-    """What SecAgg+ computes from the nodes' float vectors (mod and workflow arithmetic, masks cancel)."""
-    total = None
-    for v in vectors:
-        # weight 1 of max-weight 1: q_ratio = T; int64 as after the mod adds its (int64) masks
-        q = [a.astype(np.int64) for a in factor_combine(t, quantize([v], c, t))]
-        total = q if total is None else parameters_addition(total, q)
-    assert total is not None
-    ratio, recon = factor_extract(parameters_mod(total, MODULUS))
-    agg = dequantize(recon, c, t)[0] - (len(vectors) - 1) * c
-    return agg * (t / ratio)
 
 
 def test_values_on_the_grid_pass_flowers_quantisation_exactly():
@@ -58,7 +39,7 @@ def test_values_on_the_grid_pass_flowers_quantisation_exactly():
         assert clamped == 0
         encoded.append(z.astype(np.float64) * g)
     np.random.seed(1)  # the mod's own rounding must not matter: values already lie on its grid
-    mean = _sum_like_flower(encoded, c, t)
+    mean = flower_sum(encoded, c, t)
     # Exactly the sum of the nodes' integers (only the final division by 5 rounds, by 1 ulp)
     np.testing.assert_array_equal(np.round(mean * 5 / g), np.round(np.sum(encoded, axis=0) / g))
     np.testing.assert_allclose(mean, np.mean(encoded, axis=0), rtol=1e-15, atol=0)
