@@ -14,6 +14,7 @@ from peft import PeftModel
 from fedtune.common.models.base import load_base
 from fedtune.common.tasks.classify.model import build_classifier
 from fedtune.sim.cli import main
+from tests.integration.test_first_hour import LONG_FLOAT, THIRD_PARTY_BARS
 
 
 def _flower_processes() -> set[int]:
@@ -32,7 +33,7 @@ def _common_args(tiny_model_dir, sentiment_csv, out):
             "--out", str(out)]
 
 
-def test_three_clients_two_rounds_learn_and_leave_nothing_running(tiny_model_dir, sentiment_csv, tmp_path):
+def test_three_clients_two_rounds_learn_and_leave_nothing_running(tiny_model_dir, sentiment_csv, tmp_path, capsys):
     before = _flower_processes()
     out = tmp_path / "run"
     args = _common_args(tiny_model_dir, sentiment_csv, out)
@@ -53,6 +54,10 @@ def test_three_clients_two_rounds_learn_and_leave_nothing_running(tiny_model_dir
     assert sum("lora_" in n for n, _ in model.named_parameters()) > 0
     assert torch.isfinite(next(p for n, p in model.named_parameters() if "lora_B" in n)).all()
     assert _flower_processes() <= before, "the simulation left Flower/Ray processes running"
+    # The terminal shows fedtune's own output: no library progress bar, numbers at the table's precision.
+    captured = capsys.readouterr()
+    terminal = " ".join((captured.out + captured.err).split())
+    assert not [bar for bar in THIRD_PARTY_BARS if bar in terminal] and not LONG_FLOAT.findall(terminal), terminal
 
 
 @pytest.mark.slow
