@@ -106,9 +106,9 @@ RULES = (
 )
 
 
-def inert_settings(mode: Mode, given: Collection[str]) -> list[str]:
+def inert_settings(mode: Mode, given: Collection[str]) -> dict[str, str]:
     """One warning for each given setting (kebab key, or a flag such as ``--clients``) that has no effect in
-    ``mode``, in the order of ``given``, each naming what applies instead."""
+    ``mode``, by setting, in the order of ``given``; each names what applies instead."""
     warnings: dict[str, str] = {}
     for key in dict.fromkeys(given):
         for rule in RULES:
@@ -117,4 +117,4 @@ def inert_settings(mode: Mode, given: Collection[str]) -> list[str]:
                 shown = key if key.startswith("--") else f"{key}={_value(mode, key)!r}"
                 warnings[key] = f"{shown} has no effect {context}: {rule.instead(mode, key)}"
                 break
-    return list(warnings.values())
+    return warnings

@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     given = given_settings(args)  # before the task's default job fills in what was not given
     try:
         settings = settings_from_args(args)
-        for warning in inert_settings(Mode(settings, args.central, args.clients), given):
+        for warning in inert_settings(Mode(settings, args.central, args.clients), given).values():
             _say(f"warning: {warning}")
         results = ResultsDir.claim(args.out, overwrite=args.overwrite)
         with library_output(results.work / LOG_FILE, verbose=args.verbose):

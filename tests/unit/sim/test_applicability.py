@@ -12,7 +12,7 @@ def _warnings(*argv: str) -> list[str]:
     args = parser().parse_args(list(argv))
     given = given_settings(args)
     settings = settings_from_args(args)
-    return inert_settings(Mode(settings, args.central, args.clients), given)
+    return list(inert_settings(Mode(settings, args.central, args.clients), given).values())
 
 
 @pytest.mark.parametrize(("argv", "setting", "applies"), [
@@ -63,3 +63,17 @@ def test_each_setting_is_named_once_even_when_given_twice_and_for_two_reasons():
                          "--set", "partition-by=newsroom", "--set", "learning-rate=3")
     assert [w.split(" ")[0] for w in warnings] == ["epsilon=4.0", "partitioner='iid'", "partition-by='newsroom'",
                                                    "learning-rate=3.0"]
+
+
+@pytest.mark.parametrize(("argv", "warned"), [
+    (["--set", "learning-rate=1"], []),  # used by the DP points, not by epsilon=inf: the grid's design
+    (["--set", "nonprivate-learning-rate=0.01"], []),  # used by the epsilon=inf points
+    (["--baseline", "clip-only", "--set", "nonprivate-learning-rate=0.01"], ["nonprivate-learning-rate=0.01"]),
+    (["--partitioner", "iid"], []),  # the federated points split; only the central reference does not
+    (["--modes", "central", "--partitioner", "iid"], ["partitioner='iid'"]),
+])
+def test_a_sweep_names_the_options_without_effect_in_every_point(argv, warned, tmp_path):
+    from fedtune.sim.sweep import _check_sim_options, build
+
+    sweep, _ = build(["--epsilon", "1,inf", "--repeats", "1", "--out", str(tmp_path), *argv])
+    assert [w.split(" ")[0] for w in _check_sim_options(sweep)] == warned
