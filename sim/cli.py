@@ -308,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; the simulation was stopped[/]")
         if results is not None:
-            _ = results.finish(completed=False) if results.started else results.discard()
+            if results.started:
+                results.finish(completed=False)
+            else:
+                results.discard()
         return signals.exit_code
     out = results.finish()
     with library_output(out / LOG_FILE, verbose=args.verbose):  # the report's audit runs the accountants

@@ -74,7 +74,7 @@ def _progress_bars_off() -> Iterator[None]:
          transformers_logging.disable_progress_bar),
         (datasets_logging.is_progress_bar_enabled(), datasets_logging.enable_progress_bar,
          datasets_logging.disable_progress_bar),
-        (not hub.are_progress_bars_disabled(), hub.enable_progress_bars, hub.disable_progress_bars),
+        (not hub.are_progress_bars_disabled(), hub.enable_progress_bars, _hub_bars_off),
     ]
     for _, _, off in switches:
         off()
@@ -84,3 +84,9 @@ def _progress_bars_off() -> Iterator[None]:
         for was_on, on, _ in switches:
             if was_on:
                 on()
+
+
+def _hub_bars_off() -> None:
+    import huggingface_hub.utils as hub
+
+    hub.disable_progress_bars()  # a call disables them until enable_progress_bars() (it is also a context manager)
