@@ -22,19 +22,24 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedtune.common import exit_codes
 from fedtune.common.errors import ConfigError, FedtuneError, RunError, format_problems
-from fedtune.common.settings import RunSettings, help_table
+from fedtune.common.settings import SECTIONS, RunSettings, help_table, key_of
 from fedtune.common.tasks import DEFAULT_TASK, TASKS, Task, get_task
 from fedtune.server.results import SUMMARY_FILE, aggregated_updates, portable, read_rounds
+from fedtune.sim.applicability import Mode, inert_settings
 from fedtune.sim.nodes import SimulatedNodes, prepare
 from fedtune.sim.output import ResultsDir
 from fedtune.sim.preflight import preflight
 from fedtune.sim.report import plot, round_table, write_run_report
 from fedtune.sim.runner import LocalSimulation, SimulationSpec, handle_signals, write_app_dir
+from fedtune.sim.terminal import library_output, number
 
 console = Console(stderr=True)
+LOG_FILE = Path("flower") / "fedtune-sim.log"  # the libraries' own output (--verbose: on the terminal too)
 STOP_CODES = {"budget": exit_codes.STOPPED_BUDGET, "nodes": exit_codes.STOPPED_NODES,
               "deadline": exit_codes.STOPPED_NODES, "diverged": exit_codes.DIVERGED}
 
+SECTION_TITLES = ("model", "LoRA", "privacy", "training", "federation", "data",
+                  "secure aggregation")  # of settings.SECTIONS
 # CLI flag -> setting key (flags are shortcuts; --set reaches every setting).
 FLAGS = {
     "task": "task", "rounds": "num-rounds", "epsilon": "epsilon", "delta": "delta", "partitioner": "partitioner",
@@ -44,61 +49,118 @@ FLAGS = {
 }
 
 
+def _default(key: str) -> str:
+    """``(default X)`` for a setting's flag, from the settings themselves (the classify job's)."""
+    return f"(default {RunSettings().to_config()[key]!r})"
+
+
+def _settings_epilog() -> str:
+    """Every setting for --set KEY=VALUE, under the concern it belongs to."""
+    lines = ["settings for --set KEY=VALUE (defaults of the classify job; --task presets its own job):"]
+    for title, section in zip(SECTION_TITLES, SECTIONS, strict=True):
+        lines.append(f"\n {title}:")
+        keys = {key_of(f.name) for f in dataclasses.fields(section)}
+        lines += [f"  {k} (default {d!r}): {h}" for k, d, h in help_table() if k in keys]
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
-    settings_help = "\n".join(f"  {k} (default {d!r}): {h}" for k, d, h in help_table())
-    p = argparse.ArgumentParser(
-        prog="fedtune-sim", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__, epilog="settings for --set KEY=VALUE:\n" + settings_help,
-    )
-    p.add_argument("--task", choices=TASKS,
-                   help="classify (default), ner or sft; each task brings its own default job (settings below "
-                        "are the classify job's; flags and --set override a task's defaults)")
-    p.add_argument("--clients", type=int, default=None,
-                   help="number of simulated clients (default 5; 3 for --task ner and sft)")
-    p.add_argument("--rounds", type=int, help="federated rounds (num-rounds)")
-    p.add_argument("--epsilon", type=float, help="per-client epsilon budget")
-    p.add_argument("--delta", type=float, help="per-client delta")
-    p.add_argument("--no-dp", action="store_true",
-                   help="the non-private baseline: dp-mode off (no clipping, no noise, the nonprivate-* optimiser)")
-    p.add_argument("--dp-mode", choices=("dp", "clip-only", "off"),
-                   help="dp (DP-SGD), clip-only (the DP pipeline with noise 0) or off (same as --no-dp)")
-    p.add_argument("--secure-aggregation", action="store_true", default=None,
-                   help="sum the nodes' updates with Flower's SecAgg+: the server sees only the sum "
-                        "(secure-aggregation = true)")
-    p.add_argument("--client-dp", action="store_true", default=None,
-                   help="client-level DP on the secure sum (client-dp = true; implies --secure-aggregation)")
-    p.add_argument("--central", action="store_true",
-                   help="the central baseline: one node trains on the union of the clients' training data (same "
-                        "split, model, held-out set and accountant), in this process, without Flower")
-    p.add_argument("--partitioner", help="iid | dirichlet | natural")
-    p.add_argument("--alpha", type=float, help="Dirichlet alpha (dirichlet-alpha)")
-    p.add_argument("--seed", type=int, help="seed for splits, initial weights and sampling")
-    p.add_argument("--dataset", help="built-in corpus (rotten-tomatoes) or CSV/JSONL/Parquet path")
-    p.add_argument("--model", help="local Hugging Face model directory (default: embedded MiniLM)")
-    p.add_argument("--max-train-examples", type=int, help="cap on training examples (0 = all)")
-    p.add_argument("--local-epochs", type=float, help="local epochs per round")
-    p.add_argument("--lora-rank", type=int, help="LoRA rank")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting (repeatable)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results directory (default results/<timestamp>); must not exist or be empty")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out directory (only once the new run has finished)")
-    p.add_argument("--policy-dir", type=Path, default=None,
-                   help="simulation only: per-client privacy policies client-<id>.toml (or default.toml); "
-                        "clients without one use the run's epsilon as budget (see docs/privacy.md)")
-    p.add_argument("--state-dir", type=Path, default=None,
-                   help="keep client ledgers in STATE_DIR/client-<id>/ (persists budgets across runs; "
-                        "default: OUT/clients/)")
-    p.add_argument("--insecure-reproducible-seed", type=int, default=None, metavar="SEED",
-                   help="simulation only: draw every node's sampling and noise from SEED so a run repeats exactly. "
-                        "A server that knew SEED could cancel the noise; the ledger records it, and deployed "
-                        "nodes never allow it")
-    p.add_argument("--cpus-per-client", type=int, default=None,
-                   help="CPU cores per simulated client (default: all cores, one client at a time)")
-    p.add_argument("--ray-address", default="", metavar="HOST:PORT",
-                   help="run the clients on an existing Ray cluster (the address `ray start --head` prints; "
-                        "every node needs fedtune installed); default: a private Ray instance on this machine")
+    p = argparse.ArgumentParser(prog="fedtune-sim", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=__doc__, epilog=_settings_epilog())
+    data = p.add_argument_group("data: what is learned, from which examples")
+    data.add_argument("--task", choices=TASKS, help="classify, ner or sft (default classify); each task brings its "
+                                                    "own default job (flags and --set override it)")
+    data.add_argument("--dataset", metavar="FILE|NAME",
+                      help="your CSV/JSONL/Parquet file (name its columns with --set text-column=... --set "
+                           "label-column=...) or a built-in corpus " + _default("dataset"))
+    data.add_argument("--max-train-examples", type=int, metavar="N",
+                      help="cap on training examples over all clients, 0 = all " + _default("max-train-examples"))
+    fed = p.add_argument_group("federation: how many nodes, how the data is split, how long they train")
+    fed.add_argument("--clients", type=int, default=None, metavar="N",
+                     help="number of simulated clients (default 5; 3 for --task ner and sft)")
+    fed.add_argument("--rounds", type=int, metavar="N", help="federated rounds " + _default("num-rounds"))
+    fed.add_argument("--local-epochs", type=float, metavar="E",
+                     help="local passes over a client's data per round " + _default("local-epochs"))
+    fed.add_argument("--partitioner", metavar="iid|dirichlet|natural",
+                     help="how the training pool is split: iid, dirichlet (label skew) or natural (by the "
+                          "partition-by column, default 'movie_name'; use iid when your data has no such column) "
+                          + _default("partitioner"))
+    fed.add_argument("--alpha", type=float, metavar="A",
+                     help="Dirichlet concentration for --partitioner dirichlet " + _default("dirichlet-alpha"))
+    fed.add_argument("--central", action="store_true",
+                     help="the central baseline instead: one node trains on the union of the clients' training data "
+                          "(same split, model, held-out set and accountant), in this process, without Flower")
+    fed.add_argument("--seed", type=int, metavar="N",
+                     help="seed for the split, initial weights and sampling " + _default("seed"))
+    _privacy_group(p)
+    model = p.add_argument_group("model: what is fine-tuned")
+    model.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: the task's "
+                                                      "embedded model, all-MiniLM-L6-v2 for classify)")
+    model.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank " + _default("lora-rank"))
+    model.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="any setting, repeatable (listed below: optimiser, learning rates, LoRA, columns, ...)")
+    _output_group(p)
+    _resources_group(p)
     return p
+
+
+def _privacy_group(p: argparse.ArgumentParser) -> None:
+    privacy = p.add_argument_group("privacy: each client's DP-SGD and budget")
+    privacy.add_argument("--epsilon", type=float, metavar="EPS",
+                         help="each client's epsilon budget " + _default("epsilon"))
+    privacy.add_argument("--delta", type=float, metavar="D", help="each client's delta " + _default("delta"))
+    privacy.add_argument("--no-dp", action="store_true",
+                         help="the non-private baseline: dp-mode off (no clipping, no noise, the nonprivate-* "
+                              "optimiser and learning rate)")
+    privacy.add_argument("--dp-mode", choices=("dp", "clip-only", "off"),
+                         help="dp (DP-SGD), clip-only (the DP pipeline with noise 0) or off (same as --no-dp) "
+                              + _default("dp-mode"))
+    privacy.add_argument("--secure-aggregation", action="store_true", default=None,
+                         help="sum the nodes' updates with Flower's SecAgg+: the server sees only the sum "
+                              "(secure-aggregation = true; default off)")
+    privacy.add_argument("--client-dp", action="store_true", default=None,
+                         help="client-level DP on the secure sum (client-dp = true; implies --secure-aggregation; "
+                              "default off)")
+    privacy.add_argument("--policy-dir", type=Path, default=None, metavar="DIR",
+                         help="per-client privacy policies client-<id>.toml (or default.toml); clients without one "
+                              "use the run's epsilon as budget (default: none; see docs/privacy.md)")
+    privacy.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                         help="keep client ledgers in STATE_DIR/client-<id>/ (budgets persist across runs; "
+                              "default: OUT/clients/)")
+    privacy.add_argument("--insecure-reproducible-seed", type=int, default=None, metavar="SEED",
+                         help="draw every node's sampling and noise from SEED so a run repeats exactly (default: "
+                              "off). A server that knew SEED could cancel the noise; the ledger records it, and "
+                              "deployed nodes never allow it")
+
+
+def _output_group(p: argparse.ArgumentParser) -> None:
+    output = p.add_argument_group("output: where results go and what the terminal shows")
+    output.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="results directory; must not hold results (default results/<timestamp>)")
+    output.add_argument("--overwrite", action="store_true",
+                        help="replace the results in --out, once the new run has finished (default: refuse)")
+    output.add_argument("--verbose", action="store_true",
+                        help="also show the libraries' progress bars and log on the terminal (default: they go "
+                             "to OUT/flower/fedtune-sim.log only)")
+
+
+def _resources_group(p: argparse.ArgumentParser) -> None:
+    resources = p.add_argument_group("resources: where the simulated clients run")
+    resources.add_argument("--cpus-per-client", type=int, default=None, metavar="N",
+                           help="CPU cores per simulated client (default: all cores, one client at a time)")
+    resources.add_argument("--ray-address", default="", metavar="HOST:PORT",
+                           help="run the clients on an existing Ray cluster (the address `ray start --head` prints; "
+                                "every node needs fedtune installed) (default: a private Ray on this machine)")
+
+
+def given_settings(args: argparse.Namespace) -> list[str]:
+    """The settings (kebab keys) and resource flags the command line gives explicitly, in a stable order."""
+    given = [key for attr, key in FLAGS.items() if getattr(args, attr) is not None]
+    given += ["dp-mode"] if args.no_dp else []
+    given += [pair.partition("=")[0].strip() for pair in args.set]
+    given += [flag for flag, value in (("--clients", args.clients), ("--cpus-per-client", args.cpus_per_client),
+                                       ("--ray-address", args.ray_address or None)) if value is not None]
+    return list(dict.fromkeys(given))
 
 
 def _task(name: str) -> Task:
@@ -241,55 +303,78 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     results: ResultsDir | None = None
     signals = handle_signals()  # SIGTERM unwinds like Ctrl-C: every Flower process ends, the run log is kept
+    given = given_settings(args)  # before the task's default job fills in what was not given
     try:
         settings = settings_from_args(args)
+        for warning in inert_settings(Mode(settings, args.central, args.clients), given).values():
+            _say(f"warning: {warning}")
         results = ResultsDir.claim(args.out, overwrite=args.overwrite)
-        preflight(settings, args.clients)
-        summary = _run(settings, args, results.work)
+        with library_output(results.work / LOG_FILE, verbose=args.verbose):
+            preflight(settings, 1 if args.central else args.clients)
+            summary = _run(settings, args, results.work)
     except FedtuneError as err:
-        console.print(format_problems(err.problems, prog="fedtune-sim", action="must be fixed" if
-                                      len(err.problems) > 1 else ""), markup=False, highlight=False, soft_wrap=True)
-        if results is not None:
-            kept = results.finish(completed=False)
-            if isinstance(err, RunError) and kept.exists():
-                console.print(f"the failed run's files are in {kept}", markup=False, highlight=False)
-        return exit_codes.FAILED if isinstance(err, RunError) else exit_codes.BAD_INPUT
+        return _failed(err, results)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; the simulation was stopped[/]")
         if results is not None:
-            results.finish(completed=False)
+            if results.started:
+                results.finish(completed=False)
+            else:
+                results.discard()
         return signals.exit_code
     out = results.finish()
+    with library_output(out / LOG_FILE, verbose=args.verbose):  # the report's audit runs the accountants
+        return _report(out, settings, summary, central=args.central)
+
+
+def _failed(err: FedtuneError, results: ResultsDir | None) -> int:
+    """Report an error; a run that never started leaves no files (the corrected command may reuse --out)."""
+    console.print(format_problems(err.problems, prog="fedtune-sim", action="must be fixed" if
+                                  len(err.problems) > 1 else ""), markup=False, highlight=False, soft_wrap=True)
+    if results is not None and not isinstance(err, RunError) and not results.started:
+        results.discard()
+    elif results is not None:
+        kept = results.finish(completed=False)
+        if isinstance(err, RunError) and kept.exists():
+            _say(f"the failed run's files are in {kept}")
+    return exit_codes.FAILED if isinstance(err, RunError) else exit_codes.BAD_INPUT
+
+
+def _report(out: Path, settings: RunSettings, summary: dict[str, Any], *, central: bool) -> int:
+    """The rounds table, plot and report of a finished run, then the verdict (the exit code)."""
     rounds = read_rounds(out)
     Console().print(round_table(rounds))
     png = plot(rounds, out / "metrics.png", settings.privacy.epsilon if settings.privacy.dp else None)
     report = write_run_report(out)
-    record = "" if args.central else f" --server-record {out} --server-key {out}/server-record.pub"
-    console.print(f"results: {out} (metrics.jsonl, summary.json, adapter/, {png.name}, {report.name}; audit the "
-                  f"ledgers: fedtune-audit --roster {out}/clients/roster.toml{record})", markup=False, highlight=False)
+    record = "" if central else f" --server-record {out} --server-key {out}/server-record.pub"
+    _say(f"results: {out} (metrics.jsonl, summary.json, adapter/, {png.name}, {report.name}; audit the "
+         f"ledgers: fedtune-audit --roster {out}/clients/roster.toml{record})")
     return _verdict(summary, get_task(settings.model.task).headline, rounds)
+
+
+def _say(text: str) -> None:
+    console.print(text, markup=False, highlight=False)
 
 
 def _verdict(summary: dict[str, Any], headline: str, rounds: list[dict[str, Any]]) -> int:
     """Print the outcome (with the majority-class baseline, the task's own metric and any warning) and return
-    the exit code."""
-    extra = f", {headline} {summary.get(f'initial-{headline}')} -> {summary.get(f'final-{headline}')}" \
+    the exit code. Numbers at the results table's precision: 4 decimals, epsilon 3."""
+    extra = f", {headline} {number(summary.get(f'initial-{headline}'))} -> {number(summary.get(f'final-{headline}'))}" \
         if headline != "accuracy" and f"final-{headline}" in summary else ""
-    majority = f" (majority class {summary['majority-label']!r}: {summary.get('majority-accuracy')})" \
+    majority = f" (majority class {summary['majority-label']!r}: {number(summary.get('majority-accuracy'))})" \
         if "majority-label" in summary else ""
-    console.print(f"final held-out accuracy {summary.get('final-accuracy')}{majority}{extra}, max epsilon "
-                  f"{summary.get('epsilon-max')}", markup=False, highlight=False)
+    _say(f"final held-out accuracy {number(summary.get('final-accuracy'))}{majority}{extra}, max epsilon "
+         f"{number(summary.get('epsilon-max'), 3)}")
     for warning in summary.get("warnings") or []:
-        console.print(f"warning: {warning}", markup=False, highlight=False)
+        _say(f"warning: {warning}")
     if summary.get("status") == "stopped-early":
-        console.print(f"stopped early: {summary.get('stop-reason')}", markup=False, highlight=False)
+        _say(f"stopped early: {summary.get('stop-reason')}")
         return STOP_CODES.get(str(summary.get("stop-code")), exit_codes.STOPPED_BUDGET)
     replies = [c for r in rounds for c in r.get("clients", [])]
     if replies and not aggregated_updates(rounds):
         codes = sorted({str(c.get("code") or c.get("status")) for c in replies})
-        console.print(f"failed: no update was aggregated in any round (the clients' replies: {', '.join(codes)}); "
-                      "the adapter is the initial one. The nodes' own logs say why (flower/run.log).", markup=False,
-                      highlight=False)
+        _say(f"failed: no update was aggregated in any round (the clients' replies: {', '.join(codes)}); the "
+             "adapter is the initial one. The nodes' own logs say why (flower/run.log).")
         return exit_codes.FAILED
     return exit_codes.OK
 

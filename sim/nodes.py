@@ -90,9 +90,7 @@ def prepare(settings: RunSettings, nodes: SimulatedNodes) -> dict[str, str]:
     pool, _ = federation_split(task.load_data(d), d.test_fraction, seed, d.max_train_examples)
     configs: dict[int, dict[str, object]] = {}
     roster: list[dict[str, str]] = []
-    partitioner = make_partitioner(pool.dataset, d, nodes.num_clients, seed)  # once: the split is computed once
-    for pid in range(nodes.num_clients):
-        part = LabelledData(partitioner.load_partition(pid), pool.label_names)
+    for pid, part in enumerate(_partitions(pool, settings, nodes.num_clients)):
         data_path = task.write_partition(part, nodes.client_dir(pid))
         policy = nodes.policy_file(pid)
         if policy is None:
@@ -117,6 +115,15 @@ def prepare(settings: RunSettings, nodes: SimulatedNodes) -> dict[str, str]:
     path = write_simulation_nodes(nodes.out / "flower" / NODES_FILE, configs)
     return {runtime.SIM_NODES.name: str(path.resolve()),
             runtime.RECORD_KEY.name: str((nodes.out / "flower" / RECORD_KEY_FILE).resolve())}
+
+
+def _partitions(pool: LabelledData, settings: RunSettings, num_clients: int) -> list[LabelledData]:
+    """Each node's share of the training pool; one node (the central baseline) holds all of it, whatever the
+    partitioner settings say (they have nothing to split)."""
+    if num_clients == 1:
+        return [pool]
+    partitioner = make_partitioner(pool.dataset, settings.data, num_clients, settings.federation.seed)  # split once
+    return [LabelledData(partitioner.load_partition(pid), pool.label_names) for pid in range(num_clients)]
 
 
 def _relative(path: Path, roster: Path) -> str:

@@ -38,7 +38,8 @@ def make_partitioner(
         if column not in dataset.column_names:
             raise ConfigError(
                 f"partition-by column '{column}' is not in the data (columns: {', '.join(dataset.column_names)}); "
-                "set partition-by or use partitioner=iid"
+                "name a column that groups the examples with --set partition-by=COLUMN, or split at random with "
+                "--partitioner iid"
             )
         ids = len(set(dataset[column]))
         if ids < num_partitions:

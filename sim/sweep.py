@@ -228,16 +228,24 @@ def build(argv: Sequence[str] | None) -> tuple[Sweep, argparse.Namespace]:
     return Sweep(args.out.absolute(), points, sim_options, args.baseline, args.jobs, args.retries), args
 
 
-def _check_sim_options(sweep: Sweep) -> None:
-    """Let fedtune-sim validate the shared options once (exit 2 on a mistake) before any point starts."""
+def _check_sim_options(sweep: Sweep) -> list[str]:
+    """Let fedtune-sim validate the shared options (exit 2 on a mistake) before any point starts; return a warning
+    for each option that has no effect in any point of the grid (one that matters to some points only is the
+    grid's design: a learning rate for DP under an epsilon=inf point)."""
+    from fedtune.sim.applicability import Mode, inert_settings
+    from fedtune.sim.cli import given_settings, settings_from_args
     from fedtune.sim.cli import parser as sim_parser
-    from fedtune.sim.cli import settings_from_args
 
-    try:
-        sim_args = sim_parser().parse_args([*sweep.sim_options, *sweep.points[0].sim_args(sweep.baseline)])
-    except SystemExit as err:
-        raise ConfigError(f"fedtune-sim does not accept the options {shlex.join(sweep.sim_options)}") from err
-    settings_from_args(sim_args)
+    inert: dict[str, str] | None = None
+    for point in sweep.points:
+        try:
+            sim_args = sim_parser().parse_args([*sweep.sim_options, *point.sim_args(sweep.baseline)])
+        except SystemExit as err:
+            raise ConfigError(f"fedtune-sim does not accept the options {shlex.join(sweep.sim_options)}") from err
+        given = given_settings(sim_args)
+        here = inert_settings(Mode(settings_from_args(sim_args), sim_args.central, sim_args.clients), given)
+        inert = here if inert is None else {k: v for k, v in inert.items() if k in here}
+    return list((inert or {}).values())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -247,8 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "fedtune-sweep " + shlex.join(a for a in raw if a != "--report-only")  # the command that runs the grid
     try:
         sweep, args = build(raw)
-        if not args.report_only:
-            _check_sim_options(sweep)
+        for warning in [] if args.report_only else _check_sim_options(sweep):
+            console.print(f"warning: {warning} (in every point of this sweep)", markup=False, highlight=False)
         _check_options(sweep.out, sweep.sim_options, sweep.baseline, command, record=not args.report_only)
     except FedtuneError as err:
         console.print(format_problems(err.problems, prog="fedtune-sweep"), markup=False, highlight=False)

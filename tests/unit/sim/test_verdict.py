@@ -24,10 +24,18 @@ def test_no_client_trained_in_any_round_fails_with_the_reply_codes(monkeypatch):
               _round(2, ("error", "POLICY"))]
     assert _verdict(SUMMARY, "accuracy", rounds) == exit_codes.FAILED
     out = printed.getvalue()
-    assert "no client trained" in out and "POLICY, POLICY_MIN_NOISE" in out
+    assert "no update was aggregated" in out and "POLICY, POLICY_MIN_NOISE" in out
 
 
 def test_one_trained_reply_is_enough_and_a_run_without_client_rows_is_judged_by_its_summary():
     rounds = [{"round": 0}, _round(1, ("error", "POLICY"), ("trained", ""))]
     assert _verdict(SUMMARY, "accuracy", rounds) == exit_codes.OK
     assert _verdict(SUMMARY, "accuracy", [{"round": 0}, {"round": 1}]) == exit_codes.OK  # central runs
+
+
+def test_secure_rounds_whose_sum_was_never_aggregated_fail():
+    """The nodes trained, but SecAgg+ never completed: the adapter is the initial one."""
+    failed = _round(1, ("trained", ""), ("trained", "")) | {"secure-aggregation": {"aggregated": False}}
+    assert _verdict(SUMMARY, "accuracy", [{"round": 0}, failed]) == exit_codes.FAILED
+    done = _round(2, ("trained", "")) | {"secure-aggregation": {"aggregated": True}}
+    assert _verdict(SUMMARY, "accuracy", [{"round": 0}, failed, done]) == exit_codes.OK
