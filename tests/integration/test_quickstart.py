@@ -85,7 +85,7 @@ def test_the_quick_start_baselines_run_as_written_on_a_tiny_model(tiny_model_dir
     before = _flower_processes(tmp_path)
     size = ["--model", str(tiny_model_dir), "--set", "max-seq-len=16", "--set", "batch-size=32", "--rounds", "2"]
     no_dp, central = quick_start()[1:3]
-    assert sim_main([*no_dp[1:], *size, "--clients", "3", "--local-epochs", "3"]) == 0
+    assert sim_main([*no_dp[1:], *size, "--clients", "3", "--local-epochs", "6"]) == 0
     assert sim_main([*central[1:], *size]) == 0
     captured = capsys.readouterr()
     terminal = " ".join((captured.out + captured.err).split())
