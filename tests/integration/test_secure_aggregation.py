@@ -23,6 +23,7 @@ def _rounds(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # the default suite runs a whole SecAgg+ round in process (tests/unit/server/test_secure_protocol.py)
 def test_secure_rounds_learn_and_keep_receipts(tiny_model_dir, sentiment_csv, tmp_path):
     out = tmp_path / "secure"
     code = main(_args(tiny_model_dir, sentiment_csv, out, "--no-dp", "--set", "learning-rate=0.5",
