@@ -46,7 +46,7 @@ def quick_start() -> list[list[str]]:
 def test_the_quick_start_is_a_dp_run_both_baselines_and_a_sweep_on_one_csv():
     commands = quick_start()
     assert [c[0] for c in commands] == ["fedtune-sim"] * 3 + ["fedtune-sweep"]
-    assert all(c[c.index("--dataset") + 1] == DATA.name for c in commands)
+    assert all(c[c.index("--dataset") + 1] == str(DATA.relative_to(ROOT)) for c in commands)
     assert ["--no-dp" in c for c in commands] == [False, True, True, False]
     assert ["--central" in c for c in commands] == [False, False, True, False]
 
@@ -59,6 +59,12 @@ def _check_results(runs: Path, *, budget: float) -> None:
     assert (runs / "sweep" / "sweep.md").is_file() and (runs / "sweep" / "sweep.png").is_file()
     points = sorted(p.name for p in (runs / "sweep" / "points").iterdir())
     assert all((runs / "sweep" / "points" / p / "summary.json").is_file() for p in points), points
+
+
+def _copy_data(root: Path) -> None:
+    """The example CSV where a clone has it (the quick start runs from the repository's root)."""
+    (root / DATA.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DATA, root / DATA.relative_to(ROOT))
 
 
 def _flower_processes(tmp_path: Path) -> set[int]:
@@ -81,7 +87,7 @@ def test_the_quick_start_baselines_run_as_written_on_a_tiny_model(tiny_model_dir
     nothing is left running, the terminal is fedtune's own) and the central baseline, at a test's size. The DP run
     and the sweep take three more federations: the slow test runs them."""
     monkeypatch.chdir(tmp_path)
-    shutil.copy(DATA, tmp_path / DATA.name)
+    _copy_data(tmp_path)
     before = _flower_processes(tmp_path)
     size = ["--model", str(tiny_model_dir), "--set", "max-seq-len=16", "--set", "batch-size=32", "--rounds", "2"]
     no_dp, central = quick_start()[1:3]
@@ -111,7 +117,7 @@ def test_the_quick_start_baselines_run_as_written_on_a_tiny_model(tiny_model_dir
 def test_the_quick_start_runs_as_written_at_a_smaller_size(tiny_model_dir, tmp_path, monkeypatch):
     """All four commands, the sweep cut to one epsilon: about 2 minutes on 2 cores."""
     monkeypatch.chdir(tmp_path)
-    shutil.copy(DATA, tmp_path / DATA.name)
+    _copy_data(tmp_path)
     smaller = ["--model", str(tiny_model_dir), "--set", "max-seq-len=16", "--set", "batch-size=32", "--rounds", "1",
                "--max-train-examples", "120"]
     for command in quick_start():
@@ -126,7 +132,7 @@ def test_the_quick_start_runs_as_written_at_a_smaller_size(tiny_model_dir, tmp_p
 @pytest.mark.slow
 def test_the_quick_start_runs_verbatim(tmp_path):
     """The lines exactly as a researcher pastes them (console scripts, embedded MiniLM): about 10 min on 2 cores."""
-    shutil.copy(DATA, tmp_path / DATA.name)
+    _copy_data(tmp_path)
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for command in quick_start():
         proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
