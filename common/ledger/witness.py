@@ -86,8 +86,9 @@ class Witness:
             raise PrivacyError(f"ledger witness {self.path} is damaged ({err}); the node will not guess how far its "
                                "ledger went: see docs/ledger.md, 'The witness'") from err
 
-    def check(self, key: str, entries: Sequence[dict[str, Any]], ledger: Path) -> None:
-        """Refuse a ledger that is behind its witness, has diverged from it, or belongs to another key."""
+    def check(self, key: str, entries: Sequence[dict[str, Any]], ledger: Path) -> WitnessMark | None:
+        """Refuse a ledger that is behind its witness, has diverged from it, or belongs to another key; the mark
+        read (None: no witness yet, and an empty ledger)."""
         mark = self.read()
         if mark is None:
             if entries:
@@ -96,7 +97,7 @@ class Witness:
                     "witness may have been moved or deleted. If this is the first start with a witness, adopt the "
                     "ledger's current head: fedtune-client --adopt-witness with the same --state-dir; see "
                     "docs/ledger.md, 'The witness'")
-            return
+            return None
         if mark.key != key:
             raise PrivacyError(f"ledger witness {self.path} is for ledger key {mark.key}, but the ledger is signed "
                                f"by {key}: point the node at its own witness")
@@ -110,6 +111,7 @@ class Witness:
             raise PrivacyError(
                 f"ledger {ledger} line {mark.seq} is not the entry its witness {self.path} recorded (head "
                 f"{mark.head[:16]}...): the ledger was replaced by another history after that line was written")
+        return mark
 
     def advance(self, mark: WitnessMark) -> None:
         """Record a new head durably; the witness never moves backwards."""

@@ -91,3 +91,27 @@ def test_witness_of_another_key_damage_and_moving_back_are_refused(tmp_path: Pat
     witness = Witness(other.witness)
     with pytest.raises(PrivacyError, match="refusing to move it back to line 1"):
         witness.advance(WitnessMark(mark["key"], 1, mark["head"]))
+
+
+def test_a_session_rewrites_the_witness_only_when_the_ledger_is_ahead_of_it(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening a session checks the witness every time; it writes (two fsyncs) only to catch up with an append
+    that crashed before its witness update, and every append advances it."""
+    from fedtune.common.ledger import witness as witness_module
+
+    node = make_node(tmp_path)
+    charge(node, 1)
+    writes: list[int] = []
+    real = witness_module.write_atomically
+    monkeypatch.setattr(witness_module, "write_atomically",
+                        lambda path, data: writes.append(json.loads(data)["seq"]) or real(path, data))
+    with node.ledger().session():
+        pass
+    assert writes == []
+    charge(node, 2)
+    assert writes == [3]
+    with Ledger(node.ledger_path, node.key).session() as s:  # an append without the witness
+        s.append(dict(lines(node.ledger_path)[-1]) | {"round": 3})
+    with node.ledger().session():
+        pass
+    assert writes == [3, 4]
