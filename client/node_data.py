@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import datasets
 import torch
 
 from fedtune.client.node_config import NodeConfig
-from fedtune.common.data.table import LabelledData, holdout_split
+from fedtune.common.data.table import LabelledData, fresh_fingerprint, holdout_split
 from fedtune.common.errors import DataError
 from fedtune.common.settings import LoraSettings
 from fedtune.common.tasks import get_task
@@ -136,7 +137,8 @@ def _rows(path: str, stamp: tuple[int, ...], text_column: str, label_column: str
         log.warning("%d problem(s) in the data file; the rows concerned are left out: %s", len(skipped),
                     "; ".join(skipped[:20]))
     if seed is None or len(mine.dataset) < 10:
-        train, test = mine, LabelledData(mine.dataset.select([]), mine.label_names, mine.origin)
+        empty = datasets.Dataset(mine.dataset.data.slice(0, 0), fingerprint=fresh_fingerprint())
+        train, test = mine, LabelledData(empty, mine.label_names, mine.origin)
     else:
         train, test = holdout_split(mine, LOCAL_TEST_FRACTION, seed)
     return NodeRows(train, test, task.fingerprint(train), task_name)
