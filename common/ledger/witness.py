@@ -114,11 +114,17 @@ class Witness:
         return mark
 
     def advance(self, mark: WitnessMark) -> None:
-        """Record a new head durably; the witness never moves backwards."""
+        """Record a new head; the witness never moves backwards.
+
+        The new content is fsync'd before it replaces the old. The directory is fsync'd only when the witness is
+        new: a crash may then bring back the previous mark, behind a ledger that was fsync'd first — the case
+        every session already accepts and catches up with (an append that crashed before its witness update) —
+        but never a missing or partial witness.
+        """
         current = self.read()
         if current is not None and current.key == mark.key and current.seq > mark.seq:
             raise PrivacyError(f"ledger witness {self.path} is at line {current.seq}; refusing to move it back to "
                                f"line {mark.seq}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": WITNESS_FORMAT, "key": mark.key, "seq": mark.seq, "head": mark.head}
-        write_atomically(self.path, json.dumps(payload, sort_keys=True) + "\n")
+        write_atomically(self.path, json.dumps(payload, sort_keys=True) + "\n", sync_dir=current is None)

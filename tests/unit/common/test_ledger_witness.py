@@ -104,7 +104,7 @@ def test_a_session_rewrites_the_witness_only_when_the_ledger_is_ahead_of_it(tmp_
     writes: list[int] = []
     real = witness_module.write_atomically
     monkeypatch.setattr(witness_module, "write_atomically",
-                        lambda path, data: writes.append(json.loads(data)["seq"]) or real(path, data))
+                        lambda path, data, **kw: writes.append(json.loads(data)["seq"]) or real(path, data, **kw))
     with node.ledger().session():
         pass
     assert writes == []
@@ -115,3 +115,20 @@ def test_a_session_rewrites_the_witness_only_when_the_ledger_is_ahead_of_it(tmp_
     with node.ledger().session():
         pass
     assert writes == [3, 4]
+
+
+def test_the_witness_directory_is_fsynced_when_the_witness_is_created(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new witness must survive a crash (a ledger with entries and no witness is refused); a replaced one may
+    come back as its previous mark, behind the ledger, which every session accepts and catches up with."""
+    from fedtune.common.ledger import witness as witness_module
+
+    calls: list[bool] = []
+    real = witness_module.write_atomically
+    monkeypatch.setattr(witness_module, "write_atomically",
+                        lambda path, data, *, sync_dir=True: calls.append(sync_dir) or real(path, data,
+                                                                                          sync_dir=sync_dir))
+    node = make_node(tmp_path)
+    charge(node, 1)  # the header creates the witness, the round replaces it
+    charge(node, 2)
+    assert calls == [True, False, False]
