@@ -68,3 +68,14 @@ def test_it_replaces_flowers_scan_only_for_the_release_it_was_written_for(monkey
     assert InMemoryLinkState.get_message_ins is link_state.get_message_ins
     monkeypatch.setattr(flwr, "__version__", "1.43.0")
     assert link_state.index_by_destination() is False
+
+
+@pytest.mark.parametrize(("nodes", "interval"), [(5, 0.1), (1000, 0.1), (10_000, 1.0), (50_000, 2.0)])
+def test_a_simulations_polls_for_replies_are_spaced_by_its_nodes(nodes: int, interval: float) -> None:
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    grid = object.__new__(InMemoryGrid)
+    grid.pull_interval = 0.1
+    grid.get_node_ids = lambda: range(nodes)  # type: ignore[method-assign]
+    assert link_state.pace(grid) == interval == grid.pull_interval
+    assert link_state.pace(SimpleNamespace(pull_interval=0.1)) is None  # a deployment's grid is left alone
