@@ -137,7 +137,9 @@ def _scale(rows: list[dict[str, Any]], plot: str | None) -> list[str]:
               "server's round-0 evaluation; it also writes every node's ledger header and first reads its data); "
               "s per client-round is s/round over the clients. A client that has not replied when the round's "
               "`round-timeout` (600 s, or 0.25 s per client above 2,400 clients) ends is left out of that round's "
-              "average; its charge stays in its ledger.", ""]
+              "average; its charge stays in its ledger. Above 6,000 clients the corpus is repeated so that each node "
+              "has at least two rows. The 1,000-client row was measured before Ray's workers ran at nice 0 and the "
+              "ServerApp's polls were spaced by the number of nodes (at 1,000 nodes: Flower's 0.1 s).", ""]
     if plot:
         lines += [f"![time per round against clients]({plot})", ""]
     return [*lines, *CLIENT_ROUND]
@@ -148,13 +150,14 @@ def _scale(rows: list[dict[str, Any]], plot: str | None) -> list[str]:
 CLIENT_ROUND = [
     "### What a simulated client-round costs besides training", "",
     "The ClientApp's train handler called in-process for 40 nodes of a 1,000-node tiny-BERT federation (6 rows "
-    "each; one DP step), each part timed, mean ms per client-round (2026-12-05; before: the code of 2026-12-04, "
-    "on the same machine while another run used about one core, load ~3). The same round for the same node "
+    "each; one DP step), each part timed, mean ms per client-round (2026-12-05, one machine; before: the code of "
+    "2026-12-04 while another run used about one core, load ~3; after: load ~1.3, so the fsyncs were faster too). "
+    "The same round for the same node "
     "keeps every privacy step: a charge fsync'd to the node's own ledger before training, the witness checked, "
     "the node's own key, budget and secret seeds.", "",
     "| part (round 2) | before | after |", "|---|---|---|",
     "| whole handler, torch with 2 threads as in the simulation | 272 | 25.6 |",
-    "| whole handler, torch with 1 thread | 55.0 | 25.6 |",
+    "| whole handler, torch with 1 thread (a small round now trains on one thread either way) | 55.0 | 25.6 |",
     "| ledger: lock, read, verify, charge, fsyncs (5 -> 2), witness | 19.7 | 3.3 |",
     "| reading the node's rows (cache of 8 nodes -> bounded by bytes) | 7.6 | 0.1 |",
     "| tokenising | 2.1 | 0.0 |",
