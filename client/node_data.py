@@ -11,19 +11,20 @@ at start-up (``client/node_check.py``), ``fedtune-sim`` before the run starts.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import datasets
 import torch
 
 from fedtune.client.node_config import NodeConfig
-from fedtune.common.data.table import LabelledData, holdout_split
+from fedtune.common.data.table import LabelledData, fresh_fingerprint, holdout_split
 from fedtune.common.errors import DataError
 from fedtune.common.settings import LoraSettings
 from fedtune.common.tasks import get_task
@@ -33,6 +34,10 @@ Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids [N, T], m
 
 LOCAL_TEST_FRACTION = 0.1
 SPLIT_SEED_FILE = "local-split.seed"
+# What a process keeps of its nodes' rows, tokens and cached frozen-layer states (least recently used first out):
+# a simulation's process runs every node's rounds, so this holds thousands of small nodes, or a few big ones.
+CACHE_BYTES = 1 << 30
+ENTRY_OVERHEAD_BYTES = 64 * 1024  # the objects around a node's tables and tensors (measured: ~38 KB RSS for 6 rows)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,65 @@ class NodeRows:
     def num_train(self) -> int:
         return len(self.train.dataset)
 
+    def nbytes(self) -> int:
+        """What the node's rows take in memory: tables, token tensors, cached inputs, and a fixed overhead."""
+        tables = sum(part.dataset.data.nbytes for part in (self.train, self.test))
+        tensors = sum(t.element_size() * t.nelement() for group in self._tensors.values() for t in group)
+        inputs = sum(t.element_size() * t.nelement() for group in self._inputs.values() for t in group.values())
+        return ENTRY_OVERHEAD_BYTES + tables + tensors + inputs
+
+
+RowsKey = tuple[str, tuple[int, ...], str, str, tuple[str, ...], int | None, str]
+
+
+class RowsCache:
+    """Nodes' rows by data file (path and stat: any change of the file is a new key), least recently used first
+    out, bounded by the bytes they hold (:meth:`NodeRows.nbytes`, counted again as tokens are added)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[RowsKey, tuple[NodeRows, int]] = OrderedDict()
+        self._keys: dict[int, RowsKey] = {}  # id(rows) -> its key, to recount a node whose tensors grew
+        self.total = 0
+
+    def get(self, key: RowsKey) -> NodeRows | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: RowsKey, rows: NodeRows) -> None:
+        self._drop(key)
+        self._items[key] = (rows, 0)
+        self._keys[id(rows)] = key
+        self.recount(rows)
+
+    def recount(self, rows: NodeRows) -> None:
+        """Count ``rows`` again (its tensors grew), then drop the least recently used nodes beyond the bound."""
+        key = self._keys.get(id(rows))
+        if key is None or key not in self._items:
+            return
+        size = rows.nbytes()
+        self.total += size - self._items[key][1]
+        self._items[key] = (rows, size)
+        while self.total > self.max_bytes and len(self._items) > 1:
+            self._drop(next(iter(self._items)))
+
+    def _drop(self, key: RowsKey) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.total -= item[1]
+            self._keys.pop(id(item[0]), None)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._keys.clear()
+        self.total = 0
+
+
+ROWS = RowsCache(CACHE_BYTES)
+
 
 def split_seed(state_dir: Path) -> int:
     """The node's secret seed for its local test split: drawn once, kept (0600) so the split is stable."""
@@ -63,8 +127,7 @@ def split_seed(state_dir: Path) -> int:
     return int(path.read_text().strip())
 
 
-@functools.lru_cache(maxsize=8)
-def _rows(path: str, stamp: tuple[float, int], text_column: str, label_column: str, labels: tuple[str, ...],
+def _rows(path: str, stamp: tuple[int, ...], text_column: str, label_column: str, labels: tuple[str, ...],
           seed: int | None, task_name: str) -> NodeRows:
     task = get_task(task_name)
     skipped: list[str] = []
@@ -74,7 +137,8 @@ def _rows(path: str, stamp: tuple[float, int], text_column: str, label_column: s
         log.warning("%d problem(s) in the data file; the rows concerned are left out: %s", len(skipped),
                     "; ".join(skipped[:20]))
     if seed is None or len(mine.dataset) < 10:
-        train, test = mine, LabelledData(mine.dataset.select([]), mine.label_names, mine.origin)
+        empty = datasets.Dataset(mine.dataset.data.slice(0, 0), fingerprint=fresh_fingerprint())
+        train, test = mine, LabelledData(empty, mine.label_names, mine.origin)
     else:
         train, test = holdout_split(mine, LOCAL_TEST_FRACTION, seed)
     return NodeRows(train, test, task.fingerprint(train), task_name)
@@ -82,7 +146,7 @@ def _rows(path: str, stamp: tuple[float, int], text_column: str, label_column: s
 
 def load_rows(config: NodeConfig, labels: tuple[str, ...], *, local_eval: bool) -> NodeRows:
     """The node's examples of its declared task, labels mapped onto ``labels`` (the declared labels, in the run's
-    class order; cached while the file is unchanged)."""
+    class order; cached while the file is unchanged: same inode, size, modification and change times)."""
     try:
         info = config.data_path.stat()
     except OSError as err:
@@ -91,8 +155,12 @@ def load_rows(config: NodeConfig, labels: tuple[str, ...], *, local_eval: bool) 
     if local_eval:  # a simulation run with a reproducible seed also repeats its local split
         seed = split_seed(config.state_dir) if config.insecure_seed is None else int.from_bytes(
             hashlib.sha256(f"split/{config.insecure_seed}/{config.node}".encode()).digest()[:7], "big")
-    rows = _rows(str(config.data_path), (info.st_mtime, info.st_size), config.text_column, config.label_column,
-                 labels, seed, config.task)
+    key: RowsKey = (str(config.data_path), (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns),
+                    config.text_column, config.label_column, labels, seed, config.task)
+    rows = ROWS.get(key)
+    if rows is None:
+        rows = _rows(*key)
+        ROWS.put(key, rows)
     if rows.num_train < 1:
         raise DataError(f"{config.data_path}: no training examples", code="DATA_EMPTY")
     return rows
@@ -105,6 +173,7 @@ def tensors(rows: NodeRows, part: Literal["train", "test"], model_path: str, max
         data = rows.train if part == "train" else rows.test
         task = get_task(rows.task)
         rows._tensors[key] = task.encode(task.load_base(model_path), data, max_len, strict=False)
+        ROWS.recount(rows)
     return rows._tensors[key]
 
 
@@ -121,4 +190,5 @@ def train_inputs(rows: NodeRows, model_path: str, max_len: int, lora: LoraSettin
         task = get_task(rows.task)
         encoded = tensors(rows, "train", model_path, max_len)
         rows._inputs[key] = task.train_inputs(task.load_base(model_path), encoded, lora)
+        ROWS.recount(rows)
     return dict(rows._inputs[key])

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,10 @@ from fedtune.common.tasks.base import Encoded, named, trim
 # Examples per forward/backward pass: a Poisson batch is cut into length-sorted parts of this size, each padded
 # only to its own longest example (see ``physical_parts``); ``make bench`` measures the gain.
 PART_SIZE = 32
+# A round whose parts are this small (examples x positions x the widest linear layer's inputs) trains on one CPU
+# thread: its operations are too small to split, and waiting for a second thread cost more than the operation
+# (4 to 10 times the round's training time with a tiny model; see docs/benchmarks.md, 'Scale').
+SMALL_PART_WORK = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -292,6 +297,30 @@ def run_loop(loop: Loop, task: Task, *, steps: int, device: torch.device, parts:
     return TrainResult(loss=mean_loss, steps=steps, examples=examples)
 
 
+def part_work(model: nn.Module, data: Encoded | Mapping[str, torch.Tensor], batch_size: int) -> int:
+    """The size of the round's largest part: examples x positions x the widest linear layer's inputs."""
+    first = next(iter(named_inputs(data).values()))  # [N, T] token ids or [N, T, H] cached states
+    width = max((m.in_features for m in model.modules() if isinstance(m, nn.Linear)), default=1)
+    examples = min(len(first), batch_size, PART_SIZE)
+    return examples * (first.shape[1] if first.dim() > 1 else 1) * width
+
+
+@contextmanager
+def round_threads(model: nn.Module, data: Encoded | Mapping[str, torch.Tensor], batch_size: int,
+                  device: torch.device) -> Iterator[None]:
+    """One intra-op thread for a small round on the CPU (SMALL_PART_WORK), the process's setting otherwise;
+    the setting is restored afterwards."""
+    saved = torch.get_num_threads()
+    small = device.type == "cpu" and saved > 1 and part_work(model, data, batch_size) < SMALL_PART_WORK
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(saved)
+
+
 def train(
     model: PeftModel,
     data: Encoded | Mapping[str, torch.Tensor],
@@ -316,8 +345,11 @@ def train(
     dropout. Each batch is cut into length-sorted parts padded to their own longest example (:func:`node_parts`).
     ``fixed_shape`` (the node policy's ``fixed-shape``): every part padded to the tensors' full length
     (max-seq-len), so the shapes the model sees, and with them the round's time and memory, depend on the Poisson
-    batch sizes and the settings only, never on the lengths of the rows drawn.
+    batch sizes and the settings only, never on the lengths of the rows drawn. A small round runs on one CPU thread
+    (:func:`round_threads`).
     """
-    loop = prepare_loop(model, data, batch_size=batch_size, learning_rate=learning_rate, dp=dp, device=device,
-                        seeds=seeds, optimizer=optimizer, lora_lr_scale=lora_lr_scale)
-    return run_loop(loop, task or get_task(DEFAULT_TASK), steps=steps, device=device, parts=node_parts(fixed_shape))
+    with round_threads(model, data, batch_size, device):
+        loop = prepare_loop(model, data, batch_size=batch_size, learning_rate=learning_rate, dp=dp, device=device,
+                            seeds=seeds, optimizer=optimizer, lora_lr_scale=lora_lr_scale)
+        return run_loop(loop, task or get_task(DEFAULT_TASK), steps=steps, device=device,
+                        parts=node_parts(fixed_shape))

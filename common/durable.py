@@ -15,12 +15,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: str | bytes) -> None:
-    """Write to a temporary sibling, fsync, rename over ``path``, fsync the directory: all or nothing."""
+def write_atomically(path: Path, data: str | bytes, *, sync_dir: bool = True) -> None:
+    """Write to a temporary sibling, fsync, rename over ``path``, fsync the directory: all or nothing.
+
+    ``sync_dir=False`` leaves the rename's durability to the file system: after a crash ``path`` holds either the
+    new content or its previous, complete content (for a file whose previous content may come back).
+    """
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(data.encode() if isinstance(data, str) else data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)

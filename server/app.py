@@ -18,17 +18,20 @@ from fedtune.common.models.card import write_model_card
 from fedtune.common.settings import RunSettings
 from fedtune.common.wire.arrays import record_to_arrays
 from fedtune.server.evaluation import held_out
+from fedtune.server.link_state import index_by_destination, pace
 from fedtune.server.report import write_report
 from fedtune.server.results import ADAPTER_DIR, card_info
 from fedtune.server.run import ServerRun
 
 __all__ = ["app", "finish", "held_out", "main"]  # held_out: the held-out split, for fedtune-sim and tests
+index_by_destination()  # in a simulation the link state lives in this process: find messages by node
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = ServerRun(RunSettings.from_config(context.run_config), str(context.run_id))  # configure
+    pace(grid)  # a simulation's polls for replies, spaced by its number of nodes
     run.aggregate(grid)  # every round: sample, send, aggregate, then evaluate, record, check, sign, checkpoint
     finish(run)
 

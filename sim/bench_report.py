@@ -104,24 +104,71 @@ def _half_precision(h: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _each(row: dict[str, Any]) -> str:
+    """" (61.4 / 39.9)": each round's time, when there were several."""
+    each = row.get("s-per-round-each", [])
+    return f" ({' / '.join(map(str, each))})" if len(each) > 1 else ""
+
+
+def _was(row: dict[str, Any], key: str) -> str:
+    """" (was X)": the figure of the row this one replaced (``merge_scale_rows``), if any."""
+    was = row.get("was-s-per-round")
+    if was is None:
+        return ""
+    return f" (was {was})" if key == "s-per-round" else f" (was {was / row['clients']:.3f})"
+
+
 def _scale(rows: list[dict[str, Any]], plot: str | None) -> list[str]:
     lines = [
         "## Scale (Flower simulation engine)", "",
-        "| clients (replied in time) | model | rounds | examples/client | s/round (mean) | wall s | peak memory (GiB) "
-        "| bytes/client/round (reply) | full model bytes | load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| clients (replied in time) | model | rounds | examples/client | s/round (mean) | s per client-round "
+        "| wall s | peak memory (GiB) | bytes/client/round (reply) | full model bytes | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        per_client = r.get("s-per-client-round", r["s-per-round"] / r["clients"])
         lines.append(
             f"| {r['clients']} ({r.get('trained-last-round', '?')}) | {r['model']} | {r['rounds']} "
-            f"| {r['examples-per-client']} "
-            f"| {r['s-per-round']} | {r['wall-s']} | {r['peak-rss-gib']} | {r['bytes-per-client-round']:,} "
-            f"| {r['full-model-bytes']:,} | {r.get('load-1min', '')} |")
-    lines += ["", "A client that has not replied when the round's `round-timeout` (600 s) ends is left out of that "
-              "round's average; its charge stays in its ledger.", ""]
+            f"| {r['examples-per-client']} | {r['s-per-round']}{_each(r)}{_was(r, 's-per-round')} | {per_client:.3f}"
+            f"{_was(r, 's-per-client-round')} | {r['wall-s']} "
+            f"| {r['peak-rss-gib']} | {r['bytes-per-client-round']:,} | {r['full-model-bytes']:,} "
+            f"| {r.get('load-1min', '')} |")
+    lines += ["", "s/round is the mean over the run's rounds, each from the end of the one before (round 1 from the "
+              "server's round-0 evaluation; it also writes every node's ledger header and first reads its data); "
+              "s per client-round is s/round over the clients. A client that has not replied when the round's "
+              "`round-timeout` (600 s, or 0.25 s per client above 2,400 clients) ends is left out of that round's "
+              "average; its charge stays in its ledger. Above 6,000 clients the corpus is repeated so that each node "
+              "has at least two rows. The 1,000-client row was measured before Ray's workers ran at nice 0 and the "
+              "ServerApp's polls were spaced by the number of nodes (at 1,000 nodes: Flower's 0.1 s).", ""]
     if plot:
         lines += [f"![time per round against clients]({plot})", ""]
-    return lines
+    return [*lines, *CLIENT_ROUND]
+
+
+# Measured once with a development harness (not part of `make bench`): the ClientApp's train handler called
+# in-process for 40 nodes of a 1,000-node federation of tiny BERT (6 rows each), each part timed.
+CLIENT_ROUND = [
+    "### What a simulated client-round costs besides training", "",
+    "The ClientApp's train handler called in-process for 40 nodes of a 1,000-node tiny-BERT federation (6 rows "
+    "each; one DP step), each part timed, mean ms per client-round (2026-12-05, one machine; before: the code of "
+    "2026-12-04 while another run used about one core, load ~3; after: load ~1.3, so the fsyncs were faster too). "
+    "The same round for the same node "
+    "keeps every privacy step: a charge fsync'd to the node's own ledger before training, the witness checked, "
+    "the node's own key, budget and secret seeds.", "",
+    "| part (round 2) | before | after |", "|---|---|---|",
+    "| whole handler, torch with 2 threads as in the simulation | 272 | 25.6 |",
+    "| whole handler, torch with 1 thread (a small round now trains on one thread either way) | 55.0 | 25.6 |",
+    "| ledger: lock, read, verify, charge, fsyncs (5 -> 2), witness | 19.7 | 3.3 |",
+    "| reading the node's rows (cache of 8 nodes -> bounded by bytes) | 7.6 | 0.1 |",
+    "| tokenising | 2.1 | 0.0 |",
+    "| one DP step on 6 examples (forward, backward, clip, noise) | 15.8 | 13.1 |", "",
+    "Round 1 (each node's ledger header and witness created, its rows read and tokenised): 37 ms median "
+    "(reading rows 12.1 -> 5.7 ms without `datasets`' hash of the table). The evaluate handler adds 4.2 ms. Two "
+    "causes were outside the ClientApp: torch's OpenMP threads spin while they wait, which beside any other busy "
+    "process made a step 4-25 times slower (Flower's processes now get `OMP_WAIT_POLICY=PASSIVE`, and a small round "
+    "trains on one thread); and Flower 1.42's simulation engine scanned every stored message for every node every "
+    "0.1 s (91% of its process's GIL time at 1,000 nodes; `server/link_state.py` indexes them by node).", "",
+]
 
 
 def _main_job(rows: list[dict[str, Any]]) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,9 @@ def round_table(rounds: list[dict[str, Any]]) -> Table:
     return table
 
 
+MAX_CLIENT_LINES = 20  # more clients: the epsilon plot shows their max, median and min per round
+
+
 def plot(rounds: list[dict[str, Any]], out: Path, budget: float | None) -> Path:
     """metrics.png: held-out accuracy and per-client cumulative epsilon over rounds."""
     import matplotlib
@@ -120,8 +124,18 @@ def plot(rounds: list[dict[str, Any]], out: Path, budget: float | None) -> Path:
             eps = c.get("epsilon")
             if eps is not None and math.isfinite(eps):
                 per_client.setdefault(node_name(c), []).append((r["round"], eps))
-    for key, points in sorted(per_client.items(), key=lambda kv: str(kv[0])):
-        ax_eps.plot(*zip(*points, strict=True), marker=".", label=f"client {key}")
+    if len(per_client) <= MAX_CLIENT_LINES:
+        for key, points in sorted(per_client.items(), key=lambda kv: str(kv[0])):
+            ax_eps.plot(*zip(*points, strict=True), marker=".", label=f"client {key}")
+    else:  # thousands of lines (and their legend) took matplotlib minutes: the spread over clients instead
+        by_round: dict[int, list[float]] = {}
+        for points in per_client.values():
+            for rnd, eps in points:
+                by_round.setdefault(rnd, []).append(eps)
+        xs_eps = sorted(by_round)
+        for name, pick in (("max", max), ("median", statistics.median), ("min", min)):
+            ax_eps.plot(xs_eps, [pick(by_round[x]) for x in xs_eps], marker=".",
+                        label=f"{name} of {len(per_client):,} clients")
     if budget is not None:
         ax_eps.axhline(budget, color="red", linestyle="--", label="budget")
     ax_eps.set(xlabel="round", ylabel="cumulative epsilon", title="Privacy spent per client")

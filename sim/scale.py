@@ -23,6 +23,28 @@ import psutil
 from fedtune.server.results import read_rounds
 
 PLOT = "benchmarks-scale.png"
+MAX_TRAIN_EXAMPLES = 6000  # the job's default cap on the training pool, split over the clients
+
+
+def repeated_corpus(path: Path, rows: int) -> Path:
+    """The default corpus (Rotten Tomatoes) as a CSV, repeated until it holds at least ``rows`` examples: enough for
+    a federation of more clients than it has examples (the scale rows measure overhead, not accuracy)."""
+    import math
+
+    import pandas as pd
+
+    from fedtune.common.settings import DataSettings
+    from fedtune.common.tasks import get_task
+
+    data = get_task("classify").load_data(DataSettings())
+    frame = pd.DataFrame({"text": data.dataset["text"], "label": [data.label_names[i] for i in data.dataset["label"]]})
+    pd.concat([frame] * math.ceil(rows / len(frame)), ignore_index=True).to_csv(path, index=False)
+    return path
+
+
+def round_timeout(clients: int) -> int:
+    """The default 600 s, or 0.25 s per client for larger federations (a round of 10,000 clients then has time)."""
+    return max(600, clients // 4)
 
 
 @dataclass(frozen=True)
@@ -89,7 +111,11 @@ def run_row(spec: ScaleSpec, work: Path) -> dict[str, Any]:
     model_path = str(tiny_model(work / "tiny")) if spec.model == "tiny" else ""
     out = work / f"run-{spec.clients}-{spec.model}"
     cmd = [sys.executable, "-m", "fedtune.sim.cli", "--clients", str(spec.clients), "--rounds", str(spec.rounds),
-           "--partitioner", "iid", "--out", str(out), "--set", "min-clients=2"]
+           "--partitioner", "iid", "--out", str(out), "--set", "min-clients=2",
+           "--set", f"round-timeout={round_timeout(spec.clients)}"]
+    if spec.clients > MAX_TRAIN_EXAMPLES:  # at least two rows a node: the corpus, repeated, uncapped
+        cmd += ["--set", f"dataset={repeated_corpus(work / 'corpus.csv', 3 * spec.clients)}",
+                "--set", "max-train-examples=0"]
     if model_path:
         cmd += ["--model", model_path, "--set", "lora-layers="]  # two layers, LoRA in both
     load = os.getloadavg()[0]
@@ -106,10 +132,14 @@ def run_row(spec: ScaleSpec, work: Path) -> dict[str, Any]:
     ends = [float(x["elapsed-s"]) for x in lines]
     per_round = [b - a for a, b in zip(ends, ends[1:], strict=False)] or ends
     replies = [int(c["bytes"]) for x in lines for c in x.get("clients", []) if c.get("bytes")]
+    examples = [int(c["num-examples"]) for c in lines[-1].get("clients", []) if c.get("status") == "trained"]
     return {
         "clients": spec.clients, "model": "all-MiniLM-L6-v2" if spec.model == "minilm" else "tiny BERT (2x32)",
-        "rounds": spec.rounds, "examples-per-client": 6000 // spec.clients,
+        "rounds": spec.rounds, "examples-per-client": round(sum(examples) / len(examples), 1) if examples else
+        MAX_TRAIN_EXAMPLES // spec.clients,
         "s-per-round": round(sum(per_round) / len(per_round), 1), "s-per-round-each": [round(s, 1) for s in per_round],
+        "s-per-client-round": round(sum(per_round) / len(per_round) / spec.clients, 4),
+        "round-timeout": round_timeout(spec.clients),
         "wall-s": round(wall, 1), "peak-rss-gib": round(peak / 2**30, 2),
         "bytes-per-client-round": int(sum(replies) / len(replies)) if replies else 0,
         "full-model-bytes": _full_model_bytes(model_path), "load-1min": round(load, 1),
@@ -164,7 +194,11 @@ def merge_scale_rows(previous: dict[str, Any] | None, specs: tuple[ScaleSpec, ..
     """``specs`` run now; the previous table's other rows kept; the plot redrawn from all of them."""
     new = scale_rows(out_dir, specs)
     names = {(r["clients"], r["model"]) for r in new["rows"]}
-    rows = [r for r in (previous or {}).get("rows", []) if (r["clients"], r["model"]) not in names] + new["rows"]
+    old = {(r["clients"], r["model"]): r for r in (previous or {}).get("rows", [])}
+    for row in new["rows"]:  # the figure it replaces stays beside it, until that row is measured again
+        if (was := old.get((row["clients"], row["model"]))) is not None:
+            row["was-s-per-round"] = was["s-per-round"]
+    rows = [r for r in old.values() if (r["clients"], r["model"]) not in names] + new["rows"]
     rows.sort(key=lambda r: (r["model"], r["clients"]))
     if rows:
         plot(rows, out_dir / PLOT)

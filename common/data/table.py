@@ -66,16 +66,37 @@ def read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"data file {path} could not be parsed as {path.suffix[1:]}: {err}") from err
 
 
+def fresh_fingerprint() -> str:
+    """A new random fingerprint for a dataset or a transform's result (``datasets`` names cache files by it).
+
+    ``datasets`` otherwise hashes the whole table and the transform's arguments with dill, which cost a node more
+    than reading its file; a random fingerprint only means that no cached transform is ever reused for it (these
+    datasets live in memory and write no cache files).
+    """
+    from datasets.fingerprint import generate_random_fingerprint
+
+    return str(generate_random_fingerprint())
+
+
+def in_memory(frame: pd.DataFrame) -> datasets.Dataset:
+    """``datasets.Dataset.from_pandas(frame, preserve_index=False)`` without hashing the table (fresh_fingerprint)."""
+    from datasets.table import InMemoryTable
+
+    return datasets.Dataset(InMemoryTable.from_pandas(df=frame, preserve_index=False), fingerprint=fresh_fingerprint())
+
+
 def holdout_split(data: LabelledData, test_fraction: float, seed: int) -> tuple[LabelledData, LabelledData]:
     """Split off a held-out test set (stratified by label when possible), reproducibly."""
+    names = {"train_new_fingerprint": fresh_fingerprint(), "test_new_fingerprint": fresh_fingerprint()}
     if "label" in data.dataset.column_names:  # one class label per example: stratify
-        ds = data.dataset.cast_column("label", datasets.ClassLabel(names=data.label_names))
+        ds = data.dataset.cast_column("label", datasets.ClassLabel(names=data.label_names),
+                                      new_fingerprint=fresh_fingerprint())
         try:
-            parts = ds.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
+            parts = ds.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label", **names)
         except ValueError:
-            parts = ds.train_test_split(test_size=test_fraction, seed=seed)
+            parts = ds.train_test_split(test_size=test_fraction, seed=seed, **names)
     else:  # token tags or prompt-response pairs
-        parts = data.dataset.train_test_split(test_size=test_fraction, seed=seed)
+        parts = data.dataset.train_test_split(test_size=test_fraction, seed=seed, **names)
     return (LabelledData(parts["train"], data.label_names, data.origin),
             LabelledData(parts["test"], data.label_names, data.origin))
 

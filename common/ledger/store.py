@@ -6,6 +6,12 @@ decide, write one line with one ``write`` on an ``O_APPEND`` descriptor, fsync,
 advance the witness. A crash mid-append leaves a torn last line (no newline),
 which every reader reports; it is repaired only by ``client/ledger_repair.py``,
 which keeps the bytes and charges the round.
+
+Verification is incremental within a process: the ledger's bytes are read and hashed at every session, and
+when they are exactly the bytes this process last verified or wrote (same length, same sha256), the entries
+verified then are used again; any other content (an edit, a truncation, a line appended by another process)
+is parsed and verified in full. A simulation's process runs thousands of nodes' rounds; each then pays one
+read and one sha256 of its ledger per round instead of a signature check per line.
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import fcntl
+import hashlib
 import os
 import secrets
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +51,33 @@ from fedtune.common.ledger.witness import Witness, WitnessMark
 LEDGER_FILE = "ledger.jsonl"  # the node's ledger, in its state directory
 NONCE_BYTES = 32  # every entry gets a fresh "nonce" (64 hex), so its hash cannot be recomputed from guesses
 E = TypeVar("E", PolicyEntry, RoundEntry)
+MAX_KNOWN_LEDGERS = 65_536  # ledgers whose verified state a process keeps (a simulation's nodes)
+
+
+@dataclass
+class _Known:
+    """A ledger's bytes as this process last verified or wrote them, with what they hold."""
+
+    size: int  # bytes
+    digest: Any  # hashlib sha256 over those bytes (copied before it is extended)
+    entries: list[Entry]  # the verified JSON objects, oldest first
+    typed: list[LedgerEntry] | None  # the same as typed entries, when they were built
+
+
+# (ledger path, key id) -> its known state; only ever read under the ledger's lock
+_KNOWN: OrderedDict[tuple[str, str], _Known] = OrderedDict()
+
+
+def _remember(path: Path, key: str, known: _Known) -> None:
+    _KNOWN[(str(path), key)] = known
+    _KNOWN.move_to_end((str(path), key))
+    while len(_KNOWN) > MAX_KNOWN_LEDGERS:
+        _KNOWN.popitem(last=False)
+
+
+def forget_verified() -> None:
+    """Drop what this process knows of every ledger: the next session of each verifies it in full."""
+    _KNOWN.clear()
 
 
 def _utc_now() -> str:
@@ -52,11 +88,12 @@ class LedgerSession:
     """The verified ledger under an exclusive lock; :meth:`append` signs, writes and fsyncs one round entry."""
 
     def __init__(self, fd: int, path: Path, entries: list[Entry], key: ed25519.Ed25519PrivateKey,
-                 witness: Witness | None) -> None:
+                 witness: Witness | None, *, known: _Known | None = None) -> None:
         self._fd, self.path, self._key, self._witness = fd, path, key, witness
         self.all_entries = entries  # every line as verified JSON objects (what was hashed and signed), oldest first
-        self._typed: list[LedgerEntry] | None = None
+        self._typed: list[LedgerEntry] | None = list(known.typed) if known and known.typed is not None else None
         self.key_id = key_id(key.public_key())
+        self._known = known  # the file's bytes as verified (size, sha256), extended by every write
 
     @property
     def typed(self) -> list[LedgerEntry]:
@@ -146,6 +183,11 @@ class LedgerSession:
         typed = self.typed  # (built before the new line joins all_entries)
         self.all_entries.append(raw)
         typed.append(sealed)
+        if self._known is not None:  # the file is now exactly the verified bytes plus this line
+            digest = self._known.digest.copy()
+            digest.update(line)
+            self._known = _Known(self._known.size + len(line), digest, list(self.all_entries), list(typed))
+            _remember(self.path, self.key_id, self._known)
         if self._witness is not None:
             self._witness.advance(WitnessMark(self.key_id, raw["seq"], raw["hash"]))
         return sealed
@@ -176,8 +218,11 @@ class Ledger:
         self.witness = Witness(witness) if witness is not None else None
 
     @contextmanager
-    def _locked(self) -> Iterator[tuple[int, list[Entry]]]:
-        """Lock, read and verify the whole ledger; refuse to go on if anything is wrong with it."""
+    def _locked(self) -> Iterator[tuple[int, _Known]]:
+        """Lock, read and verify the whole ledger; refuse to go on if anything is wrong with it.
+
+        Bytes identical to those this process last verified or wrote are not verified again (module docstring).
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
@@ -187,25 +232,37 @@ class Ledger:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if (problem := file_problem(fd, self.path)) is not None:
                 raise PrivacyError(f"ledger {self.path}: {problem}")
-            parsed = parse_chunks(fd_chunks(fd, os.fstat(fd).st_size), self.path)
-            public = self.key.public_key()
-            if problems := verify(parsed, {key_id(public): public}):
-                raise PrivacyError(
-                    [f"ledger {self.path} {p}" for p in problems[:20]]
-                    + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-                    + ["the node will not train on a damaged ledger: see docs/ledger.md, 'Recovery'"])
-            yield fd, [e for _, e in parsed.entries]
+            chunks = list(fd_chunks(fd, os.fstat(fd).st_size))
+            digest = hashlib.sha256()
+            for chunk in chunks:
+                digest.update(chunk)
+            size, public = sum(map(len, chunks)), self.key.public_key()
+            known = _KNOWN.get((str(self.path), key_id(public)))
+            if known is None or known.size != size or known.digest.digest() != digest.digest():
+                known = _Known(size, digest, self._verified(chunks, public), None)
+            _remember(self.path, key_id(public), known)
+            yield fd, _Known(known.size, known.digest.copy(), list(known.entries), known.typed)
         finally:
             os.close(fd)  # releases the lock
+
+    def _verified(self, chunks: list[bytes], public: ed25519.Ed25519PublicKey) -> list[Entry]:
+        """Every line parsed and verified (chain, hashes, signatures, shape); PrivacyError naming the problems."""
+        parsed = parse_chunks(chunks, self.path)
+        if problems := verify(parsed, {key_id(public): public}):
+            raise PrivacyError(
+                [f"ledger {self.path} {p}" for p in problems[:20]]
+                + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+                + ["the node will not train on a damaged ledger: see docs/ledger.md, 'Recovery'"])
+        return [e for _, e in parsed.entries]
 
     @contextmanager
     def session(self) -> Iterator[LedgerSession]:
         """The verified ledger, checked against its witness and bound to the header (when given)."""
-        with self._locked() as (fd, entries):
-            session = LedgerSession(fd, self.path, entries, self.key, self.witness)
+        with self._locked() as (fd, known):
+            session = LedgerSession(fd, self.path, known.entries, self.key, self.witness, known=known)
             if self.witness is not None:
-                self.witness.check(session.key_id, entries, self.path)
-                if (head := session.head) is not None:
+                mark = self.witness.check(session.key_id, known.entries, self.path)
+                if (head := session.head) is not None and head != mark:
                     self.witness.advance(head)  # an append that crashed before its witness update
             if self.header is not None:
                 session.bind(self.header)
@@ -215,7 +272,8 @@ class Ledger:
         """Start a witness at the ledger's current head (first start with a witness; an operator's decision)."""
         if self.witness is None:
             raise PrivacyError("this ledger has no witness path to adopt")
-        with self._locked() as (fd, entries):
+        with self._locked() as (fd, known):
+            entries = known.entries
             head = LedgerSession(fd, self.path, entries, self.key, None).head
             current = self.witness.read()
             if current is not None:

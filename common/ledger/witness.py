@@ -86,8 +86,9 @@ class Witness:
             raise PrivacyError(f"ledger witness {self.path} is damaged ({err}); the node will not guess how far its "
                                "ledger went: see docs/ledger.md, 'The witness'") from err
 
-    def check(self, key: str, entries: Sequence[dict[str, Any]], ledger: Path) -> None:
-        """Refuse a ledger that is behind its witness, has diverged from it, or belongs to another key."""
+    def check(self, key: str, entries: Sequence[dict[str, Any]], ledger: Path) -> WitnessMark | None:
+        """Refuse a ledger that is behind its witness, has diverged from it, or belongs to another key; the mark
+        read (None: no witness yet, and an empty ledger)."""
         mark = self.read()
         if mark is None:
             if entries:
@@ -96,7 +97,7 @@ class Witness:
                     "witness may have been moved or deleted. If this is the first start with a witness, adopt the "
                     "ledger's current head: fedtune-client --adopt-witness with the same --state-dir; see "
                     "docs/ledger.md, 'The witness'")
-            return
+            return None
         if mark.key != key:
             raise PrivacyError(f"ledger witness {self.path} is for ledger key {mark.key}, but the ledger is signed "
                                f"by {key}: point the node at its own witness")
@@ -110,13 +111,20 @@ class Witness:
             raise PrivacyError(
                 f"ledger {ledger} line {mark.seq} is not the entry its witness {self.path} recorded (head "
                 f"{mark.head[:16]}...): the ledger was replaced by another history after that line was written")
+        return mark
 
     def advance(self, mark: WitnessMark) -> None:
-        """Record a new head durably; the witness never moves backwards."""
+        """Record a new head; the witness never moves backwards.
+
+        The new content is fsync'd before it replaces the old. The directory is fsync'd only when the witness is
+        new: a crash may then bring back the previous mark, behind a ledger that was fsync'd first — the case
+        every session already accepts and catches up with (an append that crashed before its witness update) —
+        but never a missing or partial witness.
+        """
         current = self.read()
         if current is not None and current.key == mark.key and current.seq > mark.seq:
             raise PrivacyError(f"ledger witness {self.path} is at line {current.seq}; refusing to move it back to "
                                f"line {mark.seq}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": WITNESS_FORMAT, "key": mark.key, "seq": mark.seq, "head": mark.head}
-        write_atomically(self.path, json.dumps(payload, sort_keys=True) + "\n")
+        write_atomically(self.path, json.dumps(payload, sort_keys=True) + "\n", sync_dir=current is None)

@@ -175,4 +175,10 @@ def _dp_accounting_epsilon(composition: Composition, delta: float, accountant: s
 
 def accountant_record(accountant: str) -> dict[str, str]:
     """Name, library and version of the node's accountant (written into every ledger entry)."""
-    return {"name": accountant, "library": "opacus", "version": version("opacus")}
+    return {"name": accountant, "library": "opacus", "version": _installed("opacus")}
+
+
+@functools.cache
+def _installed(package: str) -> str:
+    """The installed version (read once per process: the lookup scans the environment's metadata)."""
+    return version(package)

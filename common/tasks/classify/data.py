@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pandas as pd
 
 from fedtune.common.data.corpus import BUILTIN
-from fedtune.common.data.table import LabelledData, read_table
+from fedtune.common.data.table import LabelledData, in_memory, read_table
 from fedtune.common.errors import DataError
 from fedtune.common.settings import DataSettings
 
@@ -78,7 +77,7 @@ def validate(
     out = frame.rename(columns={text_column: "text"}).drop(columns=[label_column])
     out["label"] = np.array([index[v] for v in raw_labels], dtype=np.int64)
     out = out.reset_index(drop=True)
-    return LabelledData(dataset=datasets.Dataset.from_pandas(out, preserve_index=False), label_names=names)
+    return LabelledData(dataset=in_memory(out), label_names=names)
 
 
 def _row_problems(origin: str, text_column: str, names: list[str], bad_text: list[int],

@@ -154,3 +154,23 @@ def test_an_empty_poisson_batch_still_releases_noise(base):
     assert released.numel() > 1000
     assert float(released.mean()) == pytest.approx(0.0, abs=0.1 * sigma * clip)
     assert float(released.std()) == pytest.approx(sigma * clip, rel=0.1)
+
+
+def test_a_small_round_trains_on_one_thread_and_restores_the_setting(base, monkeypatch) -> None:
+    """Splitting a tiny model's operations across threads cost more than the operations; the process's thread
+    count is back once the round ends, and a large round keeps it."""
+    from fedtune.client import trainer
+
+    model, seen = _model(base), []
+    real = trainer.run_loop
+    monkeypatch.setattr(trainer, "run_loop", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kwargs = {"steps": 1, "batch_size": 16, "learning_rate": 0.1, "dp": DpParams(1.0, 1.0), "device": CPU}
+        train(model, _data(base, 16), seeds=RoundSeeds.secret(), **kwargs)
+        monkeypatch.setattr(trainer, "SMALL_PART_WORK", 1)
+        train(model, _data(base, 16), seeds=RoundSeeds.secret(), **kwargs)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

@@ -84,3 +84,19 @@ def test_unknown_suffix(tmp_path):
     (tmp_path / "d.xlsx").write_text("x")
     with pytest.raises(DataError, match="use one of"):
         load_labelled(_settings(tmp_path / "d.xlsx"))
+
+
+def test_in_memory_is_from_pandas_without_hashing_the_table(monkeypatch) -> None:
+    """Same rows and features as ``datasets.Dataset.from_pandas``; ``datasets``' dill hash of the table is never
+    computed (it cost a node more than reading its file), and each dataset gets its own fingerprint."""
+    import datasets
+
+    from fedtune.common.data import table
+
+    frame = pd.DataFrame({"text": ["a b", "c"], "label": [1, 0]})
+    monkeypatch.setattr(datasets.fingerprint.Hasher, "hash", lambda *_: pytest.fail("the table was hashed"))
+    ours, again = table.in_memory(frame), table.in_memory(frame)
+    monkeypatch.undo()
+    theirs = datasets.Dataset.from_pandas(frame, preserve_index=False)
+    assert ours.features == theirs.features and ours.to_list() == theirs.to_list()
+    assert ours._fingerprint != again._fingerprint

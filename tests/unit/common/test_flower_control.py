@@ -55,3 +55,14 @@ def test_the_in_process_client_reads_the_connection_of_its_own_flwr_home(tmp_pat
     assert os.environ["FLWR_HOME"] == str(tmp_path / "elsewhere")  # restored
     with pytest.raises(httpx.ConnectError):  # nothing listens on port 9: the client really connects there
         flower_cli._control_status(env, 1)
+
+
+def test_flower_processes_get_openmp_threads_that_sleep_while_they_wait(tmp_path, monkeypatch) -> None:
+    """Spinning intra-op threads made a simulated round 4-25x slower beside Flower's other processes; an
+    operator's own setting wins."""
+    from fedtune.common.flower.processes import flower_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert flower_env(tmp_path)["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert flower_env(tmp_path)["OMP_WAIT_POLICY"] == "ACTIVE"

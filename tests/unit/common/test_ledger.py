@@ -250,3 +250,81 @@ def test_node_identity_is_the_same_for_openssh_and_pem(tmp_path: Path) -> None:
     (tmp_path / "junk.pub").write_text("junk")
     with pytest.raises(ConfigError, match="is not an OpenSSH or PEM public key"):
         node_identity(tmp_path / "junk.pub")
+
+
+def _count_verifications(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from fedtune.common.ledger import store
+
+    calls: list[int] = []
+    real = store.verify
+    monkeypatch.setattr(store, "verify", lambda parsed, keys: calls.append(len(parsed.entries)) or real(parsed, keys))
+    return calls
+
+
+def test_bytes_this_process_wrote_are_not_verified_again_but_a_new_process_verifies_all(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Incremental verification: a session over exactly the bytes the process last verified or wrote reuses the
+    verified entries; anything else (here: a restarted process) parses and verifies every line."""
+    from fedtune.common.ledger.store import forget_verified
+
+    ledger, _ = make_ledger(tmp_path, 3)
+    calls = _count_verifications(monkeypatch)
+    for i in (4, 5):
+        with ledger.session() as s:
+            assert [e.round for e in s.entries] == list(range(1, i))
+            s.append(fields(i))
+    assert calls == []
+    forget_verified()
+    with ledger.session() as s:
+        assert len(s.entries) == 5
+    assert calls == [5]
+
+
+@pytest.mark.parametrize("edit", ["same size, same times", "line appended by another writer", "truncated"])
+def test_a_ledger_changed_after_this_process_verified_it_is_verified_in_full(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: str) -> None:
+    """Whatever changed the file — even an edit of the same size with its times put back — the next session
+    verifies every line and refuses a tampered one."""
+    ledger, key = make_ledger(tmp_path, 3)
+    with ledger.session():
+        pass  # known to this process now
+    raw, info = ledger.path.read_bytes(), ledger.path.stat()
+    calls = _count_verifications(monkeypatch)
+    if edit == "same size, same times":
+        tampered = raw.replace(b'"epsilon":1.0', b'"epsilon":0.1', 1)
+        assert tampered != raw and len(tampered) == len(raw)
+        ledger.path.write_bytes(tampered)
+        os.utime(ledger.path, ns=(info.st_atime_ns, info.st_mtime_ns))
+        with pytest.raises(PrivacyError, match="line 2: entry hash does not match its content"), ledger.session():
+            pass
+    elif edit == "line appended by another writer":
+        last = json.loads(raw.splitlines()[-1])
+        extra = sign({**fields(4).to_json(), "format": last["format"], "kind": "round", "seq": 4,
+                      "prev": last["hash"], "time": last["time"], "key": last["key"], "nonce": "0" * 64}, key)
+        ledger.path.write_bytes(raw + canonical(extra) + b"\n")
+        with ledger.session() as s:
+            assert [e.round for e in s.entries] == [1, 2, 3, 4]
+    else:
+        ledger.path.write_bytes(b"".join(raw.splitlines(keepends=True)[:2]))
+        with ledger.session() as s:
+            assert len(s.entries) == 2
+    assert len(calls) == 1
+
+
+def test_every_append_fsyncs_the_ledger_before_it_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Known bytes skip verification, never durability: each append's line is fsync'd before append returns."""
+    ledger, _ = make_ledger(tmp_path, 1)
+    synced: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        real(fd)
+        if os.path.realpath(f"/proc/self/fd/{fd}") == str(ledger.path.resolve()):
+            synced.append(os.fstat(fd).st_size)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for i in (2, 3):
+        with ledger.session() as s:
+            s.append(fields(i))
+            assert synced[-1] == ledger.path.stat().st_size  # the new line is on disk before append returned
+    assert len(synced) == 2

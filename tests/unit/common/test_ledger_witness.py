@@ -91,3 +91,44 @@ def test_witness_of_another_key_damage_and_moving_back_are_refused(tmp_path: Pat
     witness = Witness(other.witness)
     with pytest.raises(PrivacyError, match="refusing to move it back to line 1"):
         witness.advance(WitnessMark(mark["key"], 1, mark["head"]))
+
+
+def test_a_session_rewrites_the_witness_only_when_the_ledger_is_ahead_of_it(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening a session checks the witness every time; it writes (two fsyncs) only to catch up with an append
+    that crashed before its witness update, and every append advances it."""
+    from fedtune.common.ledger import witness as witness_module
+
+    node = make_node(tmp_path)
+    charge(node, 1)
+    writes: list[int] = []
+    real = witness_module.write_atomically
+    monkeypatch.setattr(witness_module, "write_atomically",
+                        lambda path, data, **kw: writes.append(json.loads(data)["seq"]) or real(path, data, **kw))
+    with node.ledger().session():
+        pass
+    assert writes == []
+    charge(node, 2)
+    assert writes == [3]
+    with Ledger(node.ledger_path, node.key).session() as s:  # an append without the witness
+        s.append(dict(lines(node.ledger_path)[-1]) | {"round": 3})
+    with node.ledger().session():
+        pass
+    assert writes == [3, 4]
+
+
+def test_the_witness_directory_is_fsynced_when_the_witness_is_created(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new witness must survive a crash (a ledger with entries and no witness is refused); a replaced one may
+    come back as its previous mark, behind the ledger, which every session accepts and catches up with."""
+    from fedtune.common.ledger import witness as witness_module
+
+    calls: list[bool] = []
+    real = witness_module.write_atomically
+    monkeypatch.setattr(witness_module, "write_atomically",
+                        lambda path, data, *, sync_dir=True: calls.append(sync_dir) or real(path, data,
+                                                                                          sync_dir=sync_dir))
+    node = make_node(tmp_path)
+    charge(node, 1)  # the header creates the witness, the round replaces it
+    charge(node, 2)
+    assert calls == [True, False, False]

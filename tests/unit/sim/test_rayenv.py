@@ -22,3 +22,14 @@ def test_the_hook_is_importable_by_the_name_fedtune_sim_gives_ray():
     from ray._common.utils import load_class  # what ray.init uses for RAY_RUNTIME_ENV_HOOK
 
     assert load_class(rayenv.HOOK) is rayenv.forward_node_env
+
+
+def test_simulated_clients_run_at_the_niceness_of_flowers_processes(tmp_path, monkeypatch):
+    """Ray's default (nice 15) left the clients a few percent of a core beside any other busy process."""
+    from fedtune.sim.runner import LocalSimulation, SimulationSpec
+
+    spec = SimulationSpec(app_dir=tmp_path, run_config={}, num_clients=2, cpus_per_client=1, work_dir=tmp_path)
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    assert LocalSimulation(spec).env["RAY_worker_niceness"] == "0"
+    monkeypatch.setenv("RAY_worker_niceness", "10")
+    assert LocalSimulation(spec).env["RAY_worker_niceness"] == "10"

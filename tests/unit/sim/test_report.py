@@ -52,3 +52,16 @@ def test_the_audit_verdict_is_shown(tmp_path, ok, word):
 def test_a_report_with_no_rounds_still_renders(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     assert "fedtune run report" in render_report(tmp_path)
+
+
+def test_the_epsilon_plot_of_thousands_of_clients_shows_their_spread(tmp_path) -> None:
+    """One line (and legend entry) per client took matplotlib minutes at 10,000 clients."""
+    import time
+
+    from fedtune.sim.report import plot
+
+    rounds = [{"round": 1, "accuracy": 0.6, "clients": [{"node-id": i, "epsilon": 1.0 + i / 5000}
+                                                        for i in range(5000)]}]
+    start = time.monotonic()
+    assert plot(rounds, tmp_path / "metrics.png", 8.0).is_file()
+    assert time.monotonic() - start < 20
