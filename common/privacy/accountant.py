@@ -115,6 +115,7 @@ def opacus_epsilon(events: Sequence[DpEvent], delta: float, accountant: str) -> 
 def _opacus_epsilon(composition: Composition, delta: float, accountant: str) -> float:
     """Cached: a node asks for the same composition again (the plan's last trial is the round it charges;
     this round's epsilon-after is the next round's epsilon-before), and PRV at small sigma takes seconds."""
+    import opacus  # noqa: F401  # the package first: a submodule imported while another thread initialises it deadlocks
     from opacus.accountants import create_accountant
 
     acc = create_accountant(accountant)
@@ -135,6 +136,7 @@ def rdp_upper_bound(events: Sequence[DpEvent], delta: float) -> float:
 
 @functools.lru_cache(maxsize=1024)
 def _rdp_upper_bound(composition: Composition, delta: float) -> float:
+    import opacus  # noqa: F401  # the package first: a submodule imported while another thread initialises it deadlocks
     from opacus.accountants import RDPAccountant
 
     acc = RDPAccountant()

@@ -78,6 +78,7 @@ def skellam_rdp(orders: Sequence[int], *, l1: float, l2: float, variance: float)
 
 def client_epsilon(shares: Sequence[SkellamShare], delta: float) -> float:
     """Client-level epsilon after one secure sum per share (composed; no amplification by sampling)."""
+    import opacus  # noqa: F401  # the package first: a submodule imported while another thread initialises it deadlocks
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
     if not shares:
