@@ -19,6 +19,7 @@ without the other nodes' masks) and, after unmasking, their sum. See docs/secure
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ class _Tap(Grid):
         self.calls = 0
         self.threshold = 0
         self.collected: list[Message] = []
+        self.addressed: dict[str, int] = {}  # stage 2: message id -> the node it was sent to
+        self.targets: set[int] = set()  # stage 2: the nodes asked
         self.sent_bytes = 0
         self.received_bytes = 0
 
@@ -109,8 +112,18 @@ class _Tap(Grid):
         self.received_bytes += sum(payload_bytes(m.content) for m in replies if not m.has_error())
         if self.calls == COLLECT_STAGE:
             self.collected = replies
+            self.addressed = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+            self.targets = {m.metadata.dst_node_id for m in messages}
         self.calls += 1
         return replies
+
+    def node_of(self, reply: Message) -> int:
+        """The node a stage-2 reply answers for: Flower's own error reply for a node that died may not name it as
+        its source, but it names the message it answers."""
+        source = reply.metadata.src_node_id
+        if source in self.targets:
+            return source
+        return self.addressed.get(reply.metadata.reply_to_message_id, source)
 
     def set_run(self, run):  # type: ignore[no-untyped-def]  # Flower's signature
         self.grid.set_run(run)
@@ -237,7 +250,8 @@ class SecureAggregation(Strategy):
         info = self.rounds[server_round]
         info.threshold = tap.threshold
         info.sent_bytes, info.received_bytes = tap.sent_bytes, tap.received_bytes
-        parsed = [summed_outcome(m, self.inner.run_id) for m in tap.collected]
+        parsed = [(dataclasses.replace(o, node_id=tap.node_of(m)), c)
+                  for m in tap.collected for o, c in [summed_outcome(m, self.inner.run_id)]]
         answered = {o.node_id for o, _ in parsed}
         outcomes = [o for o, _ in parsed] + [NodeOutcome(m.metadata.dst_node_id, "error", "SECAGG_DROPPED")
                                              for m in messages if m.metadata.dst_node_id not in answered]
