@@ -238,14 +238,12 @@ class AggregationSettings:
     secure_aggregation: bool = _help(
         "Sum the nodes' adapter updates with Flower's SecAgg+ protocol: the server sees only the sum (every node "
         "weighs the same). A node's policy can require it (require-secure-aggregation).", False)
-    secagg_shares: float = _help(
-        "Fraction of the round's nodes each node shares its mask keys with, in (0, 1] (1 = SecAgg, all nodes).", 1.0)
+    secagg_shares: float = _help("Fraction of the round's nodes each node shares mask keys with, in (0, 1].", 1.0)
     secagg_threshold: float = _help(
         "Fraction of a node's share group that must answer for its masks to be removed, in (0.5, 1]: the round "
         "completes with the nodes that remain while this holds, and fails cleanly (no aggregate) below it.", 0.6)
-    secagg_timeout: float = _help(
-        "Seconds each of SecAgg+'s key stages (setup, share keys, unmask) waits for replies; a node that has not "
-        "answered is dropped. The stage in which nodes train waits round-timeout.", 120.0)
+    secagg_timeout: float = _help("Seconds each SecAgg+ key stage (setup, share keys, unmask) waits; a node that "
+                                  "has not answered is dropped. The training stage waits round-timeout.", 120.0)
     secagg_range: float = _help(
         "Largest |value| of one node's update coordinate the secure sum carries; beyond it a value is clamped and "
         "counted in the round's secagg-clamped. 0 = from the learning rate and clip norm (see docs/secure-"
@@ -255,8 +253,7 @@ class AggregationSettings:
         "client-clip-norm and adds its share of Skellam noise, so that the sum carries noise "
         "client-noise-multiplier x client-clip-norm once the protocol's threshold of nodes is in it.", False)
     client_clip_norm: float = _help("L2 bound of one node's round update under client-dp (> 0).", 1.0)
-    client_noise_multiplier: float = _help(
-        "Noise of the secure sum under client-dp, in units of client-clip-norm (> 0).", 1.0)
+    client_noise_multiplier: float = _help("Noise of the secure sum under client-dp, in client-clip-norms.", 1.0)
 
     def problems(self) -> list[str]:
         out = []
