@@ -253,7 +253,7 @@ def _train_charged(request: RoundRequest, decision: Decision, rows: NodeRows, mo
     result = train(model, data, steps=steps, batch_size=request.plan.batch_size,
                    learning_rate=optimizer.learning_rate, dp=dp, device=device, seeds=seeds,
                    optimizer=optimizer.kind, lora_lr_scale=optimizer.lora_lr_scale, task=get_task(request.model.task),
-                   fixed_shape=policy.fixed_shape)
+                   fixed_shape=policy.fixed_shape, head_only=request.server_round <= request.plan.head_rounds)
     update = to_arrays(model)
     if not all(np.all(np.isfinite(v)) for v in update.values()):
         raise ModelError("training diverged: the update holds NaN or inf (lower the learning rate)")

@@ -321,6 +321,22 @@ def round_threads(model: nn.Module, data: Encoded | Mapping[str, torch.Tensor], 
             torch.set_num_threads(saved)
 
 
+@contextmanager
+def lora_frozen(model: nn.Module, frozen: bool) -> Iterator[None]:
+    """With ``frozen``, the LoRA factors need no gradient for the block (then as before); a model with nothing
+    else to train (no head: sft) trains them anyway."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = any("lora_" not in n for n, _ in trainable)
+    lora = [p for n, p in trainable if "lora_" in n] if frozen and head else []
+    for p in lora:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in lora:
+            p.requires_grad_(True)
+
+
 def train(
     model: PeftModel,
     data: Encoded | Mapping[str, torch.Tensor],
@@ -335,6 +351,7 @@ def train(
     lora_lr_scale: float = 1.0,
     task: Task | None = None,
     fixed_shape: bool = False,
+    head_only: bool = False,
 ) -> TrainResult:
     """Train ``model``'s trainable tensors in place for ``steps`` steps: a node's round.
 
@@ -346,9 +363,10 @@ def train(
     ``fixed_shape`` (the node policy's ``fixed-shape``): every part padded to the tensors' full length
     (max-seq-len), so the shapes the model sees, and with them the round's time and memory, depend on the Poisson
     batch sizes and the settings only, never on the lengths of the rows drawn. A small round runs on one CPU thread
-    (:func:`round_threads`).
+    (:func:`round_threads`). ``head_only`` (LP-FT's first rounds): the LoRA factors stay as they are; only the
+    other trainable tensors (the head) train, clipped and noised alone.
     """
-    with round_threads(model, data, batch_size, device):
+    with round_threads(model, data, batch_size, device), lora_frozen(model, head_only):
         loop = prepare_loop(model, data, batch_size=batch_size, learning_rate=learning_rate, dp=dp, device=device,
                             seeds=seeds, optimizer=optimizer, lora_lr_scale=lora_lr_scale)
         return run_loop(loop, task or get_task(DEFAULT_TASK), steps=steps, device=device,

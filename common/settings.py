@@ -21,6 +21,7 @@ OptimizerName = Literal["sgd", "adamw"]
 TaskName = Literal["classify", "ner", "sft"]
 # examples: FedAvg weighted by each node's reported num-examples, capped; equal: every trained node the same weight.
 WeightingName = Literal["examples", "equal"]
+ServerOptimizerName = Literal["fedavg", "fedavgm", "fedadam"]
 # dp: DP-SGD (clipping + noise, accounted). clip-only: the same pipeline with noise multiplier 0 (no privacy; isolates
 # the cost of the noise). off: plain non-private training with the non-private optimiser (no clipping, no noise).
 DpMode = Literal["dp", "clip-only", "off"]
@@ -131,6 +132,9 @@ class TrainPlan:
     nonprivate_learning_rate: float = _help("Head learning rate of non-private training (dp-mode off).", 5e-3)
     nonprivate_lora_lr_scale: float = _help(
         "LoRA factors' learning rate under dp-mode off = nonprivate-learning-rate x this (> 0).", 0.2)
+    head_rounds: int = _help(
+        "Rounds 1..k train the classifier head only (LP-FT: a linear probe first); the LoRA factors keep the "
+        "global adapter's values until round k + 1. 0 = both train from round 1.", 0)
 
     def problems(self) -> list[str]:
         out = []
@@ -140,6 +144,8 @@ class TrainPlan:
             out.append(f"local-epochs must be > 0, got {self.local_epochs}")
         if self.batch_size <= 0:
             out.append(f"batch-size must be > 0, got {self.batch_size}")
+        if self.head_rounds < 0:
+            out.append(f"head-rounds must be >= 0, got {self.head_rounds}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             out.append(f"learning-rate must be > 0, got {self.learning_rate}")
         for key, value in (("lora-lr-scale", self.lora_lr_scale),
@@ -176,6 +182,11 @@ class FederationSettings:
         "Under weighting = examples, the most examples one node's weight counts: a node reporting more weighs "
         "this much. 0 = 4 x the median num-examples of the round's trained nodes; with fewer than 3 trained "
         "nodes that median is no robust bound (one node can set it), so set this or use weighting = equal.", 0)
+    server_optimizer: ServerOptimizerName = _help(
+        "The server's step on the round's mean (FedOpt): fedavg (the mean, scaled by server-learning-rate), "
+        "fedavgm (momentum server-momentum) or fedadam; post-processing, no node's epsilon changes.", "fedavg")
+    server_learning_rate: float = _help("Server learning rate of server-optimizer (> 0); fedavg at 1 = the mean.", 1.0)
+    server_momentum: float = _help("Momentum of server-optimizer fedavgm, in [0, 1).", 0.9)
 
     def problems(self) -> list[str]:
         out = []
@@ -192,6 +203,10 @@ class FederationSettings:
             out.append(f"divergence-factor must be 0 (off) or > 1, got {self.divergence_factor}")
         if self.max_node_examples < 0:
             out.append(f"max-node-examples must be >= 0 (0 = 4 x the round's median), got {self.max_node_examples}")
+        if not (self.server_learning_rate > 0 and math.isfinite(self.server_learning_rate)):
+            out.append(f"server-learning-rate must be > 0, got {self.server_learning_rate}")
+        if not 0.0 <= self.server_momentum < 1.0:
+            out.append(f"server-momentum must be in [0, 1), got {self.server_momentum}")
         return out
 
 

@@ -290,7 +290,8 @@ class SecureAggregation(Strategy):
         if info.clamped:
             log.warning("round %s: nodes clamped %d coordinate(s) of their updates to the secure sum's range "
                         "+-%g (secagg-range)", server_round, info.clamped, info.value_range)
-        return {k: (v + delta[k]).astype(v.dtype) if k in delta else v for k, v in reference.items()}
+        mean_adapter = {k: (v + delta[k]).astype(v.dtype) if k in delta else v for k, v in reference.items()}
+        return self.inner.server_optimizer.step(reference, mean_adapter)
 
     def client_level(self, delta: float) -> dict[str, object] | None:
         """The aggregate's client-level DP so far (None without client-dp), with what it assumes."""

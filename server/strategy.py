@@ -35,6 +35,7 @@ from fedtune.common.wire.contract import ARRAYS, REQUEST, RoundRequest
 from fedtune.server.aggregation import WEIGHTINGS, fedavg, node_weights
 from fedtune.server.outcome import EvalOutcome, NodeOutcome, eval_means
 from fedtune.server.replies import eval_outcome, train_outcome
+from fedtune.server.server_optimizer import ServerOptimizer
 
 log = logging.getLogger("fedtune.server")
 POLL_S = 1.0
@@ -80,7 +81,7 @@ class AdapterFedAvg(Strategy):
     def __init__(self, request: RoundRequest, *, run_id: str, node_wait_timeout: float = 600.0,
                  weighting: str = "examples", max_node_examples: int = 0, fraction_train: float = 1.0,
                  fraction_evaluate: float = 1.0, min_train_nodes: int = 2, min_evaluate_nodes: int = 2,
-                 min_available_nodes: int = 2) -> None:
+                 min_available_nodes: int = 2, server_optimizer: ServerOptimizer | None = None) -> None:
         if weighting not in WEIGHTINGS or max_node_examples < 0:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)} and max-node-examples >= 0, got "
                              f"weighting={weighting!r}, max-node-examples={max_node_examples}")
@@ -98,6 +99,7 @@ class AdapterFedAvg(Strategy):
         self.stop_code: str | None = None  # "budget" (nodes refused), "nodes" (too few connected) or "diverged"
         self.stop_reason: str | None = None
         self._reference: Arrays = {}
+        self.server_optimizer = server_optimizer or ServerOptimizer()  # FedAvg: the new global adapter is the mean
 
     @classmethod
     def from_settings(cls, settings: RunSettings, request: RoundRequest, run_id: str) -> AdapterFedAvg:
@@ -106,7 +108,7 @@ class AdapterFedAvg(Strategy):
         return cls(request, run_id=run_id, node_wait_timeout=f.node_wait_timeout, weighting=f.weighting,
                    max_node_examples=f.max_node_examples, fraction_train=f.fraction_train,
                    fraction_evaluate=f.fraction_evaluate, min_train_nodes=f.min_clients, min_evaluate_nodes=1,
-                   min_available_nodes=f.min_clients)
+                   min_available_nodes=f.min_clients, server_optimizer=ServerOptimizer.from_settings(f))
 
     def restore(self, outcomes: Mapping[int, Sequence[NodeOutcome]],
                 evaluations: Mapping[int, Sequence[EvalOutcome]]) -> None:
@@ -187,7 +189,7 @@ class AdapterFedAvg(Strategy):
             log.warning("round %s: no usable update; the global adapter is unchanged", server_round)
             return None, summary
         averaged = fedavg([(arrays, w) for (_, arrays), w in zip(updates, weights, strict=True)])
-        return arrays_to_record(averaged), summary
+        return arrays_to_record(self.server_optimizer.step(self._reference, averaged)), summary
 
     def finish_round(self, server_round: int, outcomes: Sequence[NodeOutcome], *,
                      weight: float | None) -> MetricRecord:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from fedtune.common.settings import RunSettings
+from fedtune.common.tasks import get_task
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,16 @@ def _no_client_dp(mode: Mode) -> str | None:
         and not mode.settings.aggregation.client_dp else None
 
 
+def _headless(mode: Mode) -> str | None:
+    task = get_task(mode.settings.model.task)
+    return None if task.labelled else f"with --task {task.name}"
+
+
+def _not_fedavgm(mode: Mode) -> str | None:
+    name = mode.settings.federation.server_optimizer
+    return None if mode.central or name == "fedavgm" else f"with server-optimizer {name}"
+
+
 RULES = (
     Rule(tuple(_NONPRIVATE), _dp_mode("off"),
          lambda m, k: f"non-private training uses {_NONPRIVATE[k]} (now {_value(m, _NONPRIVATE[k])!r})"),
@@ -110,9 +121,13 @@ RULES = (
          lambda m, k: "this partitioner draws no label proportions; dirichlet-alpha applies with --partitioner "
                       "dirichlet"),
     Rule(("fraction-train", "fraction-evaluate", "min-clients", "weighting", "max-node-examples", "node-wait-timeout",
-          "round-timeout"), _central,
+          "round-timeout", "server-optimizer", "server-learning-rate", "server-momentum"), _central,
          lambda m, k: "the central baseline has one node and no aggregation; num-rounds and local-epochs set its "
                       "training"),
+    Rule(("server-momentum",), _not_fedavgm,
+         lambda m, k: "only fedavgm keeps a momentum; it applies with --set server-optimizer=fedavgm"),
+    Rule(("head-rounds",), _headless,
+         lambda m, k: "this task has no head to train alone: its LoRA factors train from round 1"),
     Rule(("max-node-examples",), _equal_weighting,
          lambda m, k: "every node gets the same weight; max-node-examples applies with weighting examples"),
     Rule(("secagg-shares", "secagg-threshold", "secagg-timeout", "secagg-range"), _plain,

@@ -33,7 +33,7 @@ from fedtune.common.settings import (
     key_of,
 )
 
-WIRE_VERSION = 2  # 2: the request carries the aggregation section (secure aggregation, client-level DP)
+WIRE_VERSION = 3  # 2: the request carries the aggregation section (secure aggregation, client-level DP); 3: head-rounds
 REQUEST, STATUS, METRICS, ARRAYS = "request", "status", "metrics", "arrays"
 
 MAX_TEXT = 1024  # longest string the server may send in one field

@@ -51,10 +51,13 @@ def confusion_of(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> Conf
 def evaluate(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
     *, device: torch.device, batch_size: int = 256, groups: Sequence[str] | None = None,
+    states: torch.Tensor | None = None,
 ) -> EvalResult:
     """Mean cross-entropy, accuracy and confusion matrix; ids/mask [N, T], labels [N], groups N values or None.
 
     Examples are run shortest first, so each batch, padded to its own longest example, carries little padding.
+    ``states`` [N, T, H]: the frozen lower layers' output for these examples (``lower_states``), fed to a model
+    whose LoRA sits above them instead of ``ids``.
     """
     model.eval()
     total_loss, n = 0.0, len(labels)
@@ -64,8 +67,10 @@ def evaluate(
     for idx in order.split(batch_size):
         b_ids, b_mask, b_y = (t[idx].to(device) for t in (ids, mask, labels))
         width = int(b_mask.sum(dim=1).max())  # trim padding shared by the whole batch
+        inputs = ({"input_ids": b_ids[:, :width]} if states is None
+                  else {"hidden_states": states[idx, :width].to(device)})
         with autocast(device):
-            logits = model(input_ids=b_ids[:, :width], attention_mask=b_mask[:, :width]).float()
+            logits = model(**inputs, attention_mask=b_mask[:, :width]).float()
         total_loss += float(nn.functional.cross_entropy(logits, b_y, reduction="sum"))
         preds.append(logits.argmax(dim=-1).cpu())
         num_labels = int(logits.shape[-1])

@@ -7,6 +7,7 @@ trials, while this head learns.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.common.models.base import BaseModel, attach_lora, encode
+from fedtune.common.models.device import autocast
 from fedtune.common.settings import LoraSettings
 
 HEAD_NAME = "head"
@@ -80,24 +82,39 @@ def top_layers(encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.T
 
 @torch.no_grad()
 def lower_states(encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cut: int,
-                 batch_size: int = 256) -> torch.Tensor:
+                 batch_size: int = 256, *, mixed: bool = False) -> torch.Tensor:
     """The frozen encoder's hidden states after layer ``cut - 1`` (embeddings when ``cut`` = 0), [N, T, H], fp32.
 
-    Computed without dropout (eval mode): the states are a deterministic function of each example alone.
+    Computed without dropout (eval mode), running the embeddings and layers ``0..cut-1`` only (the layers above
+    are not needed): the states are a deterministic function of each example alone. ``mixed``: under the CPU's
+    autocast (bfloat16 where the CPU has it), as the training loop computes those layers when nothing is cached.
     """
     was_training = encoder.training
     encoder.eval()
     config: Any = encoder.config
+    embeddings: Any = encoder.embeddings  # type: ignore[union-attr]  # a BERT-style encoder
+    layers: Any = encoder.encoder.layer  # type: ignore[union-attr]
     states = torch.zeros((len(ids), ids.shape[1], int(config.hidden_size)))
     # Shortest first, each batch cut to its longest example; positions past an example's end stay 0 (masked).
+    cpu = torch.device("cpu")
     for idx in torch.argsort(mask.sum(dim=1), stable=True).split(batch_size):
         width = max(int(mask[idx].sum(dim=1).max()), 1)
         b_ids, b_mask = ids[idx, :width], mask[idx, :width]
-        position_ids = torch.arange(width).expand_as(b_ids)
-        res = encoder(input_ids=b_ids, attention_mask=b_mask, position_ids=position_ids, output_hidden_states=True)
-        states[idx, :width] = res.hidden_states[cut].float()
+        with autocast(cpu) if mixed else contextlib.nullcontext():
+            states[idx, :width] = _lower(embeddings, layers[:cut], config, b_ids, b_mask).float()
     encoder.train(was_training)
     return states
+
+
+def _lower(embeddings: Any, layers: Any, config: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The embeddings and then ``layers`` on one batch: ids, mask [B, T] -> states [B, T, H]."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    hidden = embeddings(input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand_as(ids))
+    extended = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
+    for layer in layers:
+        hidden = layer(hidden, extended)
+    return hidden
 
 
 def lora_config(settings: LoraSettings) -> LoraConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,9 @@ class Classify:
     clients = 5  # fedtune-sim's default job
     adapter_fields: Mapping[str, Any] = {"head": HEAD_DESCRIPTION}
     card = CARD
+
+    def __init__(self) -> None:
+        self._eval_states: dict[tuple[int, int, int], tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
 
     def base_ref(self, model_path: str, hub_id: str = "") -> BaseModelRef:
         from fedtune.common.models.base import base_model_ref
@@ -98,7 +102,8 @@ class Classify:
         if cut == 0:
             return named(encoded)
         ids, mask, labels = encoded
-        return {"hidden_states": lower_states(base.encoder, ids, mask, cut), "attention_mask": mask, "labels": labels}
+        states = lower_states(base.encoder, ids, mask, cut, mixed=True)
+        return {"hidden_states": states, "attention_mask": mask, "labels": labels}
 
     def loss(self, module: nn.Module, batch: Batch, *, fixed_shape: bool = False) -> torch.Tensor:
         # every shape follows the batch's: fixed_shape needs nothing more here
@@ -108,9 +113,25 @@ class Classify:
 
     def evaluate(self, model: nn.Module, base: BaseModel, data: LabelledData, encoded: Encoded, *,
                  device: torch.device, groups: Sequence[str] | None = None, detail: bool = False) -> EvalResult:
+        """With LoRA only above the frozen layers, those layers' output for ``encoded`` is computed once per process
+        and reused by every later evaluation of the same examples (the server scores the held-out set each round)."""
         from fedtune.common.tasks.classify.evaluation import evaluate
 
-        return evaluate(model, *encoded, device=device, groups=groups)
+        cut = int(getattr(getattr(getattr(model, "base_model", model), "model", model), "cut", 0))
+        return evaluate(model, *encoded, device=device, groups=groups,
+                        states=self._states(base, encoded, cut) if cut else None)
+
+    def _states(self, base: BaseModel, encoded: Encoded, cut: int) -> torch.Tensor:
+        from fedtune.common.tasks.classify.model import lower_states
+
+        ids, mask, _ = encoded
+        key = (id(ids), id(base.encoder), cut)
+        held = self._eval_states.get(key)
+        if held is None or held[0]() is not ids:  # an id reused by a new tensor is a new set
+            self._eval_states.clear()  # one set at a time: the server's held-out set, or a node's test split
+            held = (weakref.ref(ids), lower_states(base.encoder, ids, mask, cut, mixed=True))
+            self._eval_states[key] = held
+        return held[1]
 
     def summary_fields(self, held_out: LabelledData, rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         from fedtune.common.tasks.classify.baseline import summary_fields

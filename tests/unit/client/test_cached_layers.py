@@ -123,3 +123,20 @@ def test_a_kept_model_trains_a_round_exactly_as_a_freshly_built_one(base, tiny_m
     for name in fresh:
         assert np.allclose(kept_first[name], fresh[name], atol=1e-6), name
         assert np.allclose(kept_again[name], fresh[name], atol=1e-6), name
+
+
+def test_held_out_evaluation_reuses_the_frozen_layers_output(base):
+    """The server scores the same held-out set every round: with LoRA only above the frozen layers, the task
+    computes their output once and scores from it, with the full model's loss and accuracy."""
+    from fedtune.common.tasks.classify.evaluation import evaluate
+    from fedtune.common.tasks.classify.task import CLASSIFY
+
+    model = _model(base, TOP)
+    ids, mask, labels = _batch(base, 40)
+    full = evaluate(model, ids, mask, labels, device=CPU)
+    first = CLASSIFY.evaluate(model, base, None, (ids, mask, labels), device=CPU)
+    (held,) = CLASSIFY._eval_states.values()
+    again = CLASSIFY.evaluate(model, base, None, (ids, mask, labels), device=CPU)
+    assert CLASSIFY._eval_states[next(iter(CLASSIFY._eval_states))][1] is held[1]  # computed once
+    assert first.accuracy == again.accuracy == full.accuracy
+    assert first.loss == pytest.approx(full.loss, rel=1e-2)

@@ -174,3 +174,21 @@ def test_a_small_round_trains_on_one_thread_and_restores_the_setting(base, monke
         assert seen == [1, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(saved)
+
+
+def test_head_only_rounds_train_the_head_alone_and_then_everything_again(base):
+    """LP-FT (head-rounds): a head-only round leaves every LoRA factor as it was and clips and noises the head
+    alone (Opacus sees only the head); afterwards the factors train again."""
+    model = _model(base)
+    _randomise_head(model)
+    before = to_arrays(model)
+    train(model, _data(base), steps=2, batch_size=32, learning_rate=1e-2, dp=DpParams(1.0, 1.0), device=CPU,
+          seeds=SEEDS, head_only=True)
+    after = to_arrays(model)
+    lora = [k for k in before if "lora_" in k]
+    assert lora and all(np.array_equal(before[k], after[k]) for k in lora)
+    assert any(not np.array_equal(before[k], after[k]) for k in before if "head" in k)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # restored
+    train(model, _data(base), steps=1, batch_size=32, learning_rate=1e-2, dp=DpParams(1.0, 1.0), device=CPU,
+          seeds=SEEDS)
+    assert any(not np.array_equal(after[k], v) for k, v in to_arrays(model).items() if "lora_" in k)
