@@ -57,7 +57,8 @@ class LoraSettings:
     lora_alpha: float = _help("LoRA scaling alpha (> 0); the update is scaled by alpha / r.", 16.0)
     lora_dropout: float = _help("Dropout on the LoRA input, in [0, 1).", 0.0)
     lora_targets: str = _help("Comma-separated module names that get LoRA factors.", "query,value")
-    lora_layers: str = _help("Comma-separated layer indices that get LoRA; empty = every layer.", "")
+    lora_layers: str = _help("Comma-separated layer indices that get LoRA, counted from 0 at the bottom or from -1 "
+                             "at the top; empty = every layer.", "")
     lora_variant: LoraVariant = _help(
         "lora: train A and B; ffa: FFA-LoRA, A stays at its shared seeded init and only B trains "
         "(FedAvg of B is then exact, and DP noise covers half the dimensions).", "lora")
@@ -68,7 +69,19 @@ class LoraSettings:
 
     @property
     def layers(self) -> list[int]:
+        """The indices as given (negative ones count from the top: see :meth:`layers_of`)."""
         return [int(t) for t in self.lora_layers.split(",") if t.strip()]
+
+    def layers_of(self, depth: int) -> list[int] | None:
+        """The layers of a ``depth``-layer model that get LoRA, ascending (None: every layer); ValueError names an
+        index the model does not have."""
+        if not self.layers:
+            return None
+        wrong = [i for i in self.layers if not -depth <= i < depth]
+        if wrong:
+            raise ValueError(f"lora-layers {self.lora_layers!r} names layer(s) {wrong} of a model with {depth} layers "
+                             f"(0..{depth - 1}, or -{depth}..-1 from the top)")
+        return sorted({i % depth for i in self.layers})
 
     def problems(self) -> list[str]:
         out = []
@@ -81,8 +94,8 @@ class LoraSettings:
         if not self.target_modules:
             out.append("lora-targets must name at least one module, got an empty list")
         try:
-            if any(i < 0 for i in self.layers):
-                out.append(f"lora-layers must be >= 0, got {self.lora_layers!r}")
+            if len(set(self.layers)) != len(self.layers):
+                out.append(f"lora-layers names a layer twice: {self.lora_layers!r}")
         except ValueError:
             out.append(f"lora-layers must be comma-separated integers, got {self.lora_layers!r}")
         return out

@@ -149,6 +149,20 @@ def load_base(model_path: str) -> BaseModel:
     return BaseModel(path=path, tokenizer=tokenizer, encoder=encoder)
 
 
+def lora_layers(lora: LoraSettings, config: Any, where: str | Path) -> list[int] | None:
+    """PEFT's ``layers_to_transform`` for a model with ``config`` (its ``num_hidden_layers``); None = every layer."""
+    depth = int(getattr(config, "num_hidden_layers", 0) or 0)
+    if not lora.layers:
+        return None
+    if depth <= 0:
+        raise ModelError(f"lora-layers {lora.lora_layers!r} needs a model that names its layers; {where} does not "
+                         "(set lora-layers empty)")
+    try:
+        return lora.layers_of(depth)
+    except ValueError as err:
+        raise ModelError(f"{err}: {where}") from None
+
+
 def attach_lora(model: nn.Module, config: LoraConfig, lora: LoraSettings, where: str | Path) -> PeftModel:
     """Wrap ``model`` (already on its device: opacus#820) with LoRA; under FFA-LoRA the A factors stay frozen."""
     try:

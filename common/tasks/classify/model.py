@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from fedtune.common.models.base import BaseModel, attach_lora, encode
+from fedtune.common.models.base import BaseModel, attach_lora, encode, lora_layers
 from fedtune.common.models.device import autocast
 from fedtune.common.settings import LoraSettings
 
@@ -61,12 +61,13 @@ class SentenceClassifier(nn.Module):
 
 
 def frozen_prefix(encoder: nn.Module, lora: LoraSettings) -> int:
-    """How many bottom layers of ``encoder`` stay frozen (no LoRA): min(lora-layers), 0 when every layer
+    """How many bottom layers of ``encoder`` stay frozen (no LoRA): the lowest LoRA layer, 0 when every layer
     trains or the encoder is not a BERT-style stack (``encoder.encoder.layer``)."""
     layers = getattr(getattr(encoder, "encoder", None), "layer", None)
     if not lora.layers or not isinstance(layers, nn.ModuleList):
         return 0
-    return min(min(lora.layers), len(layers))
+    chosen = lora_layers(lora, encoder.config, "the base model")
+    return min(chosen) if chosen else 0
 
 
 def top_layers(encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, cut: int) -> torch.Tensor:
@@ -117,14 +118,15 @@ def _lower(embeddings: Any, layers: Any, config: Any, ids: torch.Tensor, mask: t
     return hidden
 
 
-def lora_config(settings: LoraSettings) -> LoraConfig:
+def lora_config(settings: LoraSettings, layers: list[int] | None = None) -> LoraConfig:
+    """PEFT's config; ``layers`` = :func:`~fedtune.common.models.base.lora_layers` of the model (None: every layer)."""
     return LoraConfig(
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha,  # type: ignore[arg-type]  # PEFT's hint says int; it scales by a float
         lora_dropout=settings.lora_dropout,
         target_modules=settings.target_modules,
         modules_to_save=[HEAD_NAME],
-        layers_to_transform=settings.layers or None,
+        layers_to_transform=layers,
         bias="none",
     )
 
@@ -147,7 +149,8 @@ def build_model(
     """
     torch.manual_seed(seed)  # LoRA A init; identical on every node that uses the same seed
     model = build_classifier(base, num_labels, frozen_prefix(base.encoder, lora)).to(device)
-    return attach_lora(model, lora_config(lora), lora, base.path)
+    layers = lora_layers(lora, base.encoder.config, base.path)
+    return attach_lora(model, lora_config(lora, layers), lora, base.path)
 
 
 def probabilities(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, max_len: int,

@@ -147,7 +147,7 @@ class Ner:
         from peft import LoraConfig, TaskType
         from transformers import AutoModelForTokenClassification
 
-        from fedtune.common.models.base import attach_lora
+        from fedtune.common.models.base import attach_lora, lora_layers
 
         if len(labels) < 2:
             raise ModelError(f"ner needs at least 2 tags, got {list(labels)}")
@@ -171,7 +171,8 @@ class Ner:
         model = model.to(device)  # before PEFT wraps it (opacus#820)
         config = LoraConfig(task_type=TaskType.TOKEN_CLS, r=lora.lora_rank, lora_alpha=lora.lora_alpha,  # type: ignore[arg-type]  # PEFT's hint says int
                             lora_dropout=lora.lora_dropout, target_modules=lora.target_modules,
-                            layers_to_transform=lora.layers or None, modules_to_save=[HEAD], bias="none")
+                            layers_to_transform=lora_layers(lora, model.config, base.path), modules_to_save=[HEAD],
+                            bias="none")
         return attach_lora(model, config, lora, base.path)
 
     def train_inputs(self, base: BaseModel, encoded: Encoded, lora: LoraSettings) -> dict[str, torch.Tensor]:

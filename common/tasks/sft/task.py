@@ -199,13 +199,13 @@ class Sft:
                     seed: int = 0) -> PeftModel:
         from peft import LoraConfig, TaskType
 
-        from fedtune.common.models.base import attach_lora
+        from fedtune.common.models.base import attach_lora, lora_layers
 
         torch.manual_seed(seed)  # LoRA A init; identical on every node that uses the same seed
         lm = copy.deepcopy(base.encoder).to(device)  # to the device before PEFT wraps it (opacus#820)
         config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.lora_rank, lora_alpha=lora.lora_alpha,  # type: ignore[arg-type]  # PEFT's hint says int
                             lora_dropout=lora.lora_dropout, target_modules=lora.target_modules,
-                            layers_to_transform=lora.layers or None, bias="none")
+                            layers_to_transform=lora_layers(lora, lm.config, base.path), bias="none")
         return attach_lora(lm, config, lora, base.path)
 
     def train_inputs(self, base: BaseModel, encoded: Encoded, lora: LoraSettings) -> dict[str, torch.Tensor]:

@@ -140,3 +140,16 @@ def test_held_out_evaluation_reuses_the_frozen_layers_output(base):
     assert CLASSIFY._eval_states[next(iter(CLASSIFY._eval_states))][1] is held[1]  # computed once
     assert first.accuracy == again.accuracy == full.accuracy
     assert first.loss == pytest.approx(full.loss, rel=1e-2)
+
+
+def test_layers_count_from_the_top_with_negative_indices(base):
+    """lora-layers -1 is the top layer of whatever model a node loads (layer 1 of the 2-layer tiny BERT); an index
+    the model does not have is refused with the model's own range."""
+    from fedtune.common.errors import ModelError
+
+    assert frozen_prefix(base.encoder, LoraSettings(lora_layers="-1")) == 1
+    assert frozen_prefix(base.encoder, LoraSettings(lora_layers="-2,-1")) == 0  # every layer: nothing to cache
+    top = build_model(base, 2, LoraSettings(lora_rank=4, lora_layers="-1"), CPU, seed=0)
+    assert to_arrays(top).keys() == to_arrays(build_model(base, 2, TOP, CPU, seed=0)).keys()
+    with pytest.raises(ModelError, match=r"lora-layers '5'.*2 layers \(0\.\.1, or -2\.\.-1"):
+        build_model(base, 2, LoraSettings(lora_layers="5"), CPU, seed=0)
