@@ -7,7 +7,9 @@ Flower-Hub signatures. So the node runs ``flower-supernode --isolation process
 (authenticated with the shared secret S), compares ``task.fab_hash`` (sha256 of
 the FAB, known before anything is installed) with the allow-list, and either
 
-- launches ``flwr-clientapp`` for the task (allowed), or
+- launches ``flwr-clientapp`` for the task (allowed): it hands the task's token to a ClientApp process it started
+  ahead of time (:mod:`fedtune.client.prewarmed`, imports done; one process per task, as Flower's own), or starts
+  ``flwr-clientapp`` when none is ready; or
 - refuses it: pulls the task input with the task's token, pushes an error reply
   (``ErrorCode.INVALID_FAB`` with the reason) and marks the task FAILED. The
   server sees the error reply; the node stays healthy; no app code ever ran
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -86,6 +89,7 @@ class GateConfig:
     secret: bytes  # the SuperExec shared secret (same file as the SuperNode's)
     allowlist: Path  # re-read on every task, so an operator can edit it without a restart
     decisions: Path  # JSON lines: one per task (allowed / refused)
+    prewarm: bool = True  # keep the next task's ClientApp process started, its imports done (client.prewarmed)
 
 
 class Gate:
@@ -95,6 +99,7 @@ class Gate:
         self.cfg = cfg
         self.children: list[subprocess.Popen[bytes]] = []
         self.stopping = False
+        self.spare = self._start_spare()
         self.client = RuntimeHttpClient.from_server_address(
             server_address=cfg.runtime_address, insecure=True, root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
@@ -132,11 +137,32 @@ class Gate:
 
     def launch(self, task: Task, token: str) -> None:
         kind = TaskType(task.type)
-        cmd = [TASK_TYPE_TO_COMMAND[kind], TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[kind], self.cfg.runtime_address,
-               "--token", token, "--insecure"]
-        self.children.append(subprocess.Popen([flower_bin(cmd[0]), *cmd[1:]]))
+        spare, self.spare = self.spare, None
+        if spare is not None and spare.poll() is None and spare.stdin is not None:
+            try:
+                spare.stdin.write(f"{token}\n".encode())
+                spare.stdin.close()
+                self.children.append(spare)
+                how = "handed it to the waiting ClientApp process"
+            except OSError:  # it died just now: start one the usual way
+                spare = None
+        else:
+            spare = None
+        if spare is None:
+            cmd = [TASK_TYPE_TO_COMMAND[kind], TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[kind], self.cfg.runtime_address,
+                   "--token", token, "--insecure"]
+            self.children.append(subprocess.Popen([flower_bin(cmd[0]), *cmd[1:]]))
+            how = f"started {cmd[0]}"
         self._record(task, "allowed", "")
-        log.info("run %s: app %s is allow-listed; started %s", task.run_id, task.fab_hash[:12], cmd[0])
+        log.info("run %s: app %s is allow-listed; %s", task.run_id, task.fab_hash[:12], how)
+        self.spare = self._start_spare()
+
+    def _start_spare(self) -> subprocess.Popen[bytes] | None:
+        """The next task's ClientApp process, importing while the node waits (None when prewarm is off)."""
+        if not self.cfg.prewarm:
+            return None
+        return subprocess.Popen([sys.executable, "-m", "fedtune.client.prewarmed", "--runtime-api-address",
+                                 self.cfg.runtime_address, "--parent-pid", str(os.getpid())], stdin=subprocess.PIPE)
 
     def refuse(self, task: Task, token: str, reason: str) -> None:
         """Answer the task with an error reply and a FAILED status, without running any of its code."""
@@ -167,7 +193,7 @@ class Gate:
 
     def stop(self, signum: int, _frame: FrameType | None) -> None:
         self.stopping = True
-        for child in self.children:
+        for child in [*self.children, *([self.spare] if self.spare is not None else [])]:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
@@ -179,12 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--secret-file", type=Path, required=True, help="SuperExec shared secret file")
     p.add_argument("--allowlist", type=Path, required=True, help="file of allowed FAB sha256 digests")
     p.add_argument("--decisions", type=Path, required=True, help="JSON-lines record of every decision")
+    p.add_argument("--no-prewarm", action="store_true", help="start each ClientApp process only when its task "
+                   "arrives (default: one waits with its imports done)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     try:
         read_allowlist(args.allowlist)
-        cfg = GateConfig(args.runtime_api_address, args.secret_file.read_bytes(), args.allowlist, args.decisions)
+        cfg = GateConfig(args.runtime_api_address, args.secret_file.read_bytes(), args.allowlist, args.decisions,
+                         prewarm=not args.no_prewarm)
     except (FedtuneError, OSError) as err:
         print(f"fedtune-gate: {err}", file=sys.stderr)
         return 2
