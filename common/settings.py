@@ -58,7 +58,8 @@ class LoraSettings:
     lora_dropout: float = _help("Dropout on the LoRA input, in [0, 1).", 0.0)
     lora_targets: str = _help("Comma-separated module names that get LoRA factors.", "query,value")
     lora_layers: str = _help("Comma-separated layer indices that get LoRA, counted from 0 at the bottom or from -1 "
-                             "at the top; empty = every layer.", "")
+                             "at the top; empty = every layer. Layers below the lowest one are frozen: a node computes "
+                             "their output once per job (see docs/results.md, accuracy study).", "-2,-1")
     lora_variant: LoraVariant = _help(
         "lora: train A and B; ffa: FFA-LoRA, A stays at its shared seeded init and only B trains "
         "(FedAvg of B is then exact, and DP noise covers half the dimensions).", "lora")
@@ -235,7 +236,7 @@ class DataSettings:
     partition_by: str = _help("Column whose values group examples for the natural split.", "movie_name")
     dirichlet_alpha: float = _help("Dirichlet concentration (> 0); small = very non-IID.", 0.5)
     test_fraction: float = _help("Fraction held out for server-side evaluation, in (0, 1).", 0.15)
-    max_train_examples: int = _help("Cap on training examples across all clients (0 = no cap).", 6000)
+    max_train_examples: int = _help("Cap on training examples across all clients (0 = no cap).", 0)
     report_group_column: str = _help(
         "Column of the data whose values the run report breaks held-out results down by (fairness view); "
         "empty = none.", "")

@@ -172,10 +172,12 @@ def _task(name: str) -> Task:
 
 
 def _task_presets(task: Task, own_model: bool) -> dict[str, Any]:
-    """The default job of ``task`` (kebab keys), under every flag and --set. Layer indices are the embedded
-    model's: with your own model (``--model``) LoRA goes on every layer unless lora-layers says otherwise."""
+    """The default job of ``task`` (kebab keys), under every flag and --set. Layer indices counted from the bottom
+    are the embedded model's: with your own model (``--model``) such a preset is dropped and the settings' default
+    (the top two layers) applies unless lora-layers says otherwise."""
     presets = dict(task.presets)
-    if own_model:
+    bottom_up = [t for t in str(presets.get("lora-layers", "")).split(",") if t.strip() and int(t) >= 0]
+    if own_model and bottom_up:
         presets.pop("lora-layers", None)
     return presets
 

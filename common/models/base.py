@@ -168,7 +168,7 @@ def attach_lora(model: nn.Module, config: LoraConfig, lora: LoraSettings, where:
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as err:
-        raise ModelError(f"cannot attach LoRA to {where}: {err}; check lora-targets") from err
+        raise ModelError(f"cannot attach LoRA to {where} (check lora-targets and lora-layers): {err}") from err
     if lora.lora_variant == "ffa":
         for name, param in peft_model.named_parameters():
             if "lora_A" in name:

@@ -84,7 +84,7 @@ class Ner:
     adapter_fields: Mapping[str, Any] = {}
     card = CARD
     presets: dict[str, Any] = {
-        "dataset": "conll-sample", "max-seq-len": 64, "lora-targets": "query,value", "lora-rank": 4,
+        "dataset": "conll-sample", "max-seq-len": 64, "lora-targets": "query,value", "lora-layers": "", "lora-rank": 4,
         "lora-alpha": 8.0, "num-rounds": 5, "local-epochs": 2.0, "batch-size": 48, "optimizer": "sgd",
         "learning-rate": 0.5, "lora-lr-scale": 0.2, "partitioner": "iid", "test-fraction": 0.2,
         "max-train-examples": 0,
