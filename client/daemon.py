@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, required=True, help="privacy state and ledger (back this up)")
     p.add_argument("--app-allowlist", type=Path, help="file of sha256 digests of app bundles this node may run")
     p.add_argument("--allow-any-app", action="store_true", help="run any app the server sends (no pinning)")
+    p.add_argument("--no-prewarm", action="store_true",
+                   help="start each ClientApp process when its task arrives, not ahead of it (saves the memory of "
+                        "an idle process that has imported torch; rounds then wait for those imports)")
     p.add_argument("--log-file", type=Path, help="default: STATE_DIR/fedtune-client.log (Flower's own output goes "
                                                  "to supernode.log next to it)")
     p.add_argument("--log-format", choices=logs.LOG_FORMATS, default="text",
@@ -118,7 +121,7 @@ def options(args: argparse.Namespace) -> NodeOptions:
     return NodeOptions(
         superlink=args.superlink, data=args.data, state_dir=args.state_dir,
         root_certificates=args.root_certificates, node_key=args.node_key, insecure=args.insecure,
-        policy=args.policy, allowlist=args.app_allowlist, allow_any_app=args.allow_any_app,
+        policy=args.policy, allowlist=args.app_allowlist, allow_any_app=args.allow_any_app, prewarm=not args.no_prewarm,
         text_column=args.text_column, label_column=args.label_column, task=args.task,
         labels=tuple(x.strip() for x in args.labels.split(",") if x.strip()),
         log_file=args.log_file, runtime_port=args.runtime_port, max_restarts=args.max_restarts,

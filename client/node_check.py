@@ -49,6 +49,7 @@ class NodeOptions:
     connect_retries: int = 8  # SuperNode's own retries per connection attempt before the daemon takes over
     stall_timeout_s: float = 120.0  # SuperNode failing to connect and silent this long: restart it
     witness: Path | None = None  # the ledger's witness (default: beside STATE_DIR, outside it)
+    prewarm: bool = True  # the app gate keeps the next ClientApp process started, imports done
 
     @property
     def log_path(self) -> Path:

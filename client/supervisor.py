@@ -129,7 +129,8 @@ class Supervisor:
         if secret is not None and o.allowlist is not None:
             gate_cmd = [sys.executable, "-m", "fedtune.client.gate", "--runtime-api-address",
                         f"127.0.0.1:{o.runtime_port}", "--secret-file", str(secret), "--allowlist",
-                        str(o.allowlist.resolve()), "--decisions", str(o.state_dir / "app-decisions.jsonl")]
+                        str(o.allowlist.resolve()), "--decisions", str(o.state_dir / "app-decisions.jsonl"),
+                        *([] if o.prewarm else ["--no-prewarm"])]
             self.procs.append(start_group(gate_cmd, env=self.env, log_file=o.flower_log_path, cwd=o.state_dir,
                                           preexec_fn=die_with_parent))
         log.info("SuperNode started (pid %s) towards %s%s", node.pid, o.superlink,

@@ -9,7 +9,7 @@ Every point of the grid is a real ``fedtune-sim`` run (a subprocess) with its ow
   tuned non-private optimiser, or ``clip-only``, the DP pipeline without noise);
 - central (``--central`` adds it; ``--modes central`` runs it alone) at each epsilon: one node holding the
   union of the clients' training data, with its own budget;
-- always the central non-private baseline (the reference line of the plot).
+- the central non-private baseline (the reference line of the plot), unless ``--no-reference``.
 
 Repeat ``r`` runs with ``--seed SEED+r`` (split, initial adapter, client sampling), and the nodes' noise
 is their own secret randomness, so repeats differ. A point is finished once its results directory holds
@@ -89,11 +89,12 @@ def parse_epsilons(text: str) -> list[float]:
     return sorted(out)
 
 
-def grid(epsilons: Sequence[float], repeats: int, seed: int, modes: Sequence[str]) -> list[Point]:
-    """The sweep's points: each mode at each epsilon and seed, then the central non-private reference."""
+def grid(epsilons: Sequence[float], repeats: int, seed: int, modes: Sequence[str], *,
+         reference: bool = True) -> list[Point]:
+    """The sweep's points: each mode at each epsilon and seed, then (``reference``) the central non-private one."""
     seeds = [seed + r for r in range(repeats)]
     points = [Point(m, e, s) for m in modes for e in epsilons for s in seeds]
-    points += [Point("central", math.inf, s) for s in seeds]
+    points += [Point("central", math.inf, s) for s in seeds] if reference else []
     return list(dict.fromkeys(points))  # the reference may already be in the central grid
 
 
@@ -188,6 +189,9 @@ def parser() -> argparse.ArgumentParser:
                                                  "--central adds central)")
     p.add_argument("--baseline", choices=("off", "clip-only"), default="off",
                    help="what epsilon=inf runs: off (tuned non-private optimiser, default) or clip-only")
+    p.add_argument("--no-reference", action="store_true",
+                   help="leave out the central non-private reference (say, one lever of a study whose reference "
+                        "another sweep on the same data ran); the table then states no gap")
     p.add_argument("--jobs", type=int, default=1, help="points run in parallel (default 1: sequential)")
     p.add_argument("--retries", type=int, default=1,
                    help="run a point again this many times when its run ends without a summary, e.g. when Ray "
@@ -219,7 +223,8 @@ def build(argv: Sequence[str] | None) -> tuple[Sweep, argparse.Namespace]:
     if args.retries < 0:
         problems.append(f"--retries must be >= 0, got {args.retries}")
     try:
-        points = grid(parse_epsilons(args.epsilon), args.repeats, args.seed, _modes(args))
+        points = grid(parse_epsilons(args.epsilon), args.repeats, args.seed, _modes(args),
+                      reference=not args.no_reference)
     except ConfigError as err:
         problems += err.problems
         points = []

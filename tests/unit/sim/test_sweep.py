@@ -33,6 +33,14 @@ def test_the_grid_always_holds_the_central_non_private_reference_once():
     assert Point("federated", math.inf, 7).sim_args("clip-only") == ["--dp-mode", "clip-only", "--seed", "7"]
 
 
+def test_a_study_row_may_leave_the_reference_out():
+    """--no-reference: one lever of a study, whose central non-private reference another sweep ran."""
+    assert [p.name for p in grid([8.0], 2, 42, ["federated"], reference=False)] == [
+        "federated-eps8-seed42", "federated-eps8-seed43"]
+    sweep, _ = build(["--epsilon", "8", "--repeats", "1", "--no-reference", "--out", "x", "--rounds", "2"])
+    assert [p.name for p in sweep.points] == ["federated-eps8-seed42"] and sweep.sim_options == ["--rounds", "2"]
+
+
 def test_options_the_sweep_sets_per_point_are_refused_all_at_once():
     with pytest.raises(ConfigError) as err:
         build(["--epsilon", "1", "--repeats", "0", "--dp-mode=off", "--no-dp", "--out", "x", "--jobs", "0",
