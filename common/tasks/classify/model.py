@@ -50,10 +50,8 @@ class SentenceClassifier(nn.Module):
         else:
             if input_ids is None:
                 raise ValueError("the classifier needs input_ids or hidden_states")
-            # position_ids expanded to [B, T]: Opacus needs per-sample shapes (opacus#841).
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
             states = self.encoder(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(self.encoder, input_ids)
             ).last_hidden_state  # [B, T, H]
         mask = attention_mask.unsqueeze(-1).to(states.dtype)  # [B, T, 1]
         pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [B, H]
@@ -70,15 +68,31 @@ def frozen_prefix(encoder: nn.Module, lora: LoraSettings) -> int:
     return min(chosen) if chosen else 0
 
 
-def top_layers(encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, cut: int) -> torch.Tensor:
-    """Run the layers ``cut..`` of a BERT-style encoder on the states [B, T, H] that layer ``cut - 1`` output."""
+def position_ids(encoder: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Absolute positions [B, T], expanded per example (Opacus needs per-sample shapes: opacus#841): 0.. for BERT,
+    from padding_idx + 1 for encoders that count positions after their padding index (MPNet, RoBERTa)."""
+    offset = int(getattr(getattr(encoder, "embeddings", None), "padding_idx", -1)) + 1
+    return (torch.arange(ids.shape[1], device=ids.device) + offset).expand_as(ids)
+
+
+def run_layers(encoder: nn.Module, layers: Any, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``layers`` of a BERT-style encoder on states [B, T, H] as the encoder itself runs them: the same attention
+    mask and, for encoders with a relative position bias (MPNet), the same bias."""
     from transformers.masking_utils import create_bidirectional_mask
 
     mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
-    layers: Any = encoder.encoder.layer  # type: ignore[union-attr]  # a BERT-style encoder's layer list
-    for layer in layers[cut:]:
-        hidden = layer(hidden, mask)
+    stack: Any = encoder.encoder  # type: ignore[union-attr]  # a BERT-style encoder
+    extra = {"position_bias": stack.compute_position_bias(hidden)} if hasattr(stack, "compute_position_bias") else {}
+    for layer in layers:
+        out = layer(hidden, mask, **extra)
+        hidden = out[0] if isinstance(out, tuple) else out
     return hidden
+
+
+def top_layers(encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, cut: int) -> torch.Tensor:
+    """Run the layers ``cut..`` of a BERT-style encoder on the states [B, T, H] that layer ``cut - 1`` output."""
+    layers: Any = encoder.encoder.layer  # type: ignore[union-attr]  # a BERT-style encoder's layer list
+    return run_layers(encoder, layers[cut:], hidden, attention_mask)
 
 
 @torch.no_grad()
@@ -93,8 +107,6 @@ def lower_states(encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cut:
     was_training = encoder.training
     encoder.eval()
     config: Any = encoder.config
-    embeddings: Any = encoder.embeddings  # type: ignore[union-attr]  # a BERT-style encoder
-    layers: Any = encoder.encoder.layer  # type: ignore[union-attr]
     states = torch.zeros((len(ids), ids.shape[1], int(config.hidden_size)))
     # Shortest first, each batch cut to its longest example; positions past an example's end stay 0 (masked).
     cpu = torch.device("cpu")
@@ -102,20 +114,17 @@ def lower_states(encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor, cut:
         width = max(int(mask[idx].sum(dim=1).max()), 1)
         b_ids, b_mask = ids[idx, :width], mask[idx, :width]
         with autocast(cpu) if mixed else contextlib.nullcontext():
-            states[idx, :width] = _lower(embeddings, layers[:cut], config, b_ids, b_mask).float()
+            states[idx, :width] = _lower(encoder, cut, b_ids, b_mask).float()
     encoder.train(was_training)
     return states
 
 
-def _lower(embeddings: Any, layers: Any, config: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The embeddings and then ``layers`` on one batch: ids, mask [B, T] -> states [B, T, H]."""
-    from transformers.masking_utils import create_bidirectional_mask
-
-    hidden = embeddings(input_ids=ids, position_ids=torch.arange(ids.shape[1]).expand_as(ids))
-    extended = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
-    for layer in layers:
-        hidden = layer(hidden, extended)
-    return hidden
+def _lower(encoder: nn.Module, cut: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The embeddings and then layers ``0..cut-1`` on one batch: ids, mask [B, T] -> states [B, T, H]."""
+    embeddings: Any = encoder.embeddings  # type: ignore[union-attr]  # a BERT-style encoder
+    layers: Any = encoder.encoder.layer  # type: ignore[union-attr]
+    hidden = embeddings(input_ids=ids, position_ids=position_ids(encoder, ids))
+    return run_layers(encoder, layers[:cut], hidden, mask)
 
 
 def lora_config(settings: LoraSettings, layers: list[int] | None = None) -> LoraConfig:

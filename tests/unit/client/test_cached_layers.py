@@ -153,3 +153,39 @@ def test_layers_count_from_the_top_with_negative_indices(base):
     assert to_arrays(top).keys() == to_arrays(build_model(base, 2, TOP, CPU, seed=0)).keys()
     with pytest.raises(ModelError, match=r"lora-layers '5'.*2 layers \(0\.\.1, or -2\.\.-1"):
         build_model(base, 2, LoraSettings(lora_layers="5"), CPU, seed=0)
+
+
+def test_an_mpnet_encoder_caches_with_its_own_positions_and_relative_bias(tiny_model_dir, tmp_path):
+    """all-mpnet-base-v2's architecture: positions after the padding index, a relative position bias shared by
+    the layers, attention modules named q/k/v. The cached path must still be the full model's function."""
+    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+
+    from fedtune.common.models.base import BaseModel
+
+    torch.manual_seed(0)
+    config = MPNetConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=40)
+    encoder = MPNetModel(config, add_pooling_layer=False).eval()
+    encoder.requires_grad_(False)
+    mpnet = BaseModel(path=tmp_path, tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir), encoder=encoder)
+    lora = LoraSettings(lora_rank=4, lora_layers="-1", lora_targets="q,v")
+    model = build_model(mpnet, 2, lora, CPU, seed=0)
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    ids = torch.randint(3, 64, (6, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    ids[0, 7:] = 1  # MPNet's padding index
+    expected = torch.nn.functional.softmax(model(input_ids=ids, attention_mask=mask), dim=-1)
+    from fedtune.common.tasks.classify.model import position_ids
+
+    own = encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # MPNet's own position ids
+    ours = encoder(input_ids=ids, attention_mask=mask, position_ids=position_ids(encoder, ids)).last_hidden_state
+    kept = mask.bool()  # padding positions differ (masked out everywhere), every real token's state is the same
+    assert torch.allclose(own[kept], ours[kept], atol=1e-5)
+    states = lower_states(mpnet.encoder, ids, mask, frozen_prefix(mpnet.encoder, lora))
+    cached = torch.nn.functional.softmax(model(hidden_states=states, attention_mask=mask), dim=-1)
+    assert frozen_prefix(mpnet.encoder, lora) == 2 and torch.allclose(expected, cached, atol=1e-5)
