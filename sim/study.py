@@ -2,7 +2,9 @@
 
 Each DIR is a ``fedtune-sweep --out`` directory. Every (mode, epsilon) cell of every sweep becomes one row: the
 sweep's name, the fedtune-sim options it ran with (the command in its ``sweep.json``), the held-out accuracy's
-mean +- sample standard deviation over its seeds, the largest epsilon spent, and the mean wall time of a run.
+mean +- sample standard deviation over its seeds, the run with seed 42 alone (the one seed every row has: the
+same split and initial adapter, so single-seed rows compare with it), the largest epsilon spent, and the mean
+time of a run (``elapsed-s``; runs that shared the cores with other work took longer).
 The accuracy study in docs/results.md is this table; each of its rows is reproduced by its sweep's command.
 """
 
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.sim.sweep_report import CSV_FILE, cells
+
+FIRST_SEED = 42  # fedtune-sweep's default first seed: single-seed rows compare with this column
 
 
 def _seconds(rows: Sequence[dict[str, Any]], mode: str, epsilon: str) -> float:
@@ -42,14 +46,17 @@ def sweep_rows(directory: Path) -> list[str]:
         eps = "inf" if cell.epsilon == float("inf") else f"{cell.epsilon:g}"
         finite = [x for x in cell.spent if x == x and x != float("inf")]
         spent = f"{max(finite):.3f}" if finite else "∞"
+        first = [r["final-accuracy"] for r in rows if r["mode"] == cell.mode and r["epsilon"] == eps
+                 and r["final-accuracy"] is not None and int(r["seed"]) == FIRST_SEED]
         out.append(f"| {directory.name} | {cell.mode} | `{shown}` | {eps} | {spent} | {cell.accuracy_text()} | "
-                   f"{len(cell.accuracies)} | {_seconds(rows, cell.mode, eps):.0f} |")
+                   f"{len(cell.accuracies)} | {f'{first[0]:.4f}' if first else '-'} | "
+                   f"{_seconds(rows, cell.mode, eps):.0f} |")
     return out
 
 
 def markdown(directories: Sequence[Path]) -> str:
     head = ("| row | mode | fedtune-sim options | ε | ε spent (max) | held-out accuracy (mean ± std) | runs | "
-            "s per run |\n|---|---|---|---|---|---|---|---|")
+            f"seed {FIRST_SEED} | s per run |\n|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head, *[line for d in directories for line in sweep_rows(d)]]) + "\n"
 
 
