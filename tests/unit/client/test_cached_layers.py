@@ -172,7 +172,7 @@ def test_an_mpnet_encoder_caches_with_its_own_positions_and_relative_bias(tiny_m
     model = build_model(mpnet, 2, lora, CPU, seed=0)
     model.eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.5)
     ids = torch.randint(3, 64, (6, 10))
