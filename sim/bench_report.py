@@ -142,7 +142,7 @@ def _scale(rows: list[dict[str, Any]], plot: str | None) -> list[str]:
               "ServerApp's polls were spaced by the number of nodes (at 1,000 nodes: Flower's 0.1 s).", ""]
     if plot:
         lines += [f"![time per round against clients]({plot})", ""]
-    return [*lines, *CLIENT_ROUND]
+    return [*lines, *CLIENT_ROUND, *DEPLOYED_ROUND]
 
 
 # Measured once with a development harness (not part of `make bench`): the ClientApp's train handler called
@@ -171,6 +171,29 @@ CLIENT_ROUND = [
     "Per client-round, the scale table's 0.051 s (1,000 clients) and 0.054 s (10,000) hold one DP step of 13.1 ms "
     "(forward, backward, clip, noise on 6 rows): the fixed cost is 0.038 s and 0.041 s per client-round "
     "(0.33 s before).", "",
+]
+
+# Measured once with the loopback deployment of tests/integration/test_deploy.py driven for 3 rounds (not part of
+# `make bench`).
+DEPLOYED_ROUND = [
+    '### A deployed round on loopback TLS',
+    '',
+    'Two `fedtune-client` daemons and `fedtune-server` on one machine (2 cores, idle), TLS and node keys,'
+    ' a tiny BERT (2 x 32; 60 rows a node, so training is almost nothing), 3 rounds, each round a '
+    "training and a local-evaluation message per node (2026-12-05). Seconds per round from the server's "
+    '`metrics.jsonl`:',
+    '',
+    '| ClientApp process | round 1 | round 2 | round 3 |',
+    '|---|---|---|---|',
+    '| started per message when its task arrives (`--no-prewarm`) | 24.9 | 24.7 | 27.6 |',
+    '| started ahead, imports done (default) | 21.9 | 21.7 | 24.8 |',
+    '',
+    'Nearly all of such a round is overhead beyond compute: message exchange through SuperLink and '
+    "SuperNodes, a new ClientApp process per message, the node's ledger and the server's evaluation. The "
+    'waiting process saves about 3 s a round here; with 2 nodes on 2 cores the next waiting process '
+    'imports while the current task runs. Not measured yet: 10 nodes, and the same round of a plain '
+    'Flower app for comparison.',
+    '',
 ]
 
 
