@@ -10,9 +10,10 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal
 
 from fedtune.common.errors import ConfigError
+from fedtune.common.setting_values import build_section, key_of, legacy_dp
 
 PartitionerName = Literal["iid", "dirichlet", "natural"]
 LoraVariant = Literal["lora", "ffa"]
@@ -326,12 +327,12 @@ class RunSettings:
     def from_config(cls, config: Mapping[str, Any]) -> RunSettings:
         """Parse a flat kebab-case mapping; report every bad or unknown key at once."""
         problems: list[str] = []
-        config = _legacy_dp(config, problems)
+        config = legacy_dp(config, problems)
         known = {key_of(f.name) for s in SECTIONS for f in dataclasses.fields(s)} | {"results-dir"}
         problems += [f"unknown setting '{k}' (known: {', '.join(sorted(known))})" for k in config if k not in known]
         parts = {}
         for name, section in zip(SECTION_NAMES, SECTIONS, strict=True):
-            parts[name] = _build(section, config, problems)
+            parts[name] = build_section(section, config, problems)
         results_dir = str(config.get("results-dir", cls.results_dir))
         if problems:
             raise ConfigError(problems)
@@ -354,70 +355,6 @@ class RunSettings:
                 out[key_of(f.name)] = getattr(section, f.name)
         out["results-dir"] = self.results_dir
         return out
-
-
-def _legacy_dp(config: Mapping[str, Any], problems: list[str]) -> Mapping[str, Any]:
-    """Accept the older ``dp = true|false`` key: true is dp-mode dp, false is dp-mode off (unless dp-mode names
-    the other non-private mode, clip-only)."""
-    if "dp" not in config:
-        return config
-    out = {k: v for k, v in config.items() if k != "dp"}
-    try:
-        private = _coerce("dp", bool, config["dp"])
-    except ValueError as err:
-        problems.append(str(err))
-        return out
-    if "dp-mode" not in out:
-        out["dp-mode"] = "dp" if private else "off"
-    elif private != (out["dp-mode"] == "dp"):
-        problems.append(f"dp={str(private).lower()} contradicts dp-mode={out['dp-mode']!r}; give dp-mode only")
-    return out
-
-
-def key_of(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _coerce(name: str, kind: Any, value: Any) -> Any:
-    """Convert a TOML/CLI value to the field's type; raise ValueError with the reason."""
-    if get_args(kind) and all(isinstance(a, str) for a in get_args(kind)):
-        if value not in get_args(kind):
-            raise ValueError(f"{key_of(name)} must be one of {', '.join(get_args(kind))}, got {value!r}")
-        return value
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "1", "yes", "on"):
-            return True
-        if str(value).lower() in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(f"{key_of(name)} must be true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"{key_of(name)} must be an integer, got {value!r}")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key_of(name)} must be an integer, got {value!r}") from None
-    if kind is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{key_of(name)} must be a number, got {value!r}") from None
-    return str(value)
-
-
-def _build(section: type, config: Mapping[str, Any], problems: list[str]) -> Any:
-    hints = get_type_hints(section)
-    kwargs = {}
-    for f in dataclasses.fields(section):
-        key = key_of(f.name)
-        if key in config:
-            try:
-                kwargs[f.name] = _coerce(f.name, hints[f.name], config[key])
-            except ValueError as err:
-                problems.append(str(err))
-    return section(**kwargs)
 
 
 def help_table() -> list[tuple[str, Any, str]]:
