@@ -192,3 +192,19 @@ def test_head_only_rounds_train_the_head_alone_and_then_everything_again(base):
     train(model, _data(base), steps=1, batch_size=32, learning_rate=1e-2, dp=DpParams(1.0, 1.0), device=CPU,
           seeds=SEEDS)
     assert any(not np.array_equal(after[k], v) for k, v in to_arrays(model).items() if "lora_" in k)
+
+
+def test_head_rounds_and_the_top_layer_choice_leave_the_nodes_charge_as_it_is():
+    """Both are the server's choice of what trains; neither enters the plan the node charges (sampling rate,
+    steps, noise, budget key), so a server cannot buy a cheaper charge or another ledger key with them."""
+    import dataclasses
+
+    from fedtune.client.round import plan_request
+    from fedtune.common.settings import RunSettings
+    from fedtune.common.wire.contract import RoundRequest
+
+    s = RunSettings()
+    plain = RoundRequest(1, "run-k", 0, ("neg", "pos"), s.model, s.lora, s.plan, s.privacy)
+    lpft = dataclasses.replace(plain, plan=dataclasses.replace(s.plan, head_rounds=2),
+                               lora=dataclasses.replace(s.lora, lora_layers=""))
+    assert plan_request(plain, 1000) == plan_request(lpft, 1000)
