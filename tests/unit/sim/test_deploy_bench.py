@@ -1,0 +1,43 @@
+"""The deployed-round benchmark's cheap parts: its plain Flower app bundles, and round seconds come out right."""
+
+from __future__ import annotations
+
+import ast
+import io
+import tomllib
+import zipfile
+
+import pytest
+
+from fedtune.sim.deploy_bench import round_seconds
+from fedtune.sim.deploy_bench_app import write_app_dir
+
+
+@pytest.mark.parametrize(("lines", "expected"), [
+    ([{"round": 0, "elapsed-s": 0.5}, {"round": 1, "elapsed-s": 12.5}, {"round": 2, "elapsed-s": 24.75}],
+     [12.0, 12.25]),
+    ([{"round": 2, "elapsed-s": 30.0}, {"round": 0, "elapsed-s": 1.0}, {"round": 1, "elapsed-s": 10.0}],
+     [9.0, 20.0]),  # file order does not matter, the round does
+    ([{"round": 0, "elapsed-s": 3.0}], []),  # only the initial evaluation: no round yet
+    ([], []),
+])
+def test_round_seconds_are_differences_of_elapsed_time_between_rounds(lines, expected):
+    assert round_seconds(lines) == expected
+
+
+def test_the_plain_app_builds_into_a_fab_that_carries_only_flower_code(tmp_path):
+    from flwr.cli.build import build_fab_from_disk  # what `flwr run APP_DIR` bundles
+
+    app = write_app_dir(tmp_path / "app", nodes=3, rounds=4, timestamps=tmp_path / "res" / "metrics.jsonl")
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))) as fab:
+        names = set(fab.namelist())
+        pyproject = tomllib.loads(fab.read("pyproject.toml").decode())
+        source = fab.read("plain_app.py").decode()
+    assert {"pyproject.toml", "plain_app.py"} <= names
+    flwr = pyproject["tool"]["flwr"]["app"]
+    assert flwr["components"] == {"serverapp": "plain_app:server", "clientapp": "plain_app:client"}
+    assert flwr["config"] == {"num-server-rounds": 4, "nodes": 3, "timestamps": str(tmp_path / "res" / "metrics.jsonl")}
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.Import | ast.ImportFrom) for alias in
+                (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
+    assert imported <= {"__future__", "json", "shutil", "time", "pathlib", "numpy", "flwr"}  # nodes run it: no fedtune
