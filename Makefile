@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	@! $(BIN)/python -m pip list 2>/dev/null | grep -iE '^nvidia-' || (echo "a CUDA package got installed" && false)
 	touch $(STAMP)
 
-## The main job: 5 clients x 3 rounds, DP-SGD at epsilon 8, MiniLM + Rotten Tomatoes.
+## The main job: 5 clients x 2 rounds, DP-SGD at epsilon 8, all-mpnet-base-v2 + Rotten Tomatoes.
 run: $(STAMP)
 	$(BIN)/fedtune-sim $(ARGS)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from fedtune.common import tls
 from fedtune.common.errors import ConfigError, FedtuneError, quote
+from fedtune.common.models.registry_models import with_model_defaults
 from fedtune.common.settings import RunSettings
 from fedtune.server.federation import ServerOptions, local_control_host
 from fedtune.server.results import SUMMARY_FILE
@@ -36,6 +37,7 @@ def run_config(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             raise ConfigError(f"--set expects KEY=VALUE, got {quote(pair)}")
         config[key.strip()] = value.strip()
     config.setdefault("results-dir", str(work_dir / "results"))
+    config = with_model_defaults(config)
     settings = RunSettings.from_config(config)
     for key, value in (("model-path", settings.model.model_path), ("dataset", settings.data.dataset),
                        ("results-dir", settings.results_dir)):

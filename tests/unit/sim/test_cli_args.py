@@ -51,3 +51,24 @@ def test_the_best_preset_is_the_measured_recipe_under_every_flag_and_set():
     assert mine.lora.lora_layers == "-2,-1" and mine.plan.num_rounds == 5 and mine.lora.lora_targets == "q,v"
     with pytest.raises(ConfigError, match="--preset best is a recipe of the classify job"):
         _settings("--preset", "best", "--task", "ner")
+
+
+def test_the_main_job_is_the_mpnet_recipe_and_your_model_or_data_drops_what_is_tied_to_it(tmp_path):
+    job = _settings()
+    assert (job.model.model_path, job.lora.lora_targets, job.lora.lora_layers) == ("all-mpnet-base-v2", "q,v", "-1")
+    assert job.data.max_train_examples == 2000 and job.federation.fraction_evaluate == 0.0
+    assert job.plan.num_rounds == 2 and _settings("--model", str(tmp_path)).plan.num_rounds == 3
+    # your own model: the settings' defaults (BERT-style targets, the top two layers, every example)
+    mine = _settings("--model", str(tmp_path))
+    assert (mine.lora.lora_targets, mine.lora.lora_layers, mine.data.max_train_examples) == ("query,value",
+                                                                                              "-2,-1", 0)
+    minilm = _settings("--model", "all-MiniLM-L6-v2")  # the embedded model by name: the previous main job
+    assert (minilm.lora.lora_targets, minilm.data.max_train_examples) == ("query,value", 0)
+    # the registry model by name gets its own module names unless the run names its own
+    assert _settings("--model", "all-mpnet-base-v2").lora.lora_targets == "q,v"
+    assert _settings("--set", "lora-targets=q,k,v").lora.lora_targets == "q,k,v"
+    # your own data: the job's model recipe stays, its cap on the built-in corpus does not
+    (tmp_path / "mine.csv").write_text("text,label\na,pos\n")
+    data = _settings("--dataset", str(tmp_path / "mine.csv"))
+    assert data.model.model_path == "all-mpnet-base-v2" and data.data.max_train_examples == 0
+    assert _settings("--max-train-examples", "500").data.max_train_examples == 500
