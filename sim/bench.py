@@ -289,7 +289,8 @@ def main_job_row(results: Path, wall_s: float | None, load: float | None) -> dic
     lines = read_rounds(results)
     settings = json.loads((results / "summary.json").read_text()).get("settings", {}) \
         if (results / "summary.json").is_file() else {}
-    return {"results": results.name, "lora-layers": settings.get("lora-layers", ""),
+    return {"results": results.name, "model": settings.get("model-path") or "all-MiniLM-L6-v2",
+            "lora-layers": settings.get("lora-layers", ""),
             "accuracy": [round(float(x["accuracy"]), 4) for x in lines],
             "epsilon-max": lines[-1].get("epsilon-max"), "clients-trained": [len(x["clients"]) for x in lines[1:]],
             "bytes-per-client-round": max((int(c.get("bytes", 0)) for x in lines for c in x["clients"]), default=0),
@@ -340,6 +341,9 @@ def parser() -> argparse.ArgumentParser:
                         "fixed-shape) and merge it into the existing figures, keeping every other row")
     p.add_argument("--record-run", nargs=3, metavar=("RESULTS_DIR", "WALL_S", "LOAD"),
                    help="add a finished main-job run (make run) to the main-job table and re-render, nothing else")
+    p.add_argument("--record-deploy", type=Path, metavar="JSON",
+                   help="take the deployed-round comparison from a `python -m fedtune.sim.deploy_bench` result and "
+                        "re-render, nothing else")
     return p
 
 
@@ -361,13 +365,16 @@ def main(argv: list[str] | None = None, *, render: Callable[[dict[str, Any]], st
         result["fixed-shape"] = fixed_shape_cost(args.model, examples=args.examples, batch=args.batch,
                                                  steps=args.steps, max_len=args.seq,
                                                  top=LoraSettings(lora_layers=args.top_layers))
+    elif args.record_deploy:
+        result = previous
+        result["deployed-round"] = json.loads(args.record_deploy.read_text())
     elif args.record_run:
         result = previous
         row = main_job_row(Path(args.record_run[0]), float(args.record_run[1]), float(args.record_run[2]))
         result["main-job"] = [*previous.get("main-job", []), row]
     else:
         result = run(args)
-        for kept in ("scale", "main-job"):  # figures measured by other runs stay until re-measured
+        for kept in ("scale", "main-job", "deployed-round"):  # figures measured by other runs stay until re-measured
             if kept in previous and kept not in result:
                 result[kept] = previous[kept]
     args.out.parent.mkdir(parents=True, exist_ok=True)

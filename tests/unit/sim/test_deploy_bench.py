@@ -41,3 +41,18 @@ def test_the_plain_app_builds_into_a_fab_that_carries_only_flower_code(tmp_path)
                 if isinstance(node, ast.Import | ast.ImportFrom) for alias in
                 (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
     assert imported <= {"__future__", "json", "shutil", "time", "pathlib", "numpy", "flwr"}  # nodes run it: no fedtune
+
+
+def test_the_recorded_comparison_renders_every_app_with_its_ratio_to_plain_flower():
+    from fedtune.sim.bench_report import _deployed_round
+
+    def app(seconds: list[float]) -> dict[str, object]:
+        return {"round-s": seconds, "mean-s": round(sum(seconds) / len(seconds), 2)}
+
+    d = {"nodes": 2, "rounds": 2, "cpus": 2, "load-1min-before": 0.3, "plain": app([9.5, 10.5]),
+         "fedtune": app([20.0, 22.0]), "ratio-fedtune-to-plain": 2.1}
+    text = "\n".join(_deployed_round(d))
+    assert "| plain Flower app | 9.50 | 10.50 | 10.00 | 1.00 |" in text
+    assert "| fedtune, ClientApp process started ahead (default) | 20.00 | 22.00 | 21.00 | 2.10 |" in text
+    assert "--no-prewarm`) |" not in text  # a row only for what was measured
+    assert "fedtune adds 11.0 s a round to Flower's own 10.0 s" in text
