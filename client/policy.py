@@ -35,6 +35,7 @@ from fedtune.common.errors import ConfigError
 
 NoisePlan = Literal["spread", "as-requested"]
 EMBEDDED_MODEL = "embedded"  # names the built-in all-MiniLM-L6-v2 (model-path = "")
+EMBEDDED_NAME = "all-MiniLM-L6-v2"  # model-path naming it (fedtune.common.models.base.EMBEDDED_NAME)
 
 
 @dataclass(frozen=True)
@@ -164,8 +165,9 @@ class NodePolicy:
                                            ("local-eval", self.release_local_eval)) if on)
 
     def allows_model(self, model: str) -> bool:
+        embedded = not model or (model == EMBEDDED_NAME and not Path(model).exists())  # as the model loader reads it
         for allowed in self.allowed_models:
-            if allowed == EMBEDDED_MODEL and not model:
+            if allowed == EMBEDDED_MODEL and embedded:
                 return True
             if model and (allowed == model or Path(allowed).expanduser().resolve() == Path(model).resolve()):
                 return True

@@ -81,6 +81,8 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     (NodePolicy(max_steps_per_round=5), REQUEST, "needs 8 local steps per round; the policy allows at most 5"),
     (NodePolicy(allowed_models=("embedded",)), REQUEST, None),
     (NodePolicy(allowed_models=("embedded",)), replace(REQUEST, model="/models/gpt"), "not in the policy's"),
+    (NodePolicy(allowed_models=("embedded",)), replace(REQUEST, model="all-MiniLM-L6-v2"), None),  # it, by name
+    (NodePolicy(allowed_models=("embedded",)), replace(REQUEST, model="all-mpnet-base-v2"), "not in the policy's"),
     (NodePolicy(allowed_models=("/models/gpt",)), REQUEST, "'embedded' is not in the policy's"),
 ])
 def test_check_against_the_plan(policy: NodePolicy, request_: PlanRequest, fragment: str | None) -> None:

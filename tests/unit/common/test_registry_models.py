@@ -93,3 +93,10 @@ def test_an_unknown_name_is_not_a_model_directory(name):
 
     with pytest.raises(ModelError, match="not a Hugging Face model directory"):
         resolve_model_path(name)
+
+
+def test_a_nodes_policy_reads_the_embedded_models_name_as_the_loader_does():
+    from fedtune.client.policy import EMBEDDED_NAME as POLICY_NAME
+    from fedtune.common.models.base import EMBEDDED_NAME
+
+    assert POLICY_NAME == EMBEDDED_NAME
