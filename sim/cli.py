@@ -45,7 +45,8 @@ SECTION_TITLES = ("model", "LoRA", "privacy", "training", "federation", "data",
                   "secure aggregation")  # of settings.SECTIONS
 # --preset NAME: settings of a measured recipe (docs/results.md), under every flag and --set.
 PRESETS: dict[str, dict[str, Any]] = {
-    "best": {"model-path": MPNET, "lora-layers": "-1", "max-train-examples": 0, "fraction-evaluate": 0.0},
+    "best": {"model-path": MPNET, "lora-layers": "-1", "max-train-examples": 0, "num-rounds": 2, "local-epochs": 2.0,
+             "fraction-evaluate": 0.0},
 }
 # CLI flag -> setting key (flags are shortcuts; --set reaches every setting).
 FLAGS = {
@@ -113,8 +114,8 @@ def parser() -> argparse.ArgumentParser:
                                                       "applies to its model only (default: all-mpnet-base-v2 for "
                                                       "classify, the embedded all-MiniLM-L6-v2 for ner)")
     model.add_argument("--preset", choices=tuple(PRESETS), help="a measured recipe under your flags and --set: best = "
-                       "the classify job's most accurate one, without the main job's time limit (all-mpnet-base-v2 "
-                       "on the whole training pool, LoRA on q,v of its top layer; docs/results.md, accuracy study)")
+                       "the classify job's most accurate one, without the main job's time limit (the main job's recipe "
+                       "on the whole training pool; docs/results.md, accuracy study)")
     model.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank " + _default("lora-rank"))
     model.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="any setting, repeatable (listed below: optimiser, learning rates, LoRA, columns, ...)")

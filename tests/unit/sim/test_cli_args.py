@@ -47,6 +47,7 @@ def test_the_best_preset_is_the_measured_recipe_under_every_flag_and_set():
     best = _settings("--preset", "best")
     assert (best.model.model_path, best.lora.lora_targets, best.lora.lora_layers) == ("all-mpnet-base-v2", "q,v", "-1")
     assert best.federation.fraction_evaluate == 0.0 and best.data.max_train_examples == 0
+    assert (best.plan.num_rounds, best.plan.local_epochs) == (2, 2.0)
     mine = _settings("--preset", "best", "--set", "lora-layers=-2,-1", "--rounds", "5")
     assert mine.lora.lora_layers == "-2,-1" and mine.plan.num_rounds == 5 and mine.lora.lora_targets == "q,v"
     with pytest.raises(ConfigError, match="--preset best is a recipe of the classify job"):
