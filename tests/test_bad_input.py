@@ -308,6 +308,8 @@ CASES: dict[str, Case] = {
     "sim-set-unknown": Case("fedtune-sim", sim("--set", "colour=blue"), B, "unknown setting 'colour'"),
     "sim-epsilon-negative": Case("fedtune-sim", sim("--epsilon", "-1"), B, "epsilon"),
     "sim-lora-rank-zero": Case("fedtune-sim", sim("--lora-rank", "0"), B, "rank"),
+    "sim-lora-targets-absent": Case("fedtune-sim", sim("--set", "lora-targets=q,v"), B,
+                                    "linear modules are named dense, key, query, value"),
     "sim-model-missing": Case("fedtune-sim", sim(model="{work}/none"), B, "none"),
     "sim-set-markup": Case("fedtune-sim", sim("--set", f"seed={MARKUP}"), B, MARKUP),
     "sim-out-completed-run": Case("fedtune-sim", sim(out="{results}"), B, "results"),

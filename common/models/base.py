@@ -187,7 +187,10 @@ def attach_lora(model: nn.Module, config: LoraConfig, lora: LoraSettings, where:
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as err:
-        raise ModelError(f"cannot attach LoRA to {where} (check lora-targets and lora-layers): {err}") from err
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                        if isinstance(module, nn.Linear) and "." in name})
+        raise ModelError(f"cannot attach LoRA to {where} (check lora-targets and lora-layers; this model's linear "
+                         f"modules are named {', '.join(names[:16]) or 'nothing'}): {err}") from err
     if lora.lora_variant == "ffa":
         for name, param in peft_model.named_parameters():
             if "lora_A" in name:
