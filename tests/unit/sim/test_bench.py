@@ -18,10 +18,12 @@ def test_bench_writes_the_side_by_side_loops_and_the_round_breakdown(tiny_model_
     # Every loop was measured, and every ratio follows from the measured rates.
     assert t["naive-ex-per-s"] > 0 and t["dynamic-padding-ex-per-s"] > 0 and t["top-layers-cached-ex-per-s"] > 0
     assert t["sorted-parts-ex-per-s"] > 0 and t["default-ex-per-s"] > 0
-    assert t["default-over-naive"] == pytest.approx(t["default-ex-per-s"] / t["naive-ex-per-s"], rel=0.02)
-    assert t["cached-over-naive"] == pytest.approx(t["top-layers-cached-ex-per-s"] / t["naive-ex-per-s"], rel=0.02)
+    # (ratios are rounded to 2 decimals: a small one, on a loaded machine, is off by up to 0.005 from its rates)
+    assert t["default-over-naive"] == pytest.approx(t["default-ex-per-s"] / t["naive-ex-per-s"], rel=0.02, abs=0.006)
+    assert t["cached-over-naive"] == pytest.approx(t["top-layers-cached-ex-per-s"] / t["naive-ex-per-s"], rel=0.02,
+                                                   abs=0.006)
     assert t["dynamic-padding-over-naive"] == pytest.approx(t["dynamic-padding-ex-per-s"] / t["naive-ex-per-s"],
-                                                            rel=0.02)
+                                                            rel=0.02, abs=0.006)
     assert t["top-layers-amortised-ex-per-s"] < t["top-layers-cached-ex-per-s"]  # the cache's cost is counted
     o = result["overhead"]
     assert bench.TRAIN_PART in o["parts-s"] and bench.LEDGER_PART in o["parts-s"]
