@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedtune.common import exit_codes
 from fedtune.common.errors import ConfigError, FedtuneError, RunError, format_problems
-from fedtune.common.models.registry_models import MPNET, with_model_defaults
+from fedtune.common.models.registry_models import with_model_defaults
 from fedtune.common.settings import SECTIONS, RunSettings, help_table, key_of
 from fedtune.common.tasks import DEFAULT_TASK, TASKS, Task, get_task
 from fedtune.server.results import SUMMARY_FILE, aggregated_updates, portable, read_rounds
@@ -32,6 +32,7 @@ from fedtune.sim.applicability import Mode, inert_settings
 from fedtune.sim.nodes import SimulatedNodes, prepare
 from fedtune.sim.output import ResultsDir
 from fedtune.sim.preflight import preflight
+from fedtune.sim.presets import PRESETS, task_presets
 from fedtune.sim.report import plot, round_table, write_run_report
 from fedtune.sim.runner import LocalSimulation, SimulationSpec, handle_signals, write_app_dir
 from fedtune.sim.terminal import library_output, number
@@ -43,11 +44,6 @@ STOP_CODES = {"budget": exit_codes.STOPPED_BUDGET, "nodes": exit_codes.STOPPED_N
 
 SECTION_TITLES = ("model", "LoRA", "privacy", "training", "federation", "data",
                   "secure aggregation")  # of settings.SECTIONS
-# --preset NAME: settings of a measured recipe (docs/results.md), under every flag and --set.
-PRESETS: dict[str, dict[str, Any]] = {
-    "best": {"model-path": MPNET, "lora-layers": "-1", "max-train-examples": 0, "num-rounds": 2, "local-epochs": 2.0,
-             "fraction-evaluate": 0.0},
-}
 # CLI flag -> setting key (flags are shortcuts; --set reaches every setting).
 FLAGS = {
     "task": "task", "rounds": "num-rounds", "epsilon": "epsilon", "delta": "delta", "partitioner": "partitioner",
@@ -191,25 +187,6 @@ def _task(name: str) -> Task:
         raise ConfigError(str(err)) from None
 
 
-def _task_presets(task: Task, given: dict[str, Any]) -> dict[str, Any]:
-    """The default job of ``task`` (kebab keys), under the ``given`` flags and --set. A job that names its model
-    (classify) is a recipe for that model: with your own model (``--model``) all of it is dropped and the settings'
-    defaults apply. Its cap on training examples is one for its corpus: with your own data (``--dataset``) every
-    example is used unless max-train-examples says otherwise. Layer indices counted from the bottom are the
-    embedded model's: with your own model such a preset is dropped and the settings' default (the top two layers)
-    applies unless lora-layers says otherwise."""
-    presets = dict(task.presets)
-    own_model = bool(given.get("model-path"))
-    if own_model and "model-path" in presets:
-        return {}
-    if given.get("dataset"):
-        presets.pop("max-train-examples", None)
-    bottom_up = [t for t in str(presets.get("lora-layers", "")).split(",") if t.strip() and int(t) >= 0]
-    if own_model and bottom_up:
-        presets.pop("lora-layers", None)
-    return presets
-
-
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """Resolve flags and --set pairs into validated settings (a --set contradicting a flag is refused)."""
     overrides: dict[str, Any] = {}
@@ -245,7 +222,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     if args.preset and task is not _task(DEFAULT_TASK):
         raise ConfigError(f"--preset {args.preset} is a recipe of the {DEFAULT_TASK} job; leave it out with --task "
                           f"{task.name}")
-    overrides = with_model_defaults(_task_presets(task, overrides) | overrides)
+    overrides = with_model_defaults(task_presets(task, overrides) | overrides)
     if args.clients is None:
         args.clients = task.clients  # the task's default job
     # Paths stay valid for the Flower processes (another cwd). A dataset is a file or a built-in name: a
